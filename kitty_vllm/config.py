@@ -1,0 +1,146 @@
+"""KittyConfig: the frozen description of one kitty KV-cache format, and its presets.
+
+A preset is a YAML file in ``configs/`` with one key per field. ``--kv-cache-dtype kitty2`` selects
+``configs/kitty2.yaml``; ``KITTY_CONFIG=/path/to/file.yaml`` replaces the preset's file with the user's.
+Every error names the field (or file) at fault and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
+PRESETS = ("kitty2", "kitty2-lite", "kivi2")
+BOOST_POLICIES = ("magnitude", "variance", "random")
+CONFIG_FILE_ENV = "KITTY_CONFIG"
+
+# The layout splits each 4-bit boosted Key code into two uniform 2-bit planes, so these are the only
+# widths the page layout and the kernels implement.
+SUPPORTED_BITS = {"key_bits": 2, "boost_bits": 4, "value_bits": 2}
+# Boost indices are stored as uint8 and codes are packed 4 per byte along head_dim.
+MAX_HEAD_DIM = 256
+HEAD_DIM_MULTIPLE = 16
+
+
+class KittyConfigError(ValueError):
+    """A preset name, config file or field value that kitty cannot use."""
+
+
+@dataclass(frozen=True)
+class KittyConfig:
+    """One kitty KV-cache format.
+
+    page_size: tokens per quantized page (one vLLM block); a multiple of 16.
+    sink_tokens: the first tokens of each sequence, kept in full precision forever.
+    boost_ratio: fraction of head_dim channels per page whose Keys get ``boost_bits``.
+    value_window: newest Values kept in full precision, quantized in one batch when the window fills.
+        Values share their page's schedule, so this equals ``page_size``.
+    key_bits, boost_bits, value_bits: code widths (2, 4 and 2).
+    boost_policy: how a page picks its boosted channels: ``magnitude`` (largest mean |K| over the
+        page's tokens), ``variance`` (largest variance) or ``random`` (a fixed pseudo-random set).
+    """
+
+    page_size: int = 128
+    sink_tokens: int = 32
+    boost_ratio: float = 0.25
+    value_window: int = 128
+    key_bits: int = 2
+    boost_bits: int = 4
+    value_bits: int = 2
+    boost_policy: str = "magnitude"
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            _check_type(f.name, getattr(self, f.name), f.type)
+        object.__setattr__(self, "boost_ratio", float(self.boost_ratio))
+        if self.page_size <= 0 or self.page_size % 16:
+            raise KittyConfigError(
+                f"page_size={self.page_size}: must be a positive multiple of 16 (tokens per page)")
+        if not 0 <= self.sink_tokens < self.page_size:
+            raise KittyConfigError(
+                f"sink_tokens={self.sink_tokens}: must be in [0, page_size={self.page_size})")
+        if not 0.0 <= self.boost_ratio <= 1.0:
+            raise KittyConfigError(f"boost_ratio={self.boost_ratio}: must be in [0, 1]")
+        if self.value_window != self.page_size:
+            raise KittyConfigError(
+                f"value_window={self.value_window}: must equal page_size={self.page_size} (Values are "
+                "quantized in one batch with their page's Keys)")
+        for name, bits in SUPPORTED_BITS.items():
+            if getattr(self, name) != bits:
+                raise KittyConfigError(
+                    f"{name}={getattr(self, name)}: only {bits} is supported (the layout stores "
+                    "every code as uniform 2-bit planes)")
+        if self.boost_policy not in BOOST_POLICIES:
+            raise KittyConfigError(
+                f"boost_policy={self.boost_policy!r}: must be one of {', '.join(BOOST_POLICIES)}")
+
+    def num_boost_channels(self, head_dim: int) -> int:
+        """Boosted channels per page for ``head_dim``; raises if the layout cannot split that head."""
+        if head_dim <= 0 or head_dim % HEAD_DIM_MULTIPLE or head_dim > MAX_HEAD_DIM:
+            raise KittyConfigError(
+                f"head_dim={head_dim}: the kitty layout needs a multiple of {HEAD_DIM_MULTIPLE} "
+                f"no larger than {MAX_HEAD_DIM}")
+        exact = self.boost_ratio * head_dim
+        channels = round(exact)
+        if abs(channels - exact) > 1e-6 or channels % 4:
+            raise KittyConfigError(
+                f"boost_ratio={self.boost_ratio} x head_dim={head_dim} = {exact:g} channels: the sparse "
+                "plane packs 4 channels per byte, so this must be a whole multiple of 4")
+        return channels
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str = "config") -> KittyConfig:
+        if not isinstance(values, dict):
+            raise KittyConfigError(f"{source}: expected a mapping of field: value, got {type(values).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise KittyConfigError(
+                f"{source}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(known))}")
+        try:
+            return cls(**values)
+        except KittyConfigError as e:
+            raise KittyConfigError(f"{source}: {e}") from None
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike) -> KittyConfig:
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except OSError as e:
+            raise KittyConfigError(f"cannot read kitty config file {path}: {e.strerror}") from None
+        try:
+            values = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise KittyConfigError(f"{path}: not valid YAML: {e}") from None
+        return cls.from_dict(values if values is not None else {}, source=str(path))
+
+    @classmethod
+    def from_preset(cls, name: str) -> KittyConfig:
+        if name not in PRESETS:
+            raise KittyConfigError(f"unknown kitty preset {name!r}; valid presets: {', '.join(PRESETS)}")
+        return cls.from_yaml(PRESET_DIR / f"{name}.yaml")
+
+    def replace(self, **changes: Any) -> KittyConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def load_config(preset: str) -> KittyConfig:
+    """The config for ``--kv-cache-dtype preset``: the file named by $KITTY_CONFIG if set, else the preset."""
+    override = os.environ.get(CONFIG_FILE_ENV)
+    if override:
+        return KittyConfig.from_yaml(override)
+    return KittyConfig.from_preset(preset)
+
+
+def _check_type(name: str, value: Any, annotation: str) -> None:
+    expected = {"int": int, "float": (int, float), "str": str}[annotation]
+    if isinstance(value, bool) or not isinstance(value, expected):
+        allowed = {"int": "an integer", "float": "a number", "str": "a string"}[annotation]
+        raise KittyConfigError(f"{name}={value!r}: must be {allowed}, got {type(value).__name__}")

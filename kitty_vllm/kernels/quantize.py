@@ -1,0 +1,150 @@
+"""Quantize-and-pack full pages into the paged kitty cache (oracle: reference.quantize_page)."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kitty_vllm.config import KittyConfig
+from kitty_vllm.kernels.common import (BOOST_POLICY_IDS, check_cache, kernel_layout, pack_2bit,
+                                       section_offsets)
+from kitty_vllm import reference
+
+KEY_LEVELS = tl.constexpr(reference.KEY_LEVELS)
+BOOST_LEVELS = tl.constexpr(reference.BOOST_LEVELS)
+VALUE_LEVELS = tl.constexpr(reference.VALUE_LEVELS)
+RANDOM_POLICY_MULTIPLIER = tl.constexpr(reference.RANDOM_POLICY_MULTIPLIER)
+
+
+@triton.jit
+def _codes(x, minimum, scale, levels):
+    """Shared rounding rule (reference.quantize): float32 x, float16-rounded minimum/scale."""
+    mn = minimum.to(tl.float32)
+    sc = scale.to(tl.float32)
+    q = tl.floor(tl.math.div_rn(x - mn, tl.where(sc > 0, sc, 1.0)) + 0.5)
+    q = tl.where(sc > 0, q, 0.0)
+    return tl.minimum(tl.maximum(q, 0.0), levels).to(tl.int32)
+
+
+@triton.jit
+def _boost_scores(x, valid, channel, BOOST_POLICY: tl.constexpr):
+    """float64 [D] scores of reference.boost_scores (float64 so that both agree on the order)."""
+    if BOOST_POLICY == 0:
+        score = tl.sum(tl.where(valid[:, None], tl.abs(x), 0.0).to(tl.float64), axis=0)
+    elif BOOST_POLICY == 1:
+        xd = x.to(tl.float64)
+        count = tl.sum(valid.to(tl.float64), axis=0)
+        mean = tl.sum(tl.where(valid[:, None], xd, 0.0), axis=0) / count
+        dev = xd - mean[None, :]
+        score = tl.sum(tl.where(valid[:, None], dev * dev, 0.0), axis=0)
+    else:
+        hashed = ((channel + 1).to(tl.int64) * RANDOM_POLICY_MULTIPLIER) & 0xFFFFFFFF
+        score = hashed.to(tl.float64)
+    return score
+
+
+@triton.jit
+def _quantize_page_kernel(
+    keys_ptr,          # [num_pages, P, H, D] float16 / bfloat16 / float32, D contiguous
+    values_ptr,        # [num_pages, P, H, D] same dtype, D contiguous
+    first_pos_ptr,     # [num_pages] int32: sequence position of each page's first token
+    block_ids_ptr,     # [num_pages] int32: cache block that receives each page
+    cache_ptr,         # [num_blocks, H, PAGE_BYTES] uint8
+    stride_kp, stride_kt, stride_kh,
+    stride_vp, stride_vt, stride_vh,
+    stride_cb, stride_ch,
+    sink_tokens,
+    PAGE_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, NUM_BOOST: tl.constexpr,
+    BOOST_POLICY: tl.constexpr,
+    KEY_LOW_OFFSET: tl.constexpr, KEY_HIGH_OFFSET: tl.constexpr, BOOST_INDEX_OFFSET: tl.constexpr,
+    KEY_SCALE_OFFSET: tl.constexpr, KEY_MIN_OFFSET: tl.constexpr, VALUE_CODES_OFFSET: tl.constexpr,
+    VALUE_SCALE_OFFSET: tl.constexpr, VALUE_MIN_OFFSET: tl.constexpr,
+):
+    """One program quantizes one page of one KV head: grid (num_pages, H)."""
+    page = tl.program_id(0)
+    head = tl.program_id(1)
+    t = tl.arange(0, PAGE_SIZE)
+    c = tl.arange(0, HEAD_DIM)
+    page_ptr = (cache_ptr + tl.load(block_ids_ptr + page).to(tl.int64) * stride_cb
+                + head.to(tl.int64) * stride_ch)
+    src = t[:, None] * stride_kt + c[None, :]
+    x = tl.load(keys_ptr + page.to(tl.int64) * stride_kp + head * stride_kh + src).to(tl.float32)
+
+    # Keys: per channel over the page's non-sink tokens, top-NUM_BOOST channels on 4 bits.
+    valid = tl.load(first_pos_ptr + page) + t >= sink_tokens
+    mx = tl.max(tl.where(valid[:, None], x, float("-inf")), axis=0)
+    mn = tl.min(tl.where(valid[:, None], x, float("inf")), axis=0)
+    boosted = c < 0
+    if NUM_BOOST > 0:
+        score = _boost_scores(x, valid, c, BOOST_POLICY)
+        for _ in tl.static_range(NUM_BOOST):
+            best = tl.argmax(score, axis=0, tie_break_left=True)
+            boosted = boosted | (c == best)
+            score = tl.where(c == best, float("-inf"), score)
+    levels = tl.where(boosted, BOOST_LEVELS, KEY_LEVELS).to(tl.float32)
+    scale = ((mx - mn) / levels).to(tl.float16)
+    minimum = mn.to(tl.float16)
+    codes = _codes(x, minimum[None, :], scale[None, :], levels[None, :])
+    tl.store((page_ptr + KEY_SCALE_OFFSET).to(tl.pointer_type(tl.float16)) + c, scale)
+    tl.store((page_ptr + KEY_MIN_OFFSET).to(tl.pointer_type(tl.float16)) + c, minimum)
+    quarter = tl.arange(0, HEAD_DIM // 4)
+    tl.store(page_ptr + KEY_LOW_OFFSET + t[:, None] * (HEAD_DIM // 4) + quarter[None, :],
+             pack_2bit(codes & 3, PAGE_SIZE, HEAD_DIM))
+    if NUM_BOOST > 0:
+        # Boosted channels in ascending order: channel c goes to rank (boosted channels before c).
+        rank = tl.cumsum(boosted.to(tl.int32), axis=0) - 1
+        r = tl.arange(0, NUM_BOOST)
+        index = tl.sum(tl.where(boosted[None, :] & (rank[None, :] == r[:, None]), c[None, :], 0), axis=1)
+        tl.store(page_ptr + BOOST_INDEX_OFFSET + r, index.to(tl.uint8))
+        high = tl.gather(codes >> 2, tl.broadcast_to(index[None, :], (PAGE_SIZE, NUM_BOOST)), axis=1)
+        hq = tl.arange(0, NUM_BOOST // 4)
+        tl.store(page_ptr + KEY_HIGH_OFFSET + t[:, None] * (NUM_BOOST // 4) + hq[None, :],
+                 pack_2bit(high, PAGE_SIZE, NUM_BOOST))
+
+    # Values: per token over head_dim.
+    y = tl.load(values_ptr + page.to(tl.int64) * stride_vp + head * stride_vh
+                + t[:, None] * stride_vt + c[None, :]).to(tl.float32)
+    v_scale = ((tl.max(y, axis=1) - tl.min(y, axis=1)) / VALUE_LEVELS).to(tl.float16)
+    v_min = tl.min(y, axis=1).to(tl.float16)
+    v_codes = _codes(y, v_min[:, None], v_scale[:, None], VALUE_LEVELS)
+    tl.store(page_ptr + VALUE_CODES_OFFSET + t[:, None] * (HEAD_DIM // 4) + quarter[None, :],
+             pack_2bit(v_codes, PAGE_SIZE, HEAD_DIM))
+    tl.store((page_ptr + VALUE_SCALE_OFFSET).to(tl.pointer_type(tl.float16)) + t, v_scale)
+    tl.store((page_ptr + VALUE_MIN_OFFSET).to(tl.pointer_type(tl.float16)) + t, v_min)
+
+
+def quantize_pages(keys: torch.Tensor, values: torch.Tensor, first_positions: torch.Tensor,
+                   block_ids: torch.Tensor, cache: torch.Tensor, config: KittyConfig) -> None:
+    """Quantize full pages and write them into the paged cache.
+
+    keys, values: [num_pages, P, H, D] (float16, bfloat16 or float32; head_dim contiguous), the
+        full-precision Keys (after RoPE) and Values of each page.
+    first_positions: int32 [num_pages], the sequence position of each page's first token (rows below
+        ``config.sink_tokens`` are sinks and stay out of the statistics).
+    block_ids: int32 [num_pages], the cache block each page is written to.
+    cache: uint8 [num_blocks, H, page_bytes], written in place.
+    """
+    num_pages, page_size, num_heads, head_dim = keys.shape
+    layout = kernel_layout(config, head_dim)
+    check_cache(cache, layout)
+    if values.shape != keys.shape or page_size != layout.page_size or cache.shape[1] != num_heads:
+        raise ValueError(f"keys {tuple(keys.shape)} and values {tuple(values.shape)} must be "
+                         f"[num_pages, {layout.page_size}, {cache.shape[1]}, {head_dim}]")
+    if keys.stride(-1) != 1 or values.stride(-1) != 1:
+        raise ValueError("keys and values need a contiguous head_dim")
+    for name, t in (("first_positions", first_positions), ("block_ids", block_ids)):
+        if t.dtype != torch.int32 or t.shape != (num_pages,):
+            raise ValueError(f"{name} must be int32 [{num_pages}], got {t.dtype} {tuple(t.shape)}")
+    if num_pages == 0:
+        return
+    _quantize_page_kernel[(num_pages, num_heads)](
+        keys, values, first_positions, block_ids, cache,
+        keys.stride(0), keys.stride(1), keys.stride(2),
+        values.stride(0), values.stride(1), values.stride(2),
+        cache.stride(0), cache.stride(1),
+        config.sink_tokens,
+        PAGE_SIZE=page_size, HEAD_DIM=head_dim, NUM_BOOST=layout.num_boost,
+        BOOST_POLICY=BOOST_POLICY_IDS[config.boost_policy],
+        **section_offsets(layout), num_warps=8,
+    )

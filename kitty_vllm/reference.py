@@ -1,0 +1,235 @@
+"""The kitty2 format in plain PyTorch (float32 math): the oracle for every kernel and the CPU path.
+
+Rounding rule, shared with the kernels: ``code = clamp(floor((x - min) / scale + 0.5), 0, levels)``
+with ``min`` and ``scale`` first rounded to float16 (the stored values), and code 0 where scale is 0.
+
+Cache schedule, shared with the vLLM backend. Pages cover tokens ``[j * P, (j + 1) * P)``. A page is
+quantized as soon as its last token is stored, before attention in the same step, so the query at
+position ``p`` sees Key/Value ``t`` as
+
+* the original (full precision) if ``t < sink_tokens``;
+* dequantized if ``t``'s page is complete at ``p``, i.e. ``(t // P + 1) * P <= p + 1``;
+* the original otherwise (the unfinished page: Keys wait for their page, Values for their window).
+
+Sink tokens never enter page statistics: they are excluded from page 0's min/max and boost scores.
+Because the rule depends only on positions, prefill, chunked prefill, decode and prefix-cache hits all
+see the same cache.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kitty_vllm.config import KittyConfig
+from kitty_vllm.layout import CODES_PER_BYTE, PageLayout, page_layout
+
+KEY_LEVELS = 3
+BOOST_LEVELS = 15
+VALUE_LEVELS = 3
+# Multiplier of the "random" policy's hash (Knuth's multiplicative hash): odd, so the 32-bit scores
+# of distinct channels differ and the choice has no ties.
+RANDOM_POLICY_MULTIPLIER = 2654435761
+
+
+@dataclass
+class KeyCodes:
+    codes: torch.Tensor        # int64 [H, P, D], 0..15 on boosted channels, 0..3 elsewhere
+    boost_index: torch.Tensor  # int64 [H, K] ascending channel ids
+    scale: torch.Tensor        # float16 [H, D]
+    minimum: torch.Tensor      # float16 [H, D]
+
+
+@dataclass
+class ValueCodes:
+    codes: torch.Tensor        # int64 [H, P, D], 0..3
+    scale: torch.Tensor        # float16 [H, P]
+    minimum: torch.Tensor      # float16 [H, P]
+
+
+def quantize(x: torch.Tensor, minimum: torch.Tensor, scale: torch.Tensor,
+             levels: torch.Tensor | int) -> torch.Tensor:
+    """Codes of ``x`` for the float16 ``minimum``/``scale`` (broadcast against ``x``)."""
+    mn = minimum.float()
+    sc = scale.float()
+    safe = torch.where(sc > 0, sc, torch.ones_like(sc))
+    codes = torch.floor((x.float() - mn) / safe + 0.5)
+    codes = torch.where(sc > 0, codes, torch.zeros_like(codes))
+    return torch.minimum(codes.clamp_min(0), torch.as_tensor(levels, dtype=codes.dtype)).long()
+
+
+def dequantize(codes: torch.Tensor, minimum: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return minimum.float() + codes.float() * scale.float()
+
+
+def boost_scores(keys: torch.Tensor, valid: torch.Tensor, policy: str) -> torch.Tensor:
+    """Per-channel boost scores of a page: float64 [H, D] from keys [H, P, D] and valid rows [P].
+
+    magnitude: sum of |K| over valid tokens (the same order as their mean); variance: sum of squared
+    deviations from the channel mean (the same order as the variance); random: a fixed hash of the
+    channel id. Sums run in float64 so that the kernels, which add in another order, rank alike.
+    """
+    x = keys.float().double()
+    rows = valid.view(1, -1, 1)
+    if policy == "magnitude":
+        return torch.where(rows, x.abs(), 0.0).sum(dim=1)
+    if policy == "variance":
+        mean = torch.where(rows, x, 0.0).sum(dim=1, keepdim=True) / valid.sum()
+        return torch.where(rows, (x - mean) ** 2, 0.0).sum(dim=1)
+    if policy == "random":
+        channel = torch.arange(keys.shape[-1], dtype=torch.int64) + 1
+        hashed = (channel * RANDOM_POLICY_MULTIPLIER) & 0xFFFFFFFF
+        return hashed.double().expand(keys.shape[0], -1).contiguous()
+    raise ValueError(f"unknown boost policy {policy!r}")
+
+
+def select_boost_channels(scores: torch.Tensor, num_boost: int) -> torch.Tensor:
+    """The ``num_boost`` highest-scoring channels per head, ascending; ties go to the lower channel."""
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
+    return torch.sort(order[..., :num_boost], dim=-1).values
+
+
+def quantize_keys_per_channel(keys: torch.Tensor, num_boost: int, policy: str,
+                              valid: torch.Tensor) -> KeyCodes:
+    """Quantize one page of Keys ``[H, P, D]``; rows where ``valid`` [P] is False (sinks) are ignored
+    by the statistics and the boost choice."""
+    x = keys.float()
+    rows = valid.view(1, -1, 1)
+    mx = torch.where(rows, x, -torch.inf).amax(dim=1)
+    mn = torch.where(rows, x, torch.inf).amin(dim=1)
+    boost_index = select_boost_channels(boost_scores(keys, valid, policy), num_boost)
+    levels = torch.full_like(mx, KEY_LEVELS)
+    levels.scatter_(1, boost_index, BOOST_LEVELS)
+    scale = ((mx - mn) / levels).half()
+    minimum = mn.half()
+    codes = quantize(x, minimum[:, None, :], scale[:, None, :], levels[:, None, :])
+    return KeyCodes(codes=codes, boost_index=boost_index, scale=scale, minimum=minimum)
+
+
+def quantize_values_per_token(values: torch.Tensor) -> ValueCodes:
+    """Quantize one page of Values ``[H, P, D]`` per token, over head_dim."""
+    x = values.float()
+    mx = x.amax(dim=-1)
+    mn = x.amin(dim=-1)
+    scale = ((mx - mn) / VALUE_LEVELS).half()
+    minimum = mn.half()
+    codes = quantize(x, minimum[..., None], scale[..., None], VALUE_LEVELS)
+    return ValueCodes(codes=codes, scale=scale, minimum=minimum)
+
+
+def pack_2bit(codes: torch.Tensor) -> torch.Tensor:
+    """Pack 2-bit codes ``[..., C]`` into uint8 ``[..., C / 4]``, planar (see kitty_vllm.layout)."""
+    quarter = codes.shape[-1] // CODES_PER_BYTE
+    planes = codes.long().reshape(*codes.shape[:-1], CODES_PER_BYTE, quarter)
+    shifts = (2 * torch.arange(CODES_PER_BYTE)).view(CODES_PER_BYTE, 1)
+    return (planes << shifts).sum(dim=-2).to(torch.uint8)
+
+
+def unpack_2bit(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`pack_2bit`: uint8 ``[..., C / 4]`` to int64 codes ``[..., C]``."""
+    shifts = (2 * torch.arange(CODES_PER_BYTE)).view(CODES_PER_BYTE, 1)
+    planes = (packed.long().unsqueeze(-2) >> shifts) & 3
+    return planes.reshape(*packed.shape[:-1], -1)
+
+
+def page_valid_rows(layout: PageLayout, first_position: int) -> torch.Tensor:
+    """bool [P]: the rows of the page starting at ``first_position`` that are not sink tokens."""
+    return torch.arange(layout.page_size) + first_position >= layout.sink_tokens
+
+
+def quantize_page(keys: torch.Tensor, values: torch.Tensor, config: KittyConfig,
+                  first_position: int) -> torch.Tensor:
+    """Quantize and pack one full page: keys/values ``[P, H, D]`` to uint8 ``[H, page_bytes]``."""
+    num_tokens, num_heads, head_dim = keys.shape
+    layout = page_layout(config, head_dim)
+    if num_tokens != layout.page_size or values.shape != keys.shape:
+        raise ValueError(f"expected keys and values [{layout.page_size}, H, D], got "
+                         f"{tuple(keys.shape)} and {tuple(values.shape)}")
+    kc = quantize_keys_per_channel(keys.transpose(0, 1), layout.num_boost, config.boost_policy,
+                                   page_valid_rows(layout, first_position))
+    vc = quantize_values_per_token(values.transpose(0, 1))
+    page = torch.zeros(num_heads, layout.page_bytes, dtype=torch.uint8)
+    view = layout.views(page)
+    view["key_low"].copy_(pack_2bit(kc.codes & 3))
+    high = torch.gather(kc.codes, 2, kc.boost_index[:, None, :].expand(-1, num_tokens, -1)) >> 2
+    view["key_high"].copy_(pack_2bit(high))
+    view["boost_index"].copy_(kc.boost_index.to(torch.uint8))
+    view["key_scale"].copy_(kc.scale)
+    view["key_min"].copy_(kc.minimum)
+    view["value_codes"].copy_(pack_2bit(vc.codes))
+    view["value_scale"].copy_(vc.scale)
+    view["value_min"].copy_(vc.minimum)
+    return page
+
+
+def unpack_key_codes(view: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The 4/2-bit Key codes ``[..., P, D]`` of packed pages (``view`` from ``PageLayout.views``)."""
+    codes = unpack_2bit(view["key_low"])
+    if view["boost_index"].shape[-1]:
+        high = unpack_2bit(view["key_high"]) << 2
+        index = view["boost_index"].long().unsqueeze(-2).expand_as(high)
+        codes = codes.scatter_add(-1, index, high)
+    return codes
+
+
+def dequantize_pages(pages: torch.Tensor, config: KittyConfig,
+                     head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed pages uint8 ``[..., H, page_bytes]`` to float32 keys and values ``[..., P, H, D]``."""
+    view = page_layout(config, head_dim).views(pages)
+    keys = dequantize(unpack_key_codes(view), view["key_min"].unsqueeze(-2),
+                      view["key_scale"].unsqueeze(-2))
+    values = dequantize(unpack_2bit(view["value_codes"]), view["value_min"].unsqueeze(-1),
+                        view["value_scale"].unsqueeze(-1))
+    return keys.transpose(-3, -2), values.transpose(-3, -2)
+
+
+def quantized_sequence(keys: torch.Tensor, values: torch.Tensor, config: KittyConfig,
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every complete page of a sequence ``[N, H, D]``, quantized and dequantized (float32).
+
+    Rows of incomplete pages are left as the input; sink rows are dequantized too (they are never
+    read from the page, see :func:`cache_as_seen`).
+    """
+    page = config.page_size
+    keys_q, values_q = keys.float().clone(), values.float().clone()
+    for start in range(0, keys.shape[0] - page + 1, page):
+        packed = quantize_page(keys[start:start + page], values[start:start + page], config, start)
+        keys_q[start:start + page], values_q[start:start + page] = dequantize_pages(
+            packed, config, keys.shape[-1])
+    return keys_q, values_q
+
+
+def quantized_mask(query_positions: torch.Tensor, num_keys: int, config: KittyConfig) -> torch.Tensor:
+    """bool [Tq, N]: True where the query reads key ``t`` from a quantized page (the cache schedule)."""
+    t = torch.arange(num_keys)
+    page_done = (t // config.page_size + 1) * config.page_size <= query_positions[:, None] + 1
+    return page_done & (t >= config.sink_tokens)
+
+
+def reference_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                        config: KittyConfig, query_positions: torch.Tensor | None = None,
+                        scale: float | None = None) -> torch.Tensor:
+    """Causal attention of one sequence over its kitty cache, float32.
+
+    query [Tq, Hq, D] at ``query_positions`` (default: the last Tq positions); keys/values
+    [N, Hkv, D] hold the sequence's full-precision K (after RoPE) and V for positions 0..N-1. Each
+    query sees the cache as it stands at its position (module docstring). Hq is a multiple of Hkv.
+    """
+    num_keys, num_kv_heads, head_dim = keys.shape
+    num_queries, num_heads, _ = query.shape
+    if query_positions is None:
+        query_positions = torch.arange(num_keys - num_queries, num_keys)
+    scale = head_dim ** -0.5 if scale is None else scale
+    keys_q, values_q = quantized_sequence(keys, values, config)
+    group = num_heads // num_kv_heads
+    q = query.float().transpose(0, 1)                                   # [Hq, Tq, D]
+    expand = lambda x: x.float().transpose(0, 1).repeat_interleave(group, dim=0)  # noqa: E731
+    use_quantized = quantized_mask(query_positions, num_keys, config)  # [Tq, N]
+    scores = torch.where(use_quantized, q @ expand(keys_q).transpose(1, 2),
+                         q @ expand(keys).transpose(1, 2)) * scale
+    causal = torch.arange(num_keys)[None, :] <= query_positions[:, None]
+    probs = torch.softmax(scores.masked_fill(~causal, -torch.inf), dim=-1)
+    out = (torch.where(use_quantized, probs, 0.0) @ expand(values_q)
+           + torch.where(use_quantized, 0.0, probs) @ expand(values))
+    return out.transpose(0, 1)
