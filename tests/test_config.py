@@ -1,0 +1,87 @@
+import pytest
+
+from kitty_vllm.config import PRESETS, KittyConfig, KittyConfigError, load_config
+
+
+def test_presets_match_the_method():
+    assert KittyConfig.from_preset("kitty2").boost_ratio == 0.25
+    assert KittyConfig.from_preset("kitty2-lite").boost_ratio == 0.125
+    assert KittyConfig.from_preset("kivi2").boost_ratio == 0.0
+    for name in PRESETS:
+        config = KittyConfig.from_preset(name)
+        assert (config.page_size, config.sink_tokens, config.value_window) == (128, 32, 128)
+        assert (config.key_bits, config.boost_bits, config.value_bits) == (2, 4, 2)
+        assert config.boost_policy == "magnitude"
+
+
+def test_config_is_frozen():
+    with pytest.raises(AttributeError):
+        KittyConfig().page_size = 64
+
+
+def test_unknown_preset_lists_the_valid_ones():
+    with pytest.raises(KittyConfigError, match="kitty2, kitty2-lite, kivi2"):
+        KittyConfig.from_preset("kitty3")
+
+
+@pytest.mark.parametrize("text, message", [
+    ("page_size: 128\ncolour: blue\n", "unknown key.*colour.*allowed: boost_bits"),
+    ("page_size: '128'\n", "page_size='128': must be an integer"),
+    ("boost_ratio: fast\n", "boost_ratio='fast': must be a number"),
+    ("sink_tokens: true\n", "sink_tokens=True: must be an integer"),
+    ("boost_ratio: 1.5\n", r"boost_ratio=1.5: must be in \[0, 1\]"),
+    ("page_size: 100\nvalue_window: 100\n", "page_size=100: must be a positive multiple of 16"),
+    ("value_window: 64\n", "value_window=64: must equal page_size=128"),
+    ("key_bits: 3\n", "key_bits=3: only 2 is supported"),
+    ("boost_policy: largest\n", "boost_policy='largest': must be one of magnitude, variance, random"),
+    ("- 1\n- 2\n", "expected a mapping"),
+    ("page_size: [1\n", "not valid YAML"),
+])
+def test_bad_yaml_names_the_field(tmp_path, text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(KittyConfigError, match=message) as err:
+        KittyConfig.from_yaml(path)
+    assert str(path) in str(err.value)
+
+
+def test_missing_file_is_named(tmp_path):
+    with pytest.raises(KittyConfigError, match="cannot read kitty config file .*nope.yaml"):
+        KittyConfig.from_yaml(tmp_path / "nope.yaml")
+
+
+def test_partial_yaml_keeps_defaults(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("boost_ratio: 0.5\nboost_policy: variance\n")
+    config = KittyConfig.from_yaml(path)
+    assert config == KittyConfig(boost_ratio=0.5, boost_policy="variance")
+
+
+@pytest.mark.parametrize("head_dim, ratio, expected", [(64, 0.25, 16), (128, 0.25, 32), (256, 0.25, 64),
+                                                       (64, 0.125, 8), (96, 0.125, 12), (128, 0.0, 0),
+                                                       (128, 0.5, 64)])
+def test_boost_channels(head_dim, ratio, expected):
+    assert KittyConfig(boost_ratio=ratio).num_boost_channels(head_dim) == expected
+
+
+@pytest.mark.parametrize("head_dim, ratio, message", [
+    (72, 0.25, "head_dim=72: the kitty layout needs a multiple of 16"),
+    (512, 0.25, "no larger than 256"),
+    (128, 0.1, "= 12.8 channels"),
+    (48, 0.125, "= 6 channels: the sparse plane packs 4 channels per byte"),
+])
+def test_head_sizes_the_layout_cannot_split(head_dim, ratio, message):
+    with pytest.raises(KittyConfigError, match=message):
+        KittyConfig(boost_ratio=ratio).num_boost_channels(head_dim)
+
+
+def test_kitty_config_env_overrides_the_preset(tmp_path, monkeypatch):
+    path = tmp_path / "override.yaml"
+    path.write_text("boost_ratio: 0.5\n")
+    monkeypatch.setenv("KITTY_CONFIG", str(path))
+    assert load_config("kitty2").boost_ratio == 0.5
+    path.write_text("boost_ratio: [0.5]\n")
+    with pytest.raises(KittyConfigError, match="override.yaml: boost_ratio"):
+        load_config("kitty2")
+    monkeypatch.delenv("KITTY_CONFIG")
+    assert load_config("kitty2-lite").boost_ratio == 0.125

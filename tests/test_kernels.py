@@ -1,0 +1,136 @@
+"""Triton kernels against the PyTorch reference: codes bit-exact, dequantized values to float32 ulps.
+
+On the CPU these run through TRITON_INTERPRET=1 (tests/conftest.py); on a GPU, natively.
+"""
+
+import pytest
+import torch
+
+from kitty_vllm import reference as R
+from kitty_vllm.config import KittyConfig
+from kitty_vllm.kernels import dequantize_pages, quantize_pages
+from kitty_vllm.layout import page_layout
+
+HEAD_DIMS = [64, 128, 256]
+PRESETS = ["kitty2", "kitty2-lite", "kivi2"]
+POLICIES = ["magnitude", "variance", "random"]
+DTYPES = [torch.float16, torch.bfloat16]
+NUM_KV_HEADS = 2
+# Page 0 holds the sinks; block ids are scattered and out of order.
+FIRST_POSITIONS = [0, 128, 384]
+BLOCK_IDS = [5, 0, 3]
+NUM_BLOCKS = 7
+BOUNDARY = 1e-5
+
+
+def make_pages(head_dim, dtype, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    shape = (len(FIRST_POSITIONS), 128, NUM_KV_HEADS, head_dim)
+    magnitude = torch.ones(head_dim)
+    magnitude[torch.randperm(head_dim, generator=g)[: head_dim // 16]] = 10 + 20 * torch.rand(head_dim // 16, generator=g)
+    keys = (torch.randn(shape, generator=g) + 0.3) * magnitude
+    keys[0, :32] *= 50  # sinks with huge norms must not disturb page 0
+    values = torch.randn(shape, generator=g)
+    return keys.to(dtype).to(device), values.to(dtype).to(device)
+
+
+def near_boundary(x, minimum, scale):
+    """bool: the unrounded code of x lies within BOUNDARY of a rounding boundary."""
+    u = (x.float() - minimum.float()) / torch.where(scale.float() > 0, scale.float(), 1.0) + 0.5
+    return (u - u.round()).abs() < BOUNDARY
+
+
+def compare_page(got, want, keys, values, config, head_dim):
+    """Assert two packed pages [H, page_bytes] agree; codes may differ only at rounding boundaries.
+    Returns how many codes differ."""
+    layout = page_layout(config, head_dim)
+    g, w = layout.views(got), layout.views(want)
+    for name in ("boost_index", "key_scale", "key_min", "value_scale", "value_min"):
+        assert torch.equal(g[name], w[name]), name
+    differ = 0
+    key_codes = R.unpack_key_codes(g), R.unpack_key_codes(w)
+    value_codes = R.unpack_2bit(g["value_codes"]), R.unpack_2bit(w["value_codes"])
+    x_keys, x_values = keys.transpose(0, 1), values.transpose(0, 1)   # [H, P, D]
+    for (a, b), x, mn, sc in (
+            (key_codes, x_keys, w["key_min"][:, None, :], w["key_scale"][:, None, :]),
+            (value_codes, x_values, w["value_min"][..., None], w["value_scale"][..., None])):
+        mismatch = a != b
+        assert near_boundary(x, mn, sc)[mismatch].all(), "codes differ away from a rounding boundary"
+        assert ((a - b).abs()[mismatch] == 1).all()
+        differ += int(mismatch.sum())
+    return differ
+
+
+def run_and_compare(config, head_dim, dtype, device, seed=0):
+    keys, values = make_pages(head_dim, dtype, device, seed)
+    layout = page_layout(config, head_dim)
+    cache = torch.zeros(NUM_BLOCKS, NUM_KV_HEADS, layout.page_bytes, dtype=torch.uint8, device=device)
+    first = torch.tensor(FIRST_POSITIONS, dtype=torch.int32, device=device)
+    blocks = torch.tensor(BLOCK_IDS, dtype=torch.int32, device=device)
+    quantize_pages(keys, values, first, blocks, cache, config)
+    differ = 0
+    for i, (pos, block) in enumerate(zip(FIRST_POSITIONS, BLOCK_IDS)):
+        want = R.quantize_page(keys[i].cpu(), values[i].cpu(), config, pos)
+        differ += compare_page(cache[block].cpu(), want, keys[i].cpu(), values[i].cpu(), config, head_dim)
+    untouched = sorted(set(range(NUM_BLOCKS)) - set(BLOCK_IDS))
+    assert not cache[untouched].any(), "wrote outside the target blocks"
+    print(f"[{config.boost_policy} boost={layout.num_boost} D={head_dim} {dtype}] codes on a rounding "
+          f"boundary that differ: {differ}")
+    return cache, blocks
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("preset", PRESETS)
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+def test_quantize_matches_reference(kernel_device, head_dim, preset, dtype):
+    run_and_compare(KittyConfig.from_preset(preset), head_dim, dtype, kernel_device)
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+def test_quantize_policies_match_reference(kernel_device, head_dim, policy):
+    config = KittyConfig.from_preset("kitty2").replace(boost_policy=policy)
+    run_and_compare(config, head_dim, torch.float16, kernel_device, seed=1)
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+def test_dequantize_matches_reference(kernel_device, head_dim, preset):
+    config = KittyConfig.from_preset(preset)
+    cache, blocks = run_and_compare(config, head_dim, torch.bfloat16, kernel_device, seed=2)
+    keys, values = dequantize_pages(cache, blocks, config, head_dim)
+    want_keys, want_values = R.dequantize_pages(cache[blocks.long()].cpu(), config, head_dim)
+    torch.testing.assert_close(keys.cpu(), want_keys, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(values.cpu(), want_values, rtol=1e-6, atol=1e-6)
+
+
+def test_launchers_reject_bad_shapes(kernel_device):
+    config = KittyConfig.from_preset("kitty2")
+    layout = page_layout(config, 128)
+    cache = torch.zeros(2, 1, layout.page_bytes, dtype=torch.uint8, device=kernel_device)
+    keys = torch.zeros(1, 64, 1, 128, device=kernel_device)
+    one = torch.zeros(1, dtype=torch.int32, device=kernel_device)
+    with pytest.raises(ValueError, match=r"\[num_pages, 128, 1, 128\]"):
+        quantize_pages(keys, keys, one, one, cache, config)
+    with pytest.raises(ValueError, match="head sizes"):
+        dequantize_pages(cache, one, config, 96)
+    with pytest.raises(ValueError, match="block_ids must be int32"):
+        dequantize_pages(cache, one.long(), config, 128)
+
+
+@pytest.mark.cuda
+def test_block_offsets_beyond_int32():
+    """A block whose byte offset exceeds 2**31 is written and read where it should be."""
+    config = KittyConfig.from_preset("kitty2")
+    layout = page_layout(config, 64)
+    num_blocks = 2 ** 31 // layout.page_bytes + 2
+    cache = torch.zeros(num_blocks, 1, layout.page_bytes, dtype=torch.uint8, device="cuda")
+    keys = torch.randn(1, 128, 1, 64, device="cuda", dtype=torch.float16)
+    values = torch.randn(1, 128, 1, 64, device="cuda", dtype=torch.float16)
+    block = torch.tensor([num_blocks - 1], dtype=torch.int32, device="cuda")
+    quantize_pages(keys, values, torch.tensor([128], dtype=torch.int32, device="cuda"), block, cache, config)
+    want = R.quantize_page(keys[0].cpu(), values[0].cpu(), config, 128)
+    assert torch.equal(cache[-1].cpu(), want)
+    assert not cache[: num_blocks - 1].any()
+    got_keys, _ = dequantize_pages(cache, block, config, 64)
+    torch.testing.assert_close(got_keys[0].cpu(), R.dequantize_pages(want, config, 64)[0], rtol=1e-6, atol=1e-6)

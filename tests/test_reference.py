@@ -1,0 +1,104 @@
+import pytest
+import torch
+
+from kitty_vllm import reference as R
+from kitty_vllm.config import KittyConfig
+from kitty_vllm.layout import page_layout
+
+KITTY2 = KittyConfig.from_preset("kitty2")
+
+
+def test_pack_unpack_round_trip_is_bit_exact():
+    codes = torch.randint(0, 4, (5, 7, 128))
+    packed = R.pack_2bit(codes)
+    assert packed.dtype == torch.uint8 and packed.shape == (5, 7, 32)
+    assert torch.equal(R.unpack_2bit(packed), codes)
+
+
+def test_packing_is_planar():
+    codes = torch.zeros(8, dtype=torch.long)
+    codes[1], codes[6] = 3, 2   # column 1 -> byte 1 bits 0-1; column 6 -> byte 0 bits 6-7
+    assert R.pack_2bit(codes).tolist() == [2 << 6, 3]
+
+
+@pytest.mark.parametrize("preset", ["kitty2", "kitty2-lite", "kivi2"])
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+def test_page_round_trip(preset, head_dim):
+    config = KittyConfig.from_preset(preset)
+    layout = page_layout(config, head_dim)
+    keys = torch.randn(128, 2, head_dim) * torch.linspace(0.5, 20, head_dim)
+    values = torch.randn(128, 2, head_dim)
+    page = R.quantize_page(keys.half(), values.half(), config, first_position=256)
+    view = layout.views(page)
+    kc = R.quantize_keys_per_channel(keys.half().transpose(0, 1), layout.num_boost, "magnitude",
+                                     torch.ones(128, dtype=torch.bool))
+    assert torch.equal(R.unpack_key_codes(view), kc.codes)
+    assert torch.equal(view["boost_index"].long(), kc.boost_index)
+    keys_hat, values_hat = R.dequantize_pages(page, config, head_dim)
+    key_step = view["key_scale"].float()                   # [H, D]
+    assert ((keys_hat - keys.half().float()).abs() <= key_step[None] / 2 + 1e-2 * key_step[None] + 1e-3).all()
+    value_step = view["value_scale"].float().T[..., None]  # [P, H, 1]
+    assert ((values_hat - values.half().float()).abs() <= value_step / 2 + 1e-2 * value_step + 1e-3).all()
+
+
+def test_magnitude_policy_boosts_the_outlier_channels():
+    keys = torch.randn(2, 128, 128)
+    outliers = torch.tensor([3, 40, 77, 100])
+    keys[:, :, outliers] *= 25
+    kc = R.quantize_keys_per_channel(keys, 32, "magnitude", torch.ones(128, dtype=torch.bool))
+    for head in range(2):
+        assert set(outliers.tolist()) <= set(kc.boost_index[head].tolist())
+        assert kc.codes[head][:, outliers].max() > 3
+    not_boosted = torch.ones(128, dtype=torch.bool)
+    not_boosted[kc.boost_index[0]] = False
+    assert kc.codes[0][:, not_boosted].max() <= 3
+
+
+def test_policies_choose_differently_and_random_is_fixed():
+    keys = torch.randn(1, 128, 64)
+    keys[..., 5] += 30      # largest magnitude, no variance from the shift
+    keys[..., 9] *= 10      # largest variance
+    valid = torch.ones(128, dtype=torch.bool)
+    pick = {p: R.quantize_keys_per_channel(keys, 4, p, valid).boost_index[0].tolist()
+            for p in ("magnitude", "variance", "random")}
+    assert 5 in pick["magnitude"] and 9 in pick["variance"] and 5 not in pick["variance"]
+    assert pick["random"] == R.quantize_keys_per_channel(-keys, 4, "random", valid).boost_index[0].tolist()
+
+
+def test_sinks_stay_out_of_page_statistics():
+    keys = torch.randn(128, 1, 64)
+    values = torch.randn(128, 1, 64)
+    keys[:32] *= 1000
+    page0 = R.quantize_page(keys, values, KITTY2, first_position=0)
+    later = R.quantize_page(keys, values, KITTY2, first_position=128)
+    scale0 = page_layout(KITTY2, 64).views(page0)["key_scale"].float()
+    scale1 = page_layout(KITTY2, 64).views(later)["key_scale"].float()
+    assert scale0.max() < 10 < scale1.max()
+
+
+def test_quantized_mask_follows_the_schedule():
+    config = KittyConfig(page_size=16, value_window=16, sink_tokens=4)
+    mask = R.quantized_mask(torch.tensor([14, 15, 40]), 41, config)
+    assert not mask[0].any()                                    # page 0 still filling at 14
+    assert mask[1, 4:16].all() and not mask[1, :4].any()        # page 0 full at 15; sinks stay fp
+    assert mask[2, 4:32].all() and not mask[2, 32:].any()       # page 2 (32..47) unfinished at 40
+
+
+def test_attention_without_full_pages_is_exact():
+    q, k, v = torch.randn(5, 4, 64), torch.randn(100, 2, 64), torch.randn(100, 2, 64)
+    out = R.reference_attention(q, k, v, KITTY2)
+    scores = q.transpose(0, 1) @ k.repeat_interleave(2, 1).permute(1, 2, 0) / 8
+    causal = torch.arange(100)[None] <= torch.arange(95, 100)[:, None]
+    expected = torch.softmax(scores.masked_fill(~causal, -torch.inf), -1) @ v.repeat_interleave(2, 1).transpose(0, 1)
+    torch.testing.assert_close(out, expected.transpose(0, 1), rtol=1e-5, atol=1e-5)
+
+
+def test_attention_depends_only_on_positions():
+    """Prefill in one call equals prefill in chunks and decode: what makes chunked prefill and prefix
+    caching exact."""
+    config = KittyConfig(page_size=16, value_window=16, sink_tokens=4)
+    q, k, v = torch.randn(70, 4, 32), torch.randn(70, 2, 32), torch.randn(70, 2, 32)
+    whole = R.reference_attention(q, k, v, config, query_positions=torch.arange(70))
+    for start, end in [(0, 13), (13, 48), (48, 69), (69, 70)]:
+        part = R.reference_attention(q[start:end], k[:end], v[:end], config)
+        torch.testing.assert_close(part, whole[start:end], rtol=1e-5, atol=1e-5)
