@@ -146,3 +146,58 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+@dataclass(frozen=True)
+class StageLayout:
+    """Where a request's full-precision tokens live: blocks of the staging KV-cache group.
+
+    A staging block has the byte size of one layer's packed page (``num_kv_heads * page_bytes``), so the
+    two vLLM groups share one block pool without padding. It holds ``tokens_per_block`` tokens as
+    ``[2 (K, V), tokens_per_block, num_kv_heads, head_dim]`` in the model's dtype. A request's staging
+    row is, in this order: ``sink_blocks`` blocks of ``block_tokens`` sink tokens each (``block_tokens``
+    is the group's vLLM block size, so these blocks are prefix-cached under the request's own block
+    hashes and a cache hit restores the sinks), then ``ring_blocks`` blocks holding the unfinished page
+    (position ``p`` at ring slot ``p % page_size``, ``tokens_per_block`` slots per block).
+    """
+
+    page: PageLayout
+    num_kv_heads: int
+    element_bytes: int
+
+    @property
+    def block_bytes(self) -> int:
+        return self.num_kv_heads * self.page.page_bytes
+
+    @property
+    def tokens_per_block(self) -> int:
+        return self.block_bytes // (2 * self.num_kv_heads * self.page.head_dim * self.element_bytes)
+
+    @property
+    def block_tokens(self) -> int:
+        """The staging group's vLLM block size: a power of two (so it divides the page), at most 16."""
+        return min(MAX_STAGE_BLOCK_TOKENS, 1 << (self.tokens_per_block.bit_length() - 1))
+
+    @property
+    def sink_blocks(self) -> int:
+        return -(-self.page.sink_tokens // self.block_tokens)
+
+    @property
+    def ring_blocks(self) -> int:
+        return -(-(self.page.page_size - 1) // self.tokens_per_block)
+
+    @property
+    def blocks_per_request(self) -> int:
+        return self.sink_blocks + self.ring_blocks
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        """Staging blocks a request of ``num_tokens`` tokens holds (its ring grows up to one page)."""
+        ring_tokens = min(num_tokens, self.page.page_size - 1)
+        return self.sink_blocks + -(-ring_tokens // self.tokens_per_block)
+
+
+MAX_STAGE_BLOCK_TOKENS = 16
+
+
+def stage_layout(config: KittyConfig, head_dim: int, num_kv_heads: int, element_bytes: int) -> StageLayout:
+    return StageLayout(page_layout(config, head_dim), num_kv_heads, element_bytes)
