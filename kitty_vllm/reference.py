@@ -216,20 +216,35 @@ def reference_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.T
     [N, Hkv, D] hold the sequence's full-precision K (after RoPE) and V for positions 0..N-1. Each
     query sees the cache as it stands at its position (module docstring). Hq is a multiple of Hkv.
     """
-    num_keys, num_kv_heads, head_dim = keys.shape
-    num_queries, num_heads, _ = query.shape
+    num_keys = keys.shape[0]
     if query_positions is None:
-        query_positions = torch.arange(num_keys - num_queries, num_keys)
-    scale = head_dim ** -0.5 if scale is None else scale
+        query_positions = torch.arange(num_keys - query.shape[0], num_keys)
     keys_q, values_q = quantized_sequence(keys, values, config)
-    group = num_heads // num_kv_heads
+    return schedule_attention(query, keys, values, keys_q, values_q, query_positions, config, scale)
+
+
+def schedule_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                       keys_q: torch.Tensor, values_q: torch.Tensor, query_positions: torch.Tensor,
+                       config: KittyConfig, scale: float | None = None) -> torch.Tensor:
+    """Causal attention that reads each key/value in the form the cache schedule gives the query.
+
+    query [Tq, Hq, D] at ``query_positions`` [Tq]; keys/values [N, Hkv, D] full precision, keys_q /
+    values_q [N, Hkv, D] dequantized (only rows of complete pages are read from them). float32 result
+    [Tq, Hq, D].
+    """
+    num_keys, num_kv_heads, head_dim = keys.shape
+    group = query.shape[1] // num_kv_heads
+    scale = head_dim ** -0.5 if scale is None else scale
     q = query.float().transpose(0, 1)                                   # [Hq, Tq, D]
-    expand = lambda x: x.float().transpose(0, 1).repeat_interleave(group, dim=0)  # noqa: E731
-    use_quantized = quantized_mask(query_positions, num_keys, config)  # [Tq, N]
-    scores = torch.where(use_quantized, q @ expand(keys_q).transpose(1, 2),
-                         q @ expand(keys).transpose(1, 2)) * scale
-    causal = torch.arange(num_keys)[None, :] <= query_positions[:, None]
+
+    def per_head(x: torch.Tensor) -> torch.Tensor:                      # [N, Hkv, D] -> [Hq, N, D]
+        return x.float().transpose(0, 1).repeat_interleave(group, dim=0)
+
+    use_quantized = quantized_mask(query_positions.cpu(), num_keys, config).to(query.device)  # [Tq, N]
+    scores = torch.where(use_quantized, q @ per_head(keys_q).transpose(1, 2),
+                         q @ per_head(keys).transpose(1, 2)) * scale
+    causal = torch.arange(num_keys, device=query.device)[None, :] <= query_positions[:, None]
     probs = torch.softmax(scores.masked_fill(~causal, -torch.inf), dim=-1)
-    out = (torch.where(use_quantized, probs, 0.0) @ expand(values_q)
-           + torch.where(use_quantized, 0.0, probs) @ expand(values))
+    out = (torch.where(use_quantized, probs, 0.0) @ per_head(values_q)
+           + torch.where(use_quantized, 0.0, probs) @ per_head(values))
     return out.transpose(0, 1)

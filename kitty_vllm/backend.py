@@ -1,0 +1,156 @@
+"""The kitty attention backend for vLLM: Metadata, MetadataBuilder, Backend, Impl.
+
+The packed 2-bit pages live in this backend's KV-cache group; the full-precision sinks and unfinished
+page live in the staging group of the layer's companion (kitty_vllm.stage). ``Impl.forward`` only
+orchestrates: it finds both caches and hands each request to ``PagedKittyCache.step`` (kitty_vllm.paged),
+which stores, packs and attends in the order the cache schedule needs. That order is why the backend
+updates the cache inside ``forward`` (``forward_includes_kv_cache_update``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from vllm.forward_context import get_forward_context
+from vllm.v1.attention.backend import (AttentionBackend, AttentionCGSupport, AttentionImpl,
+                                       AttentionMetadataBuilder, AttentionType, CommonAttentionMetadata,
+                                       MultipleOf)
+
+from kitty_vllm.kernels.common import SUPPORTED_HEAD_DIMS
+from kitty_vllm.layout import stage_layout
+from kitty_vllm.paged import PagedKittyCache
+from kitty_vllm.config import PRESETS, KittyConfigError, load_config
+
+
+@dataclass
+class KittyMetadata:
+    num_actual_tokens: int
+    query_start_loc: list[int]       # [num_reqs + 1], host
+    seq_lens: list[int]              # [num_reqs], host: context + this step's tokens
+    block_table: torch.Tensor        # int32 [num_reqs, max_pages], device: packed page of each page index
+
+
+class KittyMetadataBuilder(AttentionMetadataBuilder[KittyMetadata]):
+    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.NEVER
+
+    def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+
+    def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
+              fast_build: bool = False) -> KittyMetadata:
+        cm = common_attn_metadata
+        return KittyMetadata(
+            num_actual_tokens=cm.num_actual_tokens,
+            query_start_loc=cm.query_start_loc_cpu[: cm.num_reqs + 1].tolist(),
+            seq_lens=cm.seq_lens[: cm.num_reqs].cpu().tolist(),
+            block_table=cm.block_table_tensor[: cm.num_reqs],
+        )
+
+
+class KittyAttentionBackend(AttentionBackend):
+    accept_output_buffer: bool = True
+    forward_includes_kv_cache_update: bool = True
+    supported_dtypes: ClassVar[list[torch.dtype]] = [torch.float16, torch.bfloat16, torch.float32]
+    supported_kv_cache_dtypes: ClassVar[list[str]] = list(PRESETS)
+
+    @staticmethod
+    def get_name() -> str:
+        return "CUSTOM"
+
+    @staticmethod
+    def get_impl_cls() -> type[KittyAttentionImpl]:
+        return KittyAttentionImpl
+
+    @staticmethod
+    def get_builder_cls() -> type[KittyMetadataBuilder]:
+        return KittyMetadataBuilder
+
+    @classmethod
+    def get_supported_head_sizes(cls) -> list[int]:
+        return list(SUPPORTED_HEAD_DIMS)
+
+    @staticmethod
+    def get_supported_kernel_block_sizes() -> list[int | MultipleOf]:
+        return [MultipleOf(16)]
+
+    @classmethod
+    def supports_attn_type(cls, attn_type: str) -> bool:
+        return attn_type == AttentionType.DECODER
+
+    @staticmethod
+    def get_kv_cache_shape(num_blocks: int, block_size: int, num_kv_heads: int, head_size: int,
+                           cache_dtype_str: str = "kitty2") -> tuple[int, ...]:
+        """uint8 [num_blocks, num_kv_heads, page_bytes]: one packed page per block and KV head.
+
+        vLLM passes ``cache_dtype_str="auto"`` for specs without a vLLM quantization mode, so the
+        page size is left for the view to infer from the spec's true page bytes."""
+        return num_blocks, num_kv_heads, -1
+
+    @classmethod
+    def unsupported_reasons(cls, selector_config) -> list[str]:
+        """Why this model cannot use kitty, in words a user can act on (empty if it can)."""
+        reasons = []
+        if selector_config.use_mla:
+            reasons.append("MLA attention (kitty quantizes per-head Keys and Values)")
+        if selector_config.has_sliding_window:
+            reasons.append("sliding-window attention layers")
+        if selector_config.use_sparse:
+            reasons.append("sparse attention")
+        if selector_config.has_sink:
+            reasons.append("learned attention sinks")
+        if selector_config.attn_type not in (None, AttentionType.DECODER):
+            reasons.append(f"{selector_config.attn_type} attention (kitty caches decoder layers)")
+        if selector_config.head_size not in SUPPORTED_HEAD_DIMS:
+            reasons.append(f"head size {selector_config.head_size} (kitty supports head sizes "
+                           f"{', '.join(map(str, SUPPORTED_HEAD_DIMS))})")
+        else:
+            try:
+                load_config(selector_config.kv_cache_dtype).num_boost_channels(selector_config.head_size)
+            except KittyConfigError as e:
+                reasons.append(str(e))
+        if selector_config.dtype not in cls.supported_dtypes:
+            reasons.append(f"model dtype {selector_config.dtype}")
+        return reasons
+
+
+class KittyAttentionImpl(AttentionImpl):
+    def __init__(self, num_heads: int, head_size: int, scale: float, num_kv_heads: int | None = None,
+                 alibi_slopes=None, sliding_window=None, kv_cache_dtype: str = "kitty2",
+                 logits_soft_cap=None, attn_type: str = AttentionType.DECODER,
+                 kv_sharing_target_layer_name=None, **extra) -> None:
+        if alibi_slopes is not None or logits_soft_cap or sliding_window is not None:
+            raise ValueError("kitty attention supports neither ALiBi, logit soft-capping nor sliding windows")
+        if kv_sharing_target_layer_name is not None:
+            raise ValueError("kitty attention does not support KV-cache sharing between layers")
+        self.num_heads = num_heads
+        self.head_size = head_size
+        self.scale = float(scale)
+        self.num_kv_heads = num_kv_heads or num_heads
+        self.config = load_config(kv_cache_dtype)
+
+    def forward(self, layer, query, key, value, kv_cache, attn_metadata: KittyMetadata | None,
+                output=None, output_scale=None, output_block_scale=None):
+        assert output is not None
+        if output_scale is not None or output_block_scale is not None:
+            raise NotImplementedError("kitty attention does not produce quantized outputs")
+        if attn_metadata is None:  # profiling run: no cache yet
+            return output.fill_(0)
+        stage = layer.kitty_stage
+        stage_metadata = get_forward_context().attn_metadata
+        if isinstance(stage_metadata, list):
+            stage_metadata = stage_metadata[0]
+        cache = PagedKittyCache.from_raw(
+            self.config, stage_layout(self.config, self.head_size, self.num_kv_heads, query.element_size()),
+            kv_cache, stage.kv_cache, query.dtype)
+        stage_table = stage_metadata[stage.prefix].block_table
+        starts, seq_lens = attn_metadata.query_start_loc, attn_metadata.seq_lens
+        for r, seq_len in enumerate(seq_lens):
+            lo, hi = starts[r], starts[r + 1]
+            if hi == lo:
+                continue
+            output[lo:hi] = cache.step(query[lo:hi], key[lo:hi], value[lo:hi], seq_len - (hi - lo),
+                                       attn_metadata.block_table[r], stage_table[r], self.scale)
+        return output

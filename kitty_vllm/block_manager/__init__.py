@@ -1,0 +1,18 @@
+"""Kitty's KV-cache specs and block managers: true bytes per page, and the full-precision staging
+blocks (sinks and the unfinished page) as a second vLLM KV-cache group sharing the one block pool."""
+
+from kitty_vllm.block_manager.manager import (
+    KittyPackedManager,
+    KittyStageManager,
+    register_kv_cache_managers,
+)
+from kitty_vllm.block_manager.spec import KittyPackedSpec, KittyStageSpec, kitty_specs
+
+__all__ = [
+    "KittyPackedManager",
+    "KittyPackedSpec",
+    "KittyStageManager",
+    "KittyStageSpec",
+    "kitty_specs",
+    "register_kv_cache_managers",
+]

@@ -1,0 +1,153 @@
+"""Scheduler-side block managers of the two kitty KV-cache groups, and their registration with vLLM.
+
+Prefix caching stays correct because a cache hit always ends on a page boundary (the scheduler block
+is the page): the hitting request needs the packed pages before the hit and the sink blocks, nothing
+from a ring. So pages are cached only once packed, sinks are cached under the request's own block
+hashes, and a hit is granted only when the sinks are cached too.
+
+Pinned to vLLM 0.26.0: these classes lean on ``SingleTypeKVCacheManager`` internals, marked below.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from vllm.v1.core.block_pool import BlockPool
+from vllm.v1.core.kv_cache_utils import BlockHashList, KVCacheBlock, resolve_block_hashes
+from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager, SingleTypeKVCacheManager
+from vllm.v1.kv_cache_interface import FullAttentionSpec
+from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
+from vllm.v1.request import Request
+
+from kitty_vllm.block_manager.spec import KittyPackedSpec, KittyStageSpec
+
+
+class KittyPackedManager(FullAttentionManager):
+    """Full attention over packed pages, except that an unfinished page is never cached."""
+
+    def cache_blocks(self, request: Request, num_tokens: int,
+                     retention_interval: int | None = None) -> None:
+        # Skip FullAttentionManager._cache_partial_tail_block: it would publish the prompt's last,
+        # partly filled page, whose tokens still live in the staging ring and are not packed.
+        SingleTypeKVCacheManager.cache_blocks(self, request, num_tokens,
+                                              retention_interval=retention_interval)
+
+
+class KittyStageManager(SingleTypeKVCacheManager):
+    """A request's staging row: sink blocks then ring blocks, held until the request ends.
+
+    Blocks are appended in role order and never freed or reordered before the request finishes,
+    because the worker's block table rows are append-only (a resumed request gets a fresh row).
+    """
+
+    def __init__(self, kv_cache_spec: KittyStageSpec, **kwargs) -> None:
+        super().__init__(kv_cache_spec, **kwargs)
+        if self.dcp_world_size > 1 or self.pcp_world_size > 1:
+            raise ValueError("kitty: decode/prefill context parallelism is not supported (the "
+                             "staging blocks are per request, not sharded by position)")
+        self.layout = kv_cache_spec.layout
+
+    def get_num_blocks_to_allocate(
+        self,
+        request_id: str,
+        num_tokens: int,
+        new_computed_blocks: Sequence[KVCacheBlock],
+        total_computed_tokens: int,
+        num_local_computed_tokens: int,
+        num_tokens_main_model: int,
+        apply_admission_cap: bool = False,
+    ) -> int:
+        held = len(self.req_to_blocks.get(request_id, ())) + len(new_computed_blocks)
+        new_blocks = max(self.layout.blocks_needed(num_tokens) - held, 0)
+        # Cached sink blocks with no owner leave the free queue when touched, like new blocks.
+        return new_blocks + self._get_num_evictable_blocks(new_computed_blocks)
+
+    def allocate_new_blocks(self, request_id: str, num_tokens: int,
+                            num_tokens_main_model: int) -> list[KVCacheBlock]:
+        blocks = self.req_to_blocks[request_id]
+        num_new = self.layout.blocks_needed(num_tokens) - len(blocks)
+        if num_new <= 0:
+            return []
+        new_blocks = self.block_pool.get_new_blocks(num_new)
+        blocks.extend(new_blocks)
+        return new_blocks
+
+    def allocate_external_computed_blocks(self, request_id: str, num_local_computed_tokens: int,
+                                          num_external_computed_tokens: int) -> None:
+        if num_external_computed_tokens > 0:
+            raise NotImplementedError("kitty: KV connectors cannot fill the staging blocks")
+
+    def cache_blocks(self, request: Request, num_tokens: int,
+                     retention_interval: int | None = None) -> None:
+        """Cache the sink blocks only: ring contents depend on the request's length, not its prefix."""
+        request_id = request.request_id
+        # num_cached_block (semi-private): also marks the request as running for the coordinator.
+        num_cached = self.num_cached_block.get(request_id, 0)
+        num_full = min(num_tokens // self.block_size, self.layout.sink_blocks)
+        if num_full <= num_cached:
+            return
+        # BlockPool.cache_full_blocks (semi-private signature): hashes blocks[i] under the
+        # request's i-th block hash at this group's block size.
+        self.block_pool.cache_full_blocks(
+            request=request,
+            blocks=self.req_to_blocks[request_id],
+            num_cached_blocks=num_cached,
+            num_full_blocks=num_full,
+            block_size=self.block_size,
+            kv_cache_group_id=self.kv_cache_group_id,
+        )
+        self.num_cached_block[request_id] = num_full
+
+    @classmethod
+    def find_longest_cache_hit(
+        cls,
+        block_hashes: BlockHashList,
+        max_length: int,
+        kv_cache_group_ids: list[int],
+        block_pool: BlockPool,
+        kv_cache_spec: KittyStageSpec,
+        drop_eagle_block: bool,
+        alignment_tokens: int,
+        dcp_world_size: int = 1,
+        pcp_world_size: int = 1,
+    ) -> tuple[tuple[list[KVCacheBlock], ...], int]:
+        """The sink blocks, accepting the packed group's candidate length, or a miss.
+
+        The hybrid coordinator asks the full-attention (packed) group first, so ``max_length`` is
+        already its page-aligned hit; pages without their sinks are useless, so a missing sink
+        block turns the whole hit into a miss.
+        """
+        if drop_eagle_block:
+            raise NotImplementedError("kitty: EAGLE/MTP speculative decoding is not supported")
+        miss = tuple([] for _ in kv_cache_group_ids), 0
+        hit_length = max_length - max_length % alignment_tokens
+        sink_blocks = kv_cache_spec.layout.sink_blocks
+        if hit_length < sink_blocks * kv_cache_spec.block_size:
+            return miss
+        hashes = resolve_block_hashes(block_hashes, block_pool.hash_block_size,
+                                      kv_cache_spec.block_size)
+        if len(hashes) < sink_blocks:
+            return miss
+        hits: tuple[list[KVCacheBlock], ...] = tuple([] for _ in kv_cache_group_ids)
+        for block_hash in hashes[:sink_blocks]:
+            cached = block_pool.get_cached_block(block_hash, kv_cache_group_ids)
+            if cached is None:
+                return miss
+            for group_hits, block in zip(hits, cached):
+                group_hits.append(block)
+        return hits, hit_length
+
+    def get_num_common_prefix_blocks(self, running_request_id: str) -> int:
+        # Rows are in role order, not position order: no shared prefix for cascade attention.
+        return 0
+
+
+def register_kv_cache_managers() -> None:
+    """Tell vLLM which manager serves each kitty spec. Idempotent; call it in every process."""
+    # KVCacheSpecRegistry._ensure_registered (semi-private): the registry adds vLLM's built-in specs
+    # only while it is empty, so registering ours first would hide FullAttentionSpec & co.
+    KVCacheSpecRegistry._ensure_registered()
+    KVCacheSpecRegistry.register(KittyPackedSpec, KittyPackedManager,
+                                 uniform_type_base_spec=FullAttentionSpec)
+    KVCacheSpecRegistry.register(KittyStageSpec, KittyStageManager,
+                                 uniform_type_base_spec=KittyStageSpec)

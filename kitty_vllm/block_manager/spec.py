@@ -1,0 +1,118 @@
+"""The two KV-cache specs of a kitty layer: what vLLM's block manager learns about its memory.
+
+Each kitty attention layer owns one block in each of two vLLM KV-cache groups:
+
+* ``KittyPackedSpec`` (group "packed"): one block is one quantized page, ``page_size`` tokens of
+  every KV head, position-indexed like any full-attention cache.
+* ``KittyStageSpec`` (group "staging"): full-precision blocks for the sink tokens and the unfinished
+  page, in fixed roles rather than by position (see ``kitty_vllm.layout.StageLayout``).
+
+A staging block has the byte size of a packed page, so both groups share vLLM's one block pool with
+no padding and no block-size scaling. Every byte count comes from ``kitty_vllm.layout``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
+
+import torch
+from typing_extensions import Self
+from vllm.utils.torch_utils import get_dtype_size
+from vllm.v1.kv_cache_interface import AttentionSpec, FullAttentionSpec
+
+from kitty_vllm.config import KittyConfig
+from kitty_vllm.layout import StageLayout, page_layout, stage_layout
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+
+
+@dataclass(frozen=True, kw_only=True)
+class KittyPackedSpec(FullAttentionSpec):
+    """Full attention over quantized pages: block ``i`` of a request is its page ``i``.
+
+    ``block_size`` is the kitty page size; a block holds one page per KV head,
+    ``[num_kv_heads, packed_page_bytes]`` as uint8.
+    """
+
+    # The default only serves FullAttentionSpec.merge, which rebuilds the spec without this field
+    # before our merge puts it back.
+    packed_page_bytes: int = 0
+
+    @property
+    def real_page_size_bytes(self) -> int:
+        assert self.packed_page_bytes > 0, "KittyPackedSpec needs packed_page_bytes"
+        return self.num_kv_heads * self.packed_page_bytes
+
+    @classmethod
+    def merge(cls, specs: list[Self]) -> Self:
+        # FullAttentionSpec.merge rebuilds the spec from its own fields only, dropping ours. vLLM
+        # reads an AssertionError from merge as "these layers cannot share a group", hence asserts.
+        merged = super().merge(specs)
+        assert all(spec.packed_page_bytes == specs[0].packed_page_bytes for spec in specs), (
+            "kitty layers of one KV-cache group must share one page layout")
+        return replace(merged, packed_page_bytes=specs[0].packed_page_bytes)
+
+
+@dataclass(frozen=True, kw_only=True)
+class KittyStageSpec(AttentionSpec):
+    """Full-precision staging blocks: sink tokens, then a ring for the unfinished page.
+
+    A request's row is ``[sink blocks..., ring blocks...]`` and grows to
+    ``layout.blocks_needed(num_tokens)``, never beyond ``layout.blocks_per_request``. ``block_size``
+    (``layout.block_tokens``) is nominal: it sets the hash granularity of the sink blocks and the
+    worker's block-table row length, while the kitty kernels address tokens inside blocks themselves.
+    ``dtype`` is the model's dtype, the dtype of the staged Keys and Values.
+
+    The spec keeps the ``KittyConfig`` rather than copies of the derived sizes, so ``layout`` is
+    rebuilt by ``kitty_vllm.layout`` alone; the config is frozen, so the spec stays hashable and
+    picklable (vLLM compares specs and ships them between processes).
+    """
+
+    kitty_config: KittyConfig
+
+    def __post_init__(self) -> None:
+        if self.block_size != self.layout.block_tokens:
+            raise ValueError(f"KittyStageSpec block_size={self.block_size}: the staging layout needs "
+                             f"{self.layout.block_tokens} (StageLayout.block_tokens)")
+
+    @property
+    def layout(self) -> StageLayout:
+        return stage_layout(self.kitty_config, self.head_size, self.num_kv_heads,
+                            get_dtype_size(self.dtype))
+
+    @property
+    def real_page_size_bytes(self) -> int:
+        return self.layout.block_bytes
+
+    def max_memory_usage_bytes(self, vllm_config: VllmConfig) -> int:
+        # What a request of max_model_len holds: this is what vLLM's capacity report and admission
+        # check count, so it must match KittyStageManager.get_num_blocks_to_allocate.
+        max_model_len = vllm_config.model_config.max_model_len
+        return self.layout.blocks_needed(max_model_len) * self.page_size_bytes
+
+
+def kitty_specs(config: KittyConfig, num_kv_heads: int, head_dim: int,
+                model_dtype: torch.dtype) -> tuple[KittyPackedSpec, KittyStageSpec]:
+    """The packed and staging specs of one kitty attention layer (per-rank ``num_kv_heads``)."""
+    if not model_dtype.is_floating_point:
+        raise ValueError(f"model_dtype={model_dtype}: staged Keys and Values need a floating dtype")
+    packed = KittyPackedSpec(
+        block_size=config.page_size,
+        num_kv_heads=num_kv_heads,
+        head_size=head_dim,
+        dtype=torch.uint8,
+        packed_page_bytes=page_layout(config, head_dim).page_bytes,
+    )
+    layout = stage_layout(config, head_dim, num_kv_heads, get_dtype_size(model_dtype))
+    stage = KittyStageSpec(
+        block_size=layout.block_tokens,
+        num_kv_heads=num_kv_heads,
+        head_size=head_dim,
+        dtype=model_dtype,
+        kitty_config=config,
+    )
+    # Equal pages are what lets vLLM put both groups in one pool without padding.
+    assert packed.page_size_bytes == stage.page_size_bytes == layout.block_bytes
+    return packed, stage

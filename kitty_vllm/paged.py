@@ -1,0 +1,122 @@
+"""One attention layer's step over the paged kitty cache of one request.
+
+The step follows the cache schedule of kitty_vllm.reference, in this order:
+
+1. this step's sink tokens (positions < sink_tokens) are written to the request's sink blocks;
+2. every page that fills in this step is quantized, from the ring (its older tokens) plus this step's
+   tokens, into its packed block;
+3. attention: each query reads sinks in full precision, pages complete at its position dequantized
+   (pages packed in step 2 included, so a prefix-cache hit sees what a miss sees), and the rest of its
+   own page in full precision;
+4. the tokens of the new unfinished page are written to the ring. This comes last because they may
+   take ring slots of the page packed in step 2, which step 3 still read.
+
+Tensors: ``packed`` uint8 [num_blocks, H, page_bytes] (one page per block and KV head); ``stage``
+[num_blocks, 2, tokens_per_block, H, D] in the model dtype (kitty_vllm.layout.StageLayout).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kitty_vllm import reference
+from kitty_vllm.config import KittyConfig
+from kitty_vllm.layout import StageLayout
+
+
+@dataclass
+class PagedKittyCache:
+    config: KittyConfig
+    stage_layout: StageLayout
+    packed: torch.Tensor   # uint8 [num_blocks, H, page_bytes]
+    stage: torch.Tensor    # [num_blocks, 2, tokens_per_block, H, D], model dtype
+
+    @classmethod
+    def from_raw(cls, config: KittyConfig, stage_layout: StageLayout, packed: torch.Tensor,
+                 stage_cache: torch.Tensor, dtype: torch.dtype) -> PagedKittyCache:
+        """Views over vLLM's tensors: packed [num_blocks, H, page_bytes] and the staging group's
+        [num_blocks, block_bytes] bytes, as uint8 or already viewed as ``dtype``."""
+        s = stage_layout
+        tokens, heads, dim = s.tokens_per_block, s.num_kv_heads, s.page.head_dim
+        stage = stage_cache.view(dtype)[:, : 2 * tokens * heads * dim]
+        return cls(config, s, packed, stage.view(stage_cache.shape[0], 2, tokens, heads, dim))
+
+    def _sink_slots(self, positions: torch.Tensor, stage_row: torch.Tensor):
+        return stage_row[positions // self.stage_layout.block_tokens], positions % self.stage_layout.block_tokens
+
+    def _ring_slots(self, positions: torch.Tensor, stage_row: torch.Tensor):
+        s = self.stage_layout
+        slot = positions % self.config.page_size
+        return stage_row[s.sink_blocks + slot // s.tokens_per_block], slot % s.tokens_per_block
+
+    def step(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, context_len: int,
+             page_row: torch.Tensor, stage_row: torch.Tensor, scale: float) -> torch.Tensor:
+        """Store this step's tokens of one request and attend. query [Tq, Hq, D] and key/value
+        [Tq, H, D] at positions context_len..context_len+Tq-1; page_row / stage_row: the request's
+        block table rows of the two groups. Returns float32 [Tq, Hq, D]."""
+        page, sinks = self.config.page_size, self.config.sink_tokens
+        device = query.device
+        end = context_len + query.shape[0]
+        positions = torch.arange(context_len, end, device=device)
+
+        if context_len < sinks:                                              # 1. sinks
+            p = positions[: min(end, sinks) - context_len]
+            blocks, slots = self._sink_slots(p, stage_row)
+            self.stage[blocks, 0, slots] = key[: len(p)]
+            self.stage[blocks, 1, slots] = value[: len(p)]
+
+        ring_start = context_len // page * page                              # 2. pack full pages
+        old = torch.arange(ring_start, context_len, device=device)
+        blocks, slots = self._ring_slots(old, stage_row)
+        recent_k = torch.cat([self.stage[blocks, 0, slots], key])            # positions ring_start..end-1
+        recent_v = torch.cat([self.stage[blocks, 1, slots], value])
+        first_new_page, full_pages = ring_start // page, end // page
+        if full_pages > first_new_page:
+            count = full_pages - first_new_page
+            span = slice(0, count * page)
+            self._quantize(recent_k[span].unflatten(0, (count, page)), recent_v[span].unflatten(0, (count, page)),
+                           first_new_page, page_row[first_new_page:full_pages])
+
+        keys = torch.zeros(end, *key.shape[1:], dtype=key.dtype, device=device)   # 3. attention
+        values = torch.zeros_like(keys)
+        keys[ring_start:], values[ring_start:] = recent_k, recent_v
+        stored_sinks = min(sinks, ring_start)
+        if stored_sinks:
+            blocks, slots = self._sink_slots(torch.arange(stored_sinks, device=device), stage_row)
+            keys[:stored_sinks], values[:stored_sinks] = self.stage[blocks, 0, slots], self.stage[blocks, 1, slots]
+        keys_q, values_q = torch.zeros_like(keys, dtype=torch.float32), torch.zeros_like(keys, dtype=torch.float32)
+        if full_pages:
+            k_deq, v_deq = self._dequantize(page_row[:full_pages], key.shape[-1])
+            keys_q[: full_pages * page], values_q[: full_pages * page] = k_deq.flatten(0, 1), v_deq.flatten(0, 1)
+        out = reference.schedule_attention(query, keys, values, keys_q, values_q, positions, self.config, scale)
+
+        tail = torch.arange(max(context_len, full_pages * page), end, device=device)  # 4. ring
+        blocks, slots = self._ring_slots(tail, stage_row)
+        self.stage[blocks, 0, slots] = key[tail - context_len]
+        self.stage[blocks, 1, slots] = value[tail - context_len]
+        return out
+
+    def _quantize(self, keys: torch.Tensor, values: torch.Tensor, first_page: int, blocks: torch.Tensor) -> None:
+        """keys/values [num_pages, P, H, D] of consecutive pages starting at page ``first_page``."""
+        page = self.config.page_size
+        if self.packed.is_cuda:
+            from kitty_vllm.kernels import quantize_pages
+
+            first = torch.arange(first_page, first_page + keys.shape[0], dtype=torch.int32,
+                                 device=keys.device) * page
+            quantize_pages(keys.contiguous(), values.contiguous(), first, blocks.to(torch.int32),
+                           self.packed, self.config)
+            return
+        for i in range(keys.shape[0]):
+            self.packed[blocks[i]] = reference.quantize_page(keys[i], values[i], self.config,
+                                                             (first_page + i) * page)
+
+    def _dequantize(self, blocks: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """float32 keys and values [num_pages, P, H, D] of the packed blocks."""
+        if self.packed.is_cuda:
+            from kitty_vllm.kernels import dequantize_pages
+
+            return dequantize_pages(self.packed, blocks.to(torch.int32), self.config, head_dim)
+        return reference.dequantize_pages(self.packed[blocks.long()], self.config, head_dim)
