@@ -43,13 +43,41 @@ class PagedKittyCache:
         stage = stage_cache.view(dtype)[:, : 2 * tokens * heads * dim]
         return cls(config, s, packed, stage.view(stage_cache.shape[0], 2, tokens, heads, dim))
 
-    def _sink_slots(self, positions: torch.Tensor, stage_row: torch.Tensor):
-        return stage_row[positions // self.stage_layout.block_tokens], positions % self.stage_layout.block_tokens
+    def _sink_slots(self, positions: torch.Tensor, stage_rows: torch.Tensor):
+        """(block, slot) of sink positions; stage_rows is one request's row, or one row per position."""
+        return _pick(stage_rows, positions // self.stage_layout.block_tokens), positions % self.stage_layout.block_tokens
 
-    def _ring_slots(self, positions: torch.Tensor, stage_row: torch.Tensor):
+    def _ring_slots(self, positions: torch.Tensor, stage_rows: torch.Tensor):
+        """(block, slot) of unfinished-page positions; stage_rows as in ``_sink_slots``."""
         s = self.stage_layout
         slot = positions % self.config.page_size
-        return stage_row[s.sink_blocks + slot // s.tokens_per_block], slot % s.tokens_per_block
+        return _pick(stage_rows, s.sink_blocks + slot // s.tokens_per_block), slot % s.tokens_per_block
+
+    def store_decode(self, key: torch.Tensor, value: torch.Tensor, seq_lens: torch.Tensor,
+                     page_table: torch.Tensor, stage_table: torch.Tensor) -> None:
+        """Store one new token per request, before decode attention reads the cache.
+
+        key/value [B, H, D] at positions ``seq_lens - 1`` (int64 [B], device); page_table [B, pages] and
+        stage_table [B, stage blocks]. A token that completes its page is packed with the page's older
+        tokens from the ring; otherwise it goes to the ring. Sink tokens also go to their sink block.
+        """
+        page, sinks = self.config.page_size, self.config.sink_tokens
+        position = seq_lens - 1
+        is_sink = position < sinks
+        blocks, slots = self._sink_slots(position[is_sink], stage_table[is_sink])
+        self.stage[blocks, 0, slots], self.stage[blocks, 1, slots] = key[is_sink], value[is_sink]
+        fills = seq_lens % page == 0
+        blocks, slots = self._ring_slots(position[~fills], stage_table[~fills])
+        self.stage[blocks, 0, slots], self.stage[blocks, 1, slots] = key[~fills], value[~fills]
+        if not bool(fills.any()):
+            return
+        first = (position[fills] // page * page)                                 # [M]
+        older = first[:, None] + torch.arange(page - 1, device=first.device)    # [M, P-1]
+        rows = stage_table[fills][:, None].expand(-1, page - 1, -1)
+        blocks, slots = self._ring_slots(older, rows)
+        keys = torch.cat([self.stage[blocks, 0, slots], key[fills][:, None]], dim=1)
+        values = torch.cat([self.stage[blocks, 1, slots], value[fills][:, None]], dim=1)
+        self._quantize_at(keys, values, first, _pick(page_table[fills], first // page))
 
     def step(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, context_len: int,
              page_row: torch.Tensor, stage_row: torch.Tensor, scale: float) -> torch.Tensor:
@@ -100,18 +128,21 @@ class PagedKittyCache:
 
     def _quantize(self, keys: torch.Tensor, values: torch.Tensor, first_page: int, blocks: torch.Tensor) -> None:
         """keys/values [num_pages, P, H, D] of consecutive pages starting at page ``first_page``."""
-        page = self.config.page_size
+        first = torch.arange(first_page, first_page + keys.shape[0], device=keys.device) * self.config.page_size
+        self._quantize_at(keys, values, first, blocks)
+
+    def _quantize_at(self, keys: torch.Tensor, values: torch.Tensor, first_positions: torch.Tensor,
+                     blocks: torch.Tensor) -> None:
+        """Pack pages keys/values [num_pages, P, H, D] whose first tokens sit at ``first_positions``."""
         if self.packed.is_cuda:
             from kitty_vllm.kernels import quantize_pages
 
-            first = torch.arange(first_page, first_page + keys.shape[0], dtype=torch.int32,
-                                 device=keys.device) * page
-            quantize_pages(keys.contiguous(), values.contiguous(), first, blocks.to(torch.int32),
-                           self.packed, self.config)
+            quantize_pages(keys.contiguous(), values.contiguous(), first_positions.to(torch.int32),
+                           blocks.to(torch.int32), self.packed, self.config)
             return
         for i in range(keys.shape[0]):
             self.packed[blocks[i]] = reference.quantize_page(keys[i], values[i], self.config,
-                                                             (first_page + i) * page)
+                                                             int(first_positions[i]))
 
     def _dequantize(self, blocks: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
         """float32 keys and values [num_pages, P, H, D] of the packed blocks."""
@@ -120,3 +151,10 @@ class PagedKittyCache:
 
             return dequantize_pages(self.packed, blocks.to(torch.int32), self.config, head_dim)
         return reference.dequantize_pages(self.packed[blocks.long()], self.config, head_dim)
+
+
+def _pick(rows: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """rows[index] for one row [W], or rows[i, index[i]] for rows [N, W] (or [N, K, W] with index [N, K])."""
+    if rows.dim() == 1:
+        return rows[index]
+    return torch.gather(rows, -1, index.unsqueeze(-1).long()).squeeze(-1)
