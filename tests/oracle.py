@@ -1,0 +1,174 @@
+"""End-to-end oracle: a transformers model whose every attention layer reads a kitty KV cache.
+
+The model keeps transformers' ordinary ``DynamicCache`` (all past K after RoPE and V, full
+precision); a custom attention function, registered with ``AttentionInterface`` as
+``"kitty_reference"``, hands the whole K/V so far to :func:`kitty_vllm.reference.reference_attention`,
+which quantizes the complete pages itself and gives each query the cache as it stands at its own
+position. So a prefill, a chunked prefill and token-by-token decoding all follow the cache schedule
+of :mod:`kitty_vllm.reference`, and their logits agree (up to float32 rounding).
+
+``config=None`` means plain attention: the same path with a config whose first page never fills
+(page_size > sequence length, no sinks), which makes ``reference_attention`` exact causal attention.
+
+Everything runs in float32 on the CPU, one sequence at a time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from kitty_vllm.config import KittyConfig
+from kitty_vllm.reference import reference_attention
+
+ATTN_IMPLEMENTATION = "kitty_reference"
+
+_state = threading.local()
+
+
+def plain_config(num_tokens: int) -> KittyConfig:
+    """A config under which ``num_tokens`` keys see no quantization: one page longer than them."""
+    page = (num_tokens // 16 + 1) * 16
+    return KittyConfig(page_size=page, sink_tokens=0, value_window=page)
+
+
+@contextlib.contextmanager
+def kitty_attention(config: KittyConfig | None) -> Iterator[None]:
+    """Within this block, ``"kitty_reference"`` attention uses ``config`` (None: plain attention)."""
+    previous = getattr(_state, "config", None)
+    _state.config = config
+    try:
+        yield
+    finally:
+        _state.config = previous
+
+
+def kitty_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
+                            value: torch.Tensor, attention_mask: torch.Tensor | None,
+                            scaling: float | None = None, dropout: float = 0.0,
+                            **kwargs) -> tuple[torch.Tensor, None]:
+    """transformers attention function (the ``sdpa_attention_forward`` signature).
+
+    query [B, Hq, Tq, D] and key/value [B, Hkv, N, D] come after RoPE and after the cache update, so
+    key/value hold every position 0..N-1 of the sequence. ``position_ids`` [B or 1, Tq] arrives in
+    ``kwargs`` (LlamaDecoderLayer forwards it); without it the queries are the last Tq positions.
+    ``attention_mask`` is ignored: a name unknown to the mask interface gets ``None`` from
+    ``create_causal_mask``, and the reference applies the causal mask itself, so sequences must not
+    be padded. Returns [B, Tq, Hq, D], the layout the attention modules reshape to hidden size.
+    """
+    if dropout:
+        raise ValueError("kitty reference attention has no dropout (call model.eval())")
+    config = getattr(_state, "config", None)
+    batch, _, num_queries, _ = query.shape
+    num_keys = key.shape[2]
+    if config is None:
+        config = plain_config(num_keys)
+    position_ids = kwargs.get("position_ids")
+    outputs = []
+    for b in range(batch):
+        if position_ids is not None:
+            positions = position_ids[b if position_ids.shape[0] > 1 else 0].to("cpu", torch.long)
+        else:
+            positions = torch.arange(num_keys - num_queries, num_keys)
+        if positions.numel() != num_queries or int(positions.max()) >= num_keys:
+            raise ValueError(f"query positions {positions.tolist()} do not fit {num_keys} cached keys")
+        out = reference_attention(query[b].transpose(0, 1), key[b].transpose(0, 1),
+                                  value[b].transpose(0, 1), config, query_positions=positions,
+                                  scale=scaling if scaling is not None else module.scaling)
+        outputs.append(out)
+    return torch.stack(outputs).to(query.dtype), None
+
+
+def _register() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTN_IMPLEMENTATION, kitty_attention_forward)
+
+
+_register()
+
+
+def load_model(model_dir: str | Path, attn_implementation: str = ATTN_IMPLEMENTATION,
+               dtype: torch.dtype = torch.float32):
+    """The model at ``model_dir`` on the CPU in ``dtype``, in eval mode (cached per arguments)."""
+    return _load_model(str(Path(model_dir).resolve()), attn_implementation, dtype)
+
+
+@functools.lru_cache(maxsize=8)
+def _load_model(model_dir: str, attn_implementation: str, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype,
+                                                 attn_implementation=attn_implementation)
+    return model.eval()
+
+
+@torch.no_grad()
+def kitty_logits(model_dir: str | Path, token_ids: list[int], config: KittyConfig | None,
+                 chunk_size: int | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """float32 logits [T, V] for every position of ``token_ids`` under ``config``'s cache schedule.
+
+    ``chunk_size=None`` runs one prefill of the whole sequence; ``chunk_size=k`` feeds it ``k``
+    tokens at a time through the cache (chunked prefill; ``1`` is token-by-token decoding).
+    ``dtype`` is the model's (projections, norms, MLP); the attention itself is always float32.
+    """
+    model = load_model(model_dir, dtype=dtype)
+    from transformers import DynamicCache
+
+    ids = torch.tensor([token_ids], dtype=torch.long)
+    step = ids.shape[1] if chunk_size is None else chunk_size
+    cache = DynamicCache(config=model.config)
+    logits = []
+    with kitty_attention(config):
+        for start in range(0, ids.shape[1], step):
+            chunk = ids[:, start:start + step]
+            positions = torch.arange(start, start + chunk.shape[1]).unsqueeze(0)
+            out = model(input_ids=chunk, position_ids=positions, past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            logits.append(out.logits[0].float())
+    return torch.cat(logits)
+
+
+@torch.no_grad()
+def kitty_greedy(model_dir: str | Path, prompts: list[list[int]], max_new_tokens: int,
+                 config: KittyConfig | None, *, return_logits: bool = False,
+                 dtype: torch.dtype = torch.float32):
+    """Greedy continuations of ``prompts`` (token ids, used as given: no BOS is added) under ``config``.
+
+    Each prompt is prefilled in one step (every query sees the cache as of its own position), then
+    decoded one token at a time. Exactly ``max_new_tokens`` tokens are produced per prompt: EOS does
+    not stop generation (compare with vLLM's ``SamplingParams(ignore_eos=True)``). With
+    ``return_logits=True`` returns ``(tokens, logits)`` where ``logits[i]`` is float32
+    [max_new_tokens, V], the distribution each new token was chosen from.
+    """
+    from transformers import DynamicCache
+
+    model = load_model(model_dir, dtype=dtype)
+    results, all_logits = [], []
+    with kitty_attention(config):
+        for prompt in prompts:
+            if not prompt:
+                raise ValueError("empty prompt")
+            cache = DynamicCache(config=model.config)
+            ids = torch.tensor([prompt], dtype=torch.long)
+            positions = torch.arange(len(prompt)).unsqueeze(0)
+            new_tokens, step_logits = [], []
+            for _ in range(max_new_tokens):
+                out = model(input_ids=ids, position_ids=positions, past_key_values=cache, use_cache=True)
+                cache = out.past_key_values
+                last = out.logits[0, -1].float()
+                token = int(torch.argmax(last))
+                new_tokens.append(token)
+                step_logits.append(last)
+                next_position = int(positions[0, -1]) + 1
+                ids = torch.tensor([[token]], dtype=torch.long)
+                positions = torch.tensor([[next_position]], dtype=torch.long)
+            results.append(new_tokens)
+            all_logits.append(torch.stack(step_logits) if step_logits
+                              else torch.empty(0, model.config.vocab_size))
+    return (results, all_logits) if return_logits else results
