@@ -147,10 +147,30 @@ class KittyAttentionImpl(AttentionImpl):
             kv_cache, stage.kv_cache, query.dtype)
         stage_table = stage_metadata[stage.prefix].block_table
         starts, seq_lens = attn_metadata.query_start_loc, attn_metadata.seq_lens
+        # On the GPU, requests with one new token go through the paged-decode kernel together.
+        decodes = [r for r in range(len(seq_lens)) if starts[r + 1] - starts[r] == 1] if query.is_cuda else []
+        if decodes:
+            self._decode(cache, query, key, value, output, attn_metadata, stage_table, decodes)
+        batched = set(decodes)
         for r, seq_len in enumerate(seq_lens):
             lo, hi = starts[r], starts[r + 1]
-            if hi == lo:
+            if r in batched or hi == lo:
                 continue
             output[lo:hi] = cache.step(query[lo:hi], key[lo:hi], value[lo:hi], seq_len - (hi - lo),
                                        attn_metadata.block_table[r], stage_table[r], self.scale)
         return output
+
+    def _decode(self, cache: PagedKittyCache, query, key, value, output, attn_metadata: KittyMetadata,
+                stage_table: torch.Tensor, decodes: list[int]) -> None:
+        """Requests with one new token: batched store, then the Triton paged-decode kernel."""
+        from kitty_vllm.kernels import decode_attention
+
+        device = query.device
+        requests = torch.tensor(decodes, device=device)
+        tokens = torch.tensor([attn_metadata.query_start_loc[r] for r in decodes], device=device)
+        seq_lens = torch.tensor([attn_metadata.seq_lens[r] for r in decodes], device=device)
+        page_table, stage_rows = attn_metadata.block_table[requests], stage_table[requests]
+        cache.store_decode(key[tokens], value[tokens], seq_lens, page_table, stage_rows)
+        output[tokens] = decode_attention(query[tokens], cache.packed, cache.stage, page_table, stage_rows,
+                                          seq_lens.to(torch.int32), self.config, cache.stage_layout,
+                                          self.scale).to(output.dtype)
