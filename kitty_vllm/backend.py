@@ -22,7 +22,7 @@ from vllm.v1.attention.backend import (AttentionBackend, AttentionCGSupport, Att
 from kitty_vllm.kernels.common import SUPPORTED_HEAD_DIMS
 from kitty_vllm.layout import stage_layout
 from kitty_vllm.paged import PagedKittyCache
-from kitty_vllm.config import PRESETS, KittyConfigError, load_config
+from kitty_vllm.config import PRESETS, KittyConfig, KittyConfigError, load_config
 
 
 @dataclass
@@ -90,7 +90,7 @@ class KittyAttentionBackend(AttentionBackend):
         return num_blocks, num_kv_heads, -1
 
     @classmethod
-    def unsupported_reasons(cls, selector_config) -> list[str]:
+    def unsupported_reasons(cls, selector_config, config: KittyConfig) -> list[str]:
         """Why this model cannot use kitty, in words a user can act on (empty if it can)."""
         reasons = []
         if selector_config.use_mla:
@@ -108,7 +108,7 @@ class KittyAttentionBackend(AttentionBackend):
                            f"{', '.join(map(str, SUPPORTED_HEAD_DIMS))})")
         else:
             try:
-                load_config(selector_config.kv_cache_dtype).num_boost_channels(selector_config.head_size)
+                config.num_boost_channels(selector_config.head_size)
             except KittyConfigError as e:
                 reasons.append(str(e))
         if selector_config.dtype not in cls.supported_dtypes:

@@ -94,7 +94,8 @@ def _route_backend_selection() -> None:
             return original(selected_backend, attn_selector_config, num_heads)
         from kitty_vllm.backend import KittyAttentionBackend
 
-        reasons = KittyAttentionBackend.unsupported_reasons(attn_selector_config)
+        config = load_config(dtype)  # a broken KITTY_CONFIG file fails here, naming file and field
+        reasons = KittyAttentionBackend.unsupported_reasons(attn_selector_config, config)
         if reasons:
             raise ValueError(f"--kv-cache-dtype {dtype} cannot serve this model: {'; '.join(reasons)}")
         return BACKEND_PATH

@@ -127,9 +127,9 @@ def pack_2bit(codes: torch.Tensor) -> torch.Tensor:
 
 
 def unpack_2bit(packed: torch.Tensor) -> torch.Tensor:
-    """Inverse of :func:`pack_2bit`: uint8 ``[..., C / 4]`` to int64 codes ``[..., C]``."""
-    shifts = (2 * torch.arange(CODES_PER_BYTE)).view(CODES_PER_BYTE, 1)
-    planes = (packed.long().unsqueeze(-2) >> shifts) & 3
+    """Inverse of :func:`pack_2bit`: uint8 ``[..., C / 4]`` to uint8 codes ``[..., C]``."""
+    shifts = (2 * torch.arange(CODES_PER_BYTE, dtype=torch.uint8)).view(CODES_PER_BYTE, 1)
+    planes = (packed.unsqueeze(-2) >> shifts) & 3
     return planes.reshape(*packed.shape[:-1], -1)
 
 
@@ -164,10 +164,10 @@ def quantize_page(keys: torch.Tensor, values: torch.Tensor, config: KittyConfig,
 
 
 def unpack_key_codes(view: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The 4/2-bit Key codes ``[..., P, D]`` of packed pages (``view`` from ``PageLayout.views``)."""
-    codes = unpack_2bit(view["key_low"])
+    """The 4/2-bit Key codes (int64) ``[..., P, D]`` of packed pages (``view`` from ``PageLayout.views``)."""
+    codes = unpack_2bit(view["key_low"]).long()
     if view["boost_index"].shape[-1]:
-        high = unpack_2bit(view["key_high"]) << 2
+        high = unpack_2bit(view["key_high"]).long() << 2
         index = view["boost_index"].long().unsqueeze(-2).expand_as(high)
         codes = codes.scatter_add(-1, index, high)
     return codes
@@ -233,18 +233,22 @@ def schedule_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Te
     [Tq, Hq, D].
     """
     num_keys, num_kv_heads, head_dim = keys.shape
-    group = query.shape[1] // num_kv_heads
+    num_queries, num_heads, _ = query.shape
+    group = num_heads // num_kv_heads
     scale = head_dim ** -0.5 if scale is None else scale
-    q = query.float().transpose(0, 1)                                   # [Hq, Tq, D]
+    # Query heads grouped by their KV head: [Hkv, group * Tq, D], rows ordered (group, query).
+    q = query.float().reshape(num_queries, num_kv_heads, group, head_dim).permute(1, 2, 0, 3)
+    q = q.reshape(num_kv_heads, group * num_queries, head_dim)
 
-    def per_head(x: torch.Tensor) -> torch.Tensor:                      # [N, Hkv, D] -> [Hq, N, D]
-        return x.float().transpose(0, 1).repeat_interleave(group, dim=0)
+    def per_kv_head(x: torch.Tensor) -> torch.Tensor:                   # [N, Hkv, D] -> [Hkv, N, D]
+        return x.float().transpose(0, 1)
 
-    use_quantized = quantized_mask(query_positions.cpu(), num_keys, config).to(query.device)  # [Tq, N]
-    scores = torch.where(use_quantized, q @ per_head(keys_q).transpose(1, 2),
-                         q @ per_head(keys).transpose(1, 2)) * scale
-    causal = torch.arange(num_keys, device=query.device)[None, :] <= query_positions[:, None]
+    use_quantized = quantized_mask(query_positions.cpu(), num_keys, config).to(query.device).repeat(group, 1)
+    scores = torch.where(use_quantized, q @ per_kv_head(keys_q).transpose(1, 2),
+                         q @ per_kv_head(keys).transpose(1, 2)) * scale
+    causal = (torch.arange(num_keys, device=query.device)[None, :] <= query_positions[:, None]).repeat(group, 1)
     probs = torch.softmax(scores.masked_fill(~causal, -torch.inf), dim=-1)
-    out = (torch.where(use_quantized, probs, 0.0) @ per_head(values_q)
-           + torch.where(use_quantized, 0.0, probs) @ per_head(values))
-    return out.transpose(0, 1)
+    out = (torch.where(use_quantized, probs, 0.0) @ per_kv_head(values_q)
+           + torch.where(use_quantized, 0.0, probs) @ per_kv_head(values))   # [Hkv, group * Tq, D]
+    return out.reshape(num_kv_heads, group, num_queries, head_dim).permute(2, 0, 1, 3).reshape(
+        num_queries, num_heads, head_dim)

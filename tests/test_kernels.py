@@ -49,7 +49,7 @@ def compare_page(got, want, keys, values, config, head_dim):
         assert torch.equal(g[name], w[name]), name
     differ = 0
     key_codes = R.unpack_key_codes(g), R.unpack_key_codes(w)
-    value_codes = R.unpack_2bit(g["value_codes"]), R.unpack_2bit(w["value_codes"])
+    value_codes = R.unpack_2bit(g["value_codes"]).long(), R.unpack_2bit(w["value_codes"]).long()
     x_keys, x_values = keys.transpose(0, 1), values.transpose(0, 1)   # [H, P, D]
     for (a, b), x, mn, sc in (
             (key_codes, x_keys, w["key_min"][:, None, :], w["key_scale"][:, None, :]),
