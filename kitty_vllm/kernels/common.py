@@ -55,3 +55,14 @@ def unpack_2bit(row_ptr, rows, cols, mask, COLS: tl.constexpr):
     quarter: tl.constexpr = COLS // 4
     packed = tl.load(row_ptr + rows[:, None] * quarter + (cols % quarter)[None, :], mask=mask, other=0)
     return (packed.to(tl.int32) >> (2 * (cols // quarter))[None, :]) & 3
+
+
+@triton.jit
+def boost_channel_ranks(index_ptr, channels, NUM_BOOST: tl.constexpr):
+    """(boosted, rank) over ``channels`` [D]: whether each channel is boosted in this page, and its
+    rank in the page's ascending boost_index (uint8 [NUM_BOOST] at ``index_ptr``), which is where its
+    high bits sit in the sparse plane."""
+    r = tl.arange(0, NUM_BOOST)
+    index = tl.load(index_ptr + r).to(tl.int32)
+    hit = index[:, None] == channels[None, :]                                  # [K, D]
+    return tl.max(hit.to(tl.int32), axis=0) > 0, tl.sum(tl.where(hit, r[:, None], 0), axis=0)

@@ -25,7 +25,8 @@ import triton
 import triton.language as tl
 
 from kitty_vllm.config import KittyConfig
-from kitty_vllm.kernels.common import check_cache, kernel_layout, section_offsets, unpack_2bit
+from kitty_vllm.kernels.common import (boost_channel_ranks, check_cache, kernel_layout, section_offsets,
+                                       unpack_2bit)
 from kitty_vllm.layout import StageLayout
 
 LOG2E = 1.4426950408889634
@@ -131,12 +132,7 @@ def _decode_attention_kernel(
         key_scale = tl.load((page_ptr + KEY_SCALE_OFFSET).to(tl.pointer_type(tl.float16)) + c).to(tl.float32)
         key_min = tl.load((page_ptr + KEY_MIN_OFFSET).to(tl.pointer_type(tl.float16)) + c).to(tl.float32)
         if NUM_BOOST > 0:
-            # Each boosted channel's rank in boost_index says where its high bits are.
-            r = tl.arange(0, NUM_BOOST)
-            index = tl.load(page_ptr + BOOST_INDEX_OFFSET + r).to(tl.int32)
-            hit = index[:, None] == c[None, :]                                           # [K, D]
-            boosted = tl.max(hit.to(tl.int32), axis=0) > 0
-            rank = tl.sum(tl.where(hit, r[:, None], 0), axis=0)
+            boosted, rank = boost_channel_ranks(page_ptr + BOOST_INDEX_OFFSET, c, NUM_BOOST)
         # Page 0 starts with the sinks, read above in full precision: skip their whole tiles here.
         first_tile = tl.maximum(sink_tokens - page * PAGE_SIZE, 0) // TILE * TILE
         for start in range(first_tile, PAGE_SIZE, TILE):

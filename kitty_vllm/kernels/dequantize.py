@@ -7,7 +7,8 @@ import triton
 import triton.language as tl
 
 from kitty_vllm.config import KittyConfig
-from kitty_vllm.kernels.common import check_cache, kernel_layout, section_offsets, unpack_2bit
+from kitty_vllm.kernels.common import (boost_channel_ranks, check_cache, kernel_layout, section_offsets,
+                                       unpack_2bit)
 
 
 @triton.jit
@@ -35,12 +36,7 @@ def _dequantize_page_kernel(
     every = t[:, None] >= 0
     codes = unpack_2bit(page_ptr + KEY_LOW_OFFSET, t, c, every, HEAD_DIM)
     if NUM_BOOST > 0:
-        # Each boosted channel's rank in boost_index says where its high bits are.
-        r = tl.arange(0, NUM_BOOST)
-        index = tl.load(page_ptr + BOOST_INDEX_OFFSET + r).to(tl.int32)
-        hit = index[:, None] == c[None, :]                                     # [K, D]
-        boosted = tl.max(hit.to(tl.int32), axis=0) > 0
-        rank = tl.sum(tl.where(hit, r[:, None], 0), axis=0)
+        boosted, rank = boost_channel_ranks(page_ptr + BOOST_INDEX_OFFSET, c, NUM_BOOST)
         codes += unpack_2bit(page_ptr + KEY_HIGH_OFFSET, t, rank, every & boosted[None, :], NUM_BOOST) << 2
     scale = tl.load((page_ptr + KEY_SCALE_OFFSET).to(tl.pointer_type(tl.float16)) + c).to(tl.float32)
     minimum = tl.load((page_ptr + KEY_MIN_OFFSET).to(tl.pointer_type(tl.float16)) + c).to(tl.float32)

