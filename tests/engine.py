@@ -56,9 +56,10 @@ def torch_threads(num_threads: int) -> Iterator[None]:
     """Run the block with ``num_threads`` intra-op threads, then restore the previous count.
 
     Calls ``torch._C.set_num_threads`` because vLLM's CPU worker replaces ``torch.set_num_threads``
-    with a no-op in its process, which in-process engines make this process. One thread suits the
-    tiny model and the oracle (small tensors, many small ops): OpenMP's thread hand-offs cost more
-    than they save there, and far more on a loaded 2-core machine.
+    with a no-op in its process, which in-process engines make this process. One thread keeps the
+    runtime predictable: on an idle 2-core machine two threads score SmolLM2 about 1.5x faster, but
+    on a loaded one (other jobs, parallel test runs) OpenMP's two-thread hand-offs made the tiny model
+    and the oracle 10x slower and SmolLM2 5x slower.
     """
     import torch
 
