@@ -32,3 +32,12 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def restore_default_dtype():
+    """In-process vLLM engines set torch's default dtype to the model's and leave it so; later tests
+    in the same process must not inherit it."""
+    dtype = torch.get_default_dtype()
+    yield
+    torch.set_default_dtype(dtype)
