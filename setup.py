@@ -5,7 +5,6 @@ setup(
     version="0.1.0",
     description="Kitty: 2-bit KV cache with dynamic channel-wise precision boost, as a vLLM plugin",
     packages=find_packages(include=["kitty_vllm", "kitty_vllm.*"]),
-    package_data={"kitty_vllm": ["configs/*.yaml"]},
     python_requires=">=3.10",
     install_requires=["vllm==0.26.0", "pyyaml"],
     extras_require={"test": ["pytest", "gguf", "openai", "requests"]},
