@@ -21,7 +21,7 @@ from kitty_vllm.assets import _publish_dir, cache_dir, paul_graham_text
 
 # Bump when the recipe changes (init scales, tokenizer training, config fields): it is part of the
 # cache key, so stale directories are never reused.
-RECIPE_VERSION = 2
+RECIPE_VERSION = 3
 
 BOS, EOS, UNK = "<s>", "</s>", "<unk>"
 VOCAB_SIZE = 1024
@@ -149,7 +149,7 @@ def _write_model(out: Path, *, head_dim: int, num_kv_heads: int, num_heads: int,
             else:
                 gain = LM_HEAD_GAIN if name.startswith("lm_head") else LINEAR_GAIN
                 std = gain / param.shape[1] ** 0.5
-            param.copy_(torch.randn(param.shape, generator=generator) * std)
+            param.copy_(torch.randn(param.shape, generator=generator, dtype=torch.float32) * std)
     # vLLM reads the checkpoint dtype from config.json; state it explicitly rather than "auto".
     model.config.dtype = torch.float32
     model.generation_config = GenerationConfig(bos_token_id=bos_id, eos_token_id=eos_id,
