@@ -79,13 +79,17 @@ def tiny_model():
     return build_tiny_model()
 
 
-def test_unsupported_head_size_names_the_supported_ones(start_engine, monkeypatch):
-    monkeypatch.delenv("KITTY_CONFIG", raising=False)
-    model = build_tiny_model(head_dim=96)
+def startup_error(start_engine, model) -> str:
+    """The message of the ValueError that stops the engine from starting."""
     with pytest.raises(ValueError) as info:
         start_engine(model)
-    message = str(info.value)
-    print(f"{type(info.value).__name__}: {message}")
+    print(f"{type(info.value).__name__}: {info.value}")
+    return str(info.value)
+
+
+def test_unsupported_head_size_names_the_supported_ones(start_engine, monkeypatch):
+    monkeypatch.delenv("KITTY_CONFIG", raising=False)
+    message = startup_error(start_engine, build_tiny_model(head_dim=96))
     assert "--kv-cache-dtype kitty2 cannot serve this model" in message
     assert "head size 96 (kitty supports head sizes 64, 128, 256)" in message
 
@@ -108,10 +112,7 @@ def test_broken_kitty_config_names_the_file_and_field(case, start_engine, tiny_m
     config = tmp_path / f"{case}.yaml"
     config.write_text(text)
     monkeypatch.setenv("KITTY_CONFIG", str(config))
-    with pytest.raises(ValueError) as info:
-        start_engine(tiny_model)
-    message = str(info.value)
-    print(f"{type(info.value).__name__}: {message}")
+    message = startup_error(start_engine, tiny_model)
     assert f"{config}: " in message
     for piece in expected:
         assert piece in message
@@ -120,10 +121,7 @@ def test_broken_kitty_config_names_the_file_and_field(case, start_engine, tiny_m
 def test_missing_kitty_config_names_the_file(start_engine, tiny_model, tmp_path, monkeypatch):
     missing = tmp_path / "no_such_dir" / "kitty.yaml"
     monkeypatch.setenv("KITTY_CONFIG", str(missing))
-    with pytest.raises(ValueError) as info:
-        start_engine(tiny_model)
-    message = str(info.value)
-    print(f"{type(info.value).__name__}: {message}")
+    message = startup_error(start_engine, tiny_model)
     assert f"cannot read kitty config file {missing}: No such file or directory" in message
     assert not os.path.exists(missing)
 
