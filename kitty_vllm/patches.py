@@ -20,6 +20,10 @@ patch says why it is needed, how it is done, and when it can go.
    (``<layer>.kitty_stage``, see kitty_vllm.stage), whose KV-cache group holds the full-precision sinks
    and unfinished page, owned and freed by vLLM's KV-cache manager.
 5. The KV-cache manager registry gets managers for both specs (kitty_vllm.block_manager).
+6. Ray workers build the KV-cache specs, so they must read the same ``KITTY_CONFIG`` as the engine, but
+   vLLM's Ray executor copies only its own variables to them (``vllm/ray/ray_env.py``). The name is
+   added to ``DEFAULT_EXTRA_ENV_VARS``, the set it copies besides. Goes when vLLM lets plugins name
+   variables for its workers (until then ``VLLM_RAY_EXTRA_ENV_VARS_TO_COPY=KITTY_CONFIG`` does the same).
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ import typing
 
 import torch
 
-from kitty_vllm.config import PRESETS, load_config
+from kitty_vllm.config import CONFIG_FILE_ENV, PRESETS, load_config
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +61,7 @@ def apply() -> None:
     _extend_cache_dtypes()
     _route_backend_selection()
     _wrap_attention_layer()
+    _copy_config_to_ray_workers()
     from kitty_vllm.block_manager import register_kv_cache_managers
 
     register_kv_cache_managers()
@@ -129,3 +134,9 @@ def _wrap_attention_layer() -> None:
     Attention.__init__ = __init__
     Attention.get_kv_cache_spec = get_kv_cache_spec
 
+
+
+def _copy_config_to_ray_workers() -> None:
+    from vllm.ray import ray_env
+
+    ray_env.DEFAULT_EXTRA_ENV_VARS.add(CONFIG_FILE_ENV)
