@@ -135,7 +135,6 @@ def _wrap_attention_layer() -> None:
     Attention.get_kv_cache_spec = get_kv_cache_spec
 
 
-
 def _copy_config_to_ray_workers() -> None:
     from vllm.ray import ray_env
 
