@@ -2,9 +2,11 @@
 
 The packed 2-bit pages live in this backend's KV-cache group; the full-precision sinks and unfinished
 page live in the staging group of the layer's companion (kitty_vllm.stage). ``Impl.forward`` only
-orchestrates: it finds both caches and hands each request to ``PagedKittyCache.step`` (kitty_vllm.paged),
-which stores, packs and attends in the order the cache schedule needs. That order is why the backend
-updates the cache inside ``forward`` (``forward_includes_kv_cache_update``).
+orchestrates: requests with one new token go, on the GPU, through the decode store and paged-decode
+kernels together (a decode-only batch without any host work, so vLLM captures it in a full CUDA graph);
+every other request goes to ``PagedKittyCache.step`` (kitty_vllm.paged), which stores, packs and attends
+in the order the cache schedule needs. That order is why the backend updates the cache inside
+``forward`` (``forward_includes_kv_cache_update``).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from vllm.v1.attention.backend import (AttentionBackend, AttentionCGSupport, Att
                                        AttentionMetadataBuilder, AttentionType, CommonAttentionMetadata,
                                        MultipleOf)
 
+from kitty_vllm.kernels import decode_attention
 from kitty_vllm.kernels.common import SUPPORTED_HEAD_DIMS
 from kitty_vllm.layout import stage_layout
 from kitty_vllm.paged import PagedKittyCache
@@ -27,14 +30,20 @@ from kitty_vllm.config import PRESETS, KittyConfig, KittyConfigError, load_confi
 
 @dataclass
 class KittyMetadata:
-    num_actual_tokens: int
-    query_start_loc: list[int]       # [num_reqs + 1], host
-    seq_lens: list[int]              # [num_reqs], host: context + this step's tokens
+    num_reqs: int
+    decode_only: bool                # every request has one new token: the batch CUDA graphs capture
+    seq_lens: torch.Tensor           # int32 [num_reqs], device: context + this step's tokens
     block_table: torch.Tensor        # int32 [num_reqs, max_pages], device: packed page of each page index
+    query_start_loc: list[int] | None = None   # [num_reqs + 1], host; mixed batches only
+    seq_lens_host: list[int] | None = None     # [num_reqs], host; mixed batches only
 
 
 class KittyMetadataBuilder(AttentionMetadataBuilder[KittyMetadata]):
-    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.NEVER
+    """Decode-only batches are built from views of vLLM's persistent device buffers and read nothing
+    on the host, so vLLM can capture them in full CUDA graphs; mixed batches carry host copies of
+    their lengths for the per-request prefill path (run outside graphs)."""
+
+    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
 
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
@@ -42,12 +51,13 @@ class KittyMetadataBuilder(AttentionMetadataBuilder[KittyMetadata]):
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> KittyMetadata:
         cm = common_attn_metadata
-        return KittyMetadata(
-            num_actual_tokens=cm.num_actual_tokens,
-            query_start_loc=cm.query_start_loc_cpu[: cm.num_reqs + 1].tolist(),
-            seq_lens=cm.seq_lens[: cm.num_reqs].cpu().tolist(),
-            block_table=cm.block_table_tensor[: cm.num_reqs],
-        )
+        metadata = KittyMetadata(num_reqs=cm.num_reqs, decode_only=cm.max_query_len == 1,
+                                 seq_lens=cm.seq_lens[: cm.num_reqs],
+                                 block_table=cm.block_table_tensor[: cm.num_reqs])
+        if not metadata.decode_only:
+            metadata.query_start_loc = cm.query_start_loc_cpu[: cm.num_reqs + 1].tolist()
+            metadata.seq_lens_host = metadata.seq_lens.cpu().tolist()
+        return metadata
 
 
 class KittyAttentionBackend(AttentionBackend):
@@ -146,11 +156,20 @@ class KittyAttentionImpl(AttentionImpl):
             self.config, stage_layout(self.config, self.head_size, self.num_kv_heads, query.element_size()),
             kv_cache, stage.kv_cache, query.dtype)
         stage_table = stage_metadata[stage.prefix].block_table
-        starts, seq_lens = attn_metadata.query_start_loc, attn_metadata.seq_lens
-        # On the GPU, requests with one new token go through the paged-decode kernel together.
-        decodes = [r for r in range(len(seq_lens)) if starts[r + 1] - starts[r] == 1] if query.is_cuda else []
+        if attn_metadata.decode_only and cache.kernels:
+            n = attn_metadata.num_reqs
+            cache.store_decode(key[:n], value[:n], attn_metadata.seq_lens, attn_metadata.block_table,
+                               stage_table[:n])
+            decode_attention(query[:n], cache.packed, cache.stage, attn_metadata.block_table, stage_table[:n],
+                             attn_metadata.seq_lens, self.config, cache.stage_layout, self.scale, out=output[:n])
+            return output
+        starts, seq_lens = attn_metadata.query_start_loc, attn_metadata.seq_lens_host
+        if starts is None:     # decode-only batch on the CPU: one-token steps
+            starts, seq_lens = list(range(attn_metadata.num_reqs + 1)), attn_metadata.seq_lens.tolist()
+        # With the kernels, requests with one new token are stored and attended together.
+        decodes = [r for r in range(len(seq_lens)) if starts[r + 1] - starts[r] == 1] if cache.kernels else []
         if decodes:
-            self._decode(cache, query, key, value, output, attn_metadata, stage_table, decodes)
+            self._decode(cache, query, key, value, output, attn_metadata, stage_table, decodes, starts)
         batched = set(decodes)
         for r, seq_len in enumerate(seq_lens):
             lo, hi = starts[r], starts[r + 1]
@@ -161,16 +180,13 @@ class KittyAttentionImpl(AttentionImpl):
         return output
 
     def _decode(self, cache: PagedKittyCache, query, key, value, output, attn_metadata: KittyMetadata,
-                stage_table: torch.Tensor, decodes: list[int]) -> None:
-        """Requests with one new token: batched store, then the Triton paged-decode kernel."""
-        from kitty_vllm.kernels import decode_attention
-
+                stage_table: torch.Tensor, decodes: list[int], starts: list[int]) -> None:
+        """The requests of a mixed batch with one new token: store, then paged decode attention."""
         device = query.device
         requests = torch.tensor(decodes, device=device)
-        tokens = torch.tensor([attn_metadata.query_start_loc[r] for r in decodes], device=device)
-        seq_lens = torch.tensor([attn_metadata.seq_lens[r] for r in decodes], device=device)
-        page_table, stage_rows = attn_metadata.block_table[requests], stage_table[requests]
+        tokens = torch.tensor([starts[r] for r in decodes], device=device)
+        seq_lens, page_table, stage_rows = (attn_metadata.seq_lens[requests], attn_metadata.block_table[requests],
+                                            stage_table[requests])
         cache.store_decode(key[tokens], value[tokens], seq_lens, page_table, stage_rows)
         output[tokens] = decode_attention(query[tokens], cache.packed, cache.stage, page_table, stage_rows,
-                                          seq_lens.to(torch.int32), self.config, cache.stage_layout,
-                                          self.scale).to(output.dtype)
+                                          seq_lens, self.config, cache.stage_layout, self.scale).to(output.dtype)

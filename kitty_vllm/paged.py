@@ -32,52 +32,39 @@ class PagedKittyCache:
     stage_layout: StageLayout
     packed: torch.Tensor   # uint8 [num_blocks, H, page_bytes]
     stage: torch.Tensor    # [num_blocks, 2, tokens_per_block, H, D], model dtype
+    kernels: bool          # pack and attend with the Triton kernels (else kitty_vllm.reference)
 
     @classmethod
     def from_raw(cls, config: KittyConfig, stage_layout: StageLayout, packed: torch.Tensor,
-                 stage_cache: torch.Tensor, dtype: torch.dtype) -> PagedKittyCache:
+                 stage_cache: torch.Tensor, dtype: torch.dtype, kernels: bool | None = None) -> PagedKittyCache:
         """Views over vLLM's tensors: packed [num_blocks, H, page_bytes] and the staging group's
-        [num_blocks, block_bytes] bytes, as uint8 or already viewed as ``dtype``."""
+        [num_blocks, block_bytes] bytes, as uint8 or already viewed as ``dtype``. ``kernels`` defaults
+        to whether the cache is on a GPU (tests run them on the CPU in Triton's interpreter)."""
         s = stage_layout
         tokens, heads, dim = s.tokens_per_block, s.num_kv_heads, s.page.head_dim
         stage = stage_cache.view(dtype)[:, : 2 * tokens * heads * dim]
-        return cls(config, s, packed, stage.view(stage_cache.shape[0], 2, tokens, heads, dim))
+        return cls(config, s, packed, stage.view(stage_cache.shape[0], 2, tokens, heads, dim),
+                   packed.is_cuda if kernels is None else kernels)
 
-    def _sink_slots(self, positions: torch.Tensor, stage_rows: torch.Tensor):
-        """(block, slot) of sink positions; stage_rows is one request's row, or one row per position."""
-        return _pick(stage_rows, positions // self.stage_layout.block_tokens), positions % self.stage_layout.block_tokens
+    def _sink_slots(self, positions: torch.Tensor, stage_row: torch.Tensor):
+        """(block, slot) of sink positions in one request's staging row."""
+        return stage_row[positions // self.stage_layout.block_tokens], positions % self.stage_layout.block_tokens
 
-    def _ring_slots(self, positions: torch.Tensor, stage_rows: torch.Tensor):
-        """(block, slot) of unfinished-page positions; stage_rows as in ``_sink_slots``."""
+    def _ring_slots(self, positions: torch.Tensor, stage_row: torch.Tensor):
+        """(block, slot) of unfinished-page positions in one request's staging row."""
         s = self.stage_layout
         slot = positions % self.config.page_size
-        return _pick(stage_rows, s.sink_blocks + slot // s.tokens_per_block), slot % s.tokens_per_block
+        return stage_row[s.sink_blocks + slot // s.tokens_per_block], slot % s.tokens_per_block
 
     def store_decode(self, key: torch.Tensor, value: torch.Tensor, seq_lens: torch.Tensor,
                      page_table: torch.Tensor, stage_table: torch.Tensor) -> None:
-        """Store one new token per request, before decode attention reads the cache.
+        """Store one new token per request, before decode attention reads the cache: key/value [B, H, D]
+        at positions ``seq_lens - 1`` (int32 [B]; 0 skips the row), page_table int32 [B, pages] and
+        stage_table int32 [B, stage blocks] (kitty_vllm.kernels.store: no host synchronization)."""
+        from kitty_vllm.kernels import store_decode
 
-        key/value [B, H, D] at positions ``seq_lens - 1`` (int64 [B], device); page_table [B, pages] and
-        stage_table [B, stage blocks]. A token that completes its page is packed with the page's older
-        tokens from the ring; otherwise it goes to the ring. Sink tokens also go to their sink block.
-        """
-        page, sinks = self.config.page_size, self.config.sink_tokens
-        position = seq_lens - 1
-        is_sink = position < sinks
-        blocks, slots = self._sink_slots(position[is_sink], stage_table[is_sink])
-        self.stage[blocks, 0, slots], self.stage[blocks, 1, slots] = key[is_sink], value[is_sink]
-        fills = seq_lens % page == 0
-        blocks, slots = self._ring_slots(position[~fills], stage_table[~fills])
-        self.stage[blocks, 0, slots], self.stage[blocks, 1, slots] = key[~fills], value[~fills]
-        if not bool(fills.any()):
-            return
-        first = (position[fills] // page * page)                                 # [M]
-        older = first[:, None] + torch.arange(page - 1, device=first.device)    # [M, P-1]
-        rows = stage_table[fills][:, None].expand(-1, page - 1, -1)
-        blocks, slots = self._ring_slots(older, rows)
-        keys = torch.cat([self.stage[blocks, 0, slots], key[fills][:, None]], dim=1)
-        values = torch.cat([self.stage[blocks, 1, slots], value[fills][:, None]], dim=1)
-        self._quantize_at(keys, values, first, _pick(page_table[fills], first // page))
+        store_decode(key, value, seq_lens, page_table, stage_table, self.packed, self.stage, self.config,
+                     self.stage_layout)
 
     def step(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, context_len: int,
              page_row: torch.Tensor, stage_row: torch.Tensor, scale: float) -> torch.Tensor:
@@ -107,19 +94,7 @@ class PagedKittyCache:
             self._quantize(recent_k[span].unflatten(0, (count, page)), recent_v[span].unflatten(0, (count, page)),
                            first_new_page, page_row[first_new_page:full_pages])
 
-        keys = torch.zeros(end, *key.shape[1:], dtype=key.dtype, device=device)   # 3. attention
-        values = torch.zeros_like(keys)
-        keys[ring_start:], values[ring_start:] = recent_k, recent_v
-        stored_sinks = min(sinks, ring_start)
-        if stored_sinks:
-            blocks, slots = self._sink_slots(torch.arange(stored_sinks, device=device), stage_row)
-            keys[:stored_sinks], values[:stored_sinks] = self.stage[blocks, 0, slots], self.stage[blocks, 1, slots]
-        keys_q, values_q = torch.zeros_like(keys, dtype=torch.float32), torch.zeros_like(keys, dtype=torch.float32)
-        if full_pages:
-            k_deq, v_deq = self._dequantize(page_row[:full_pages], key.shape[-1])
-            keys_q[: full_pages * page], values_q[: full_pages * page] = k_deq.flatten(0, 1), v_deq.flatten(0, 1)
-        out = reference.schedule_attention(query, keys, values, keys_q, values_q, positions, self.config, scale)
-
+        out = self._attend(query, key, value, context_len, page_row, stage_row, scale, recent_k, recent_v)   # 3.
         tail = torch.arange(max(context_len, full_pages * page), end, device=device)  # 4. ring
         blocks, slots = self._ring_slots(tail, stage_row)
         self.stage[blocks, 0, slots] = key[tail - context_len]
@@ -127,34 +102,43 @@ class PagedKittyCache:
         return out
 
     def _quantize(self, keys: torch.Tensor, values: torch.Tensor, first_page: int, blocks: torch.Tensor) -> None:
-        """keys/values [num_pages, P, H, D] of consecutive pages starting at page ``first_page``."""
+        """Pack keys/values [num_pages, P, H, D] of consecutive pages from page ``first_page`` on."""
         first = torch.arange(first_page, first_page + keys.shape[0], device=keys.device) * self.config.page_size
-        self._quantize_at(keys, values, first, blocks)
-
-    def _quantize_at(self, keys: torch.Tensor, values: torch.Tensor, first_positions: torch.Tensor,
-                     blocks: torch.Tensor) -> None:
-        """Pack pages keys/values [num_pages, P, H, D] whose first tokens sit at ``first_positions``."""
-        if self.packed.is_cuda:
+        if self.kernels:
             from kitty_vllm.kernels import quantize_pages
 
-            quantize_pages(keys.contiguous(), values.contiguous(), first_positions.to(torch.int32),
-                           blocks.to(torch.int32), self.packed, self.config)
+            quantize_pages(keys.contiguous(), values.contiguous(), first.to(torch.int32), blocks.to(torch.int32),
+                           self.packed, self.config)
             return
         for i in range(keys.shape[0]):
-            self.packed[blocks[i]] = reference.quantize_page(keys[i], values[i], self.config,
-                                                             int(first_positions[i]))
+            self.packed[blocks[i]] = reference.quantize_page(keys[i], values[i], self.config, int(first[i]))
 
-    def _dequantize(self, blocks: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """float32 keys and values [num_pages, P, H, D] of the packed blocks."""
-        if self.packed.is_cuda:
-            from kitty_vllm.kernels import dequantize_pages
+    def _attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, context_len: int,
+                page_row: torch.Tensor, stage_row: torch.Tensor, scale: float, recent_k: torch.Tensor,
+                recent_v: torch.Tensor) -> torch.Tensor:
+        """Step 3: float32 [Tq, Hq, D]. recent_k/recent_v: positions from the start of the ring's page
+        to the step's end, full precision."""
+        page, sinks = self.config.page_size, self.config.sink_tokens
+        end = context_len + query.shape[0]
+        if self.kernels:
+            from kitty_vllm.kernels import prefill_attention
 
-            return dequantize_pages(self.packed, blocks.to(torch.int32), self.config, head_dim)
-        return reference.dequantize_pages(self.packed[blocks.long()], self.config, head_dim)
-
-
-def _pick(rows: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """rows[index] for one row [W], or rows[i, index[i]] for rows [N, W] (or [N, K, W] with index [N, K])."""
-    if rows.dim() == 1:
-        return rows[index]
-    return torch.gather(rows, -1, index.unsqueeze(-1).long()).squeeze(-1)
+            out = torch.empty(query.shape, dtype=torch.float32, device=query.device)
+            return prefill_attention(query, key, value, self.packed, self.stage, page_row[None].to(torch.int32),
+                                     stage_row[None].to(torch.int32), [0, query.shape[0]], [context_len],
+                                     self.config, self.stage_layout, scale, out=out)
+        ring_start, full_pages = context_len // page * page, end // page
+        keys = torch.zeros(end, *key.shape[1:], dtype=key.dtype, device=key.device)
+        values = torch.zeros_like(keys)
+        keys[ring_start:], values[ring_start:] = recent_k, recent_v
+        stored_sinks = min(sinks, ring_start)
+        if stored_sinks:
+            blocks, slots = self._sink_slots(torch.arange(stored_sinks, device=key.device), stage_row)
+            keys[:stored_sinks], values[:stored_sinks] = self.stage[blocks, 0, slots], self.stage[blocks, 1, slots]
+        keys_q, values_q = torch.zeros_like(keys, dtype=torch.float32), torch.zeros_like(keys, dtype=torch.float32)
+        if full_pages:
+            k_deq, v_deq = reference.dequantize_pages(self.packed[page_row[:full_pages].long()], self.config,
+                                                      key.shape[-1])
+            keys_q[: full_pages * page], values_q[: full_pages * page] = k_deq.flatten(0, 1), v_deq.flatten(0, 1)
+        positions = torch.arange(context_len, end, device=key.device)
+        return reference.schedule_attention(query, keys, values, keys_q, values_q, positions, self.config, scale)

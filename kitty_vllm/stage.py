@@ -70,7 +70,9 @@ class KittyStageMetadata:
 
 
 class KittyStageMetadataBuilder(AttentionMetadataBuilder[KittyStageMetadata]):
-    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.NEVER
+    # Only a view of vLLM's persistent block table: fine in any CUDA graph (kitty's attention group
+    # sets the real limit).
+    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.ALWAYS
 
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)

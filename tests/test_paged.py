@@ -13,11 +13,11 @@ HEADS, KV_HEADS, DIM = 4, 2, 64
 NUM_BLOCKS = 64
 
 
-def make_cache(dtype=torch.float32):
+def make_cache(dtype=torch.float32, device="cpu", kernels=None):
     layout = stage_layout(CONFIG, DIM, KV_HEADS, torch.empty((), dtype=dtype).element_size())
-    packed = torch.zeros(NUM_BLOCKS, KV_HEADS, layout.page.page_bytes, dtype=torch.uint8)
-    stage = torch.zeros(NUM_BLOCKS, layout.block_bytes, dtype=torch.uint8)
-    return PagedKittyCache.from_raw(CONFIG, layout, packed, stage, dtype), layout
+    packed = torch.zeros(NUM_BLOCKS, KV_HEADS, layout.page.page_bytes, dtype=torch.uint8, device=device)
+    stage = torch.zeros(NUM_BLOCKS, layout.block_bytes, dtype=torch.uint8, device=device)
+    return PagedKittyCache.from_raw(CONFIG, layout, packed, stage, dtype, kernels), layout
 
 
 def rows(layout, seed):
@@ -27,23 +27,28 @@ def rows(layout, seed):
     return ids[:20], ids[20:20 + layout.blocks_per_request]
 
 
+@pytest.mark.parametrize("kernels", [False, True], ids=["reference", "kernels"])
 @pytest.mark.parametrize("chunks", [[70], [3, 13, 16, 1, 1, 36], [1] * 40 + [30]])
-def test_chunked_steps_equal_the_reference(chunks):
-    cache, layout = make_cache()
-    page_row, stage_row = rows(layout, 0)
+def test_chunked_steps_equal_the_reference(chunks, kernels, kernel_device):
+    """Steps of any chunking (prefill, chunked prefill, decode) attend as the reference schedule does,
+    through the reference or through the quantize and prefill-attention kernels."""
+    device = kernel_device if kernels else "cpu"
+    cache, layout = make_cache(device=device, kernels=kernels)
+    page_row, stage_row = (r.to(device) for r in rows(layout, 0))
     total = sum(chunks)
     q, k, v = torch.randn(total, HEADS, DIM), torch.randn(total, KV_HEADS, DIM), torch.randn(total, KV_HEADS, DIM)
     want = reference.reference_attention(q, k, v, CONFIG, query_positions=torch.arange(total))
     start = 0
     for n in chunks:
-        got = cache.step(q[start:start + n], k[start:start + n], v[start:start + n], start, page_row, stage_row,
+        span = slice(start, start + n)
+        got = cache.step(q[span].to(device), k[span].to(device), v[span].to(device), start, page_row, stage_row,
                          DIM ** -0.5)
-        torch.testing.assert_close(got, want[start:start + n], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got.cpu(), want[span], rtol=1e-5, atol=1e-5)
         start += n
 
 
 def test_store_decode_matches_step():
-    """Batched decode stores leave the cache exactly as per-request steps do."""
+    """The decode store kernel leaves the cache exactly as per-request steps do."""
     by_step, layout = make_cache()
     by_decode, _ = make_cache()
     requests = [rows(layout, seed) for seed in (1, 2, 3)]
@@ -61,7 +66,7 @@ def test_store_decode_matches_step():
             n = int(seq_lens[b])
             by_step.step(torch.zeros(1, HEADS, DIM), k[b, n - 1:n], v[b, n - 1:n], n - 1, page_table[b],
                          stage_table[b], 1.0)
-        by_decode.store_decode(k[torch.arange(3), seq_lens - 1], v[torch.arange(3), seq_lens - 1], seq_lens,
-                               page_table, stage_table)
+        by_decode.store_decode(k[torch.arange(3), seq_lens - 1], v[torch.arange(3), seq_lens - 1], seq_lens.int(),
+                               page_table.int(), stage_table.int())
     assert torch.equal(by_step.packed, by_decode.packed)
     assert torch.equal(by_step.stage, by_decode.stage)

@@ -46,23 +46,3 @@ def pack_2bit(codes, ROWS: tl.constexpr, COLS: tl.constexpr):
     planes = tl.reshape(codes, (ROWS, 4, COLS // 4))
     shifts = 2 * tl.arange(0, 4)
     return tl.sum(planes << shifts[None, :, None], axis=1).to(tl.uint8)
-
-
-@triton.jit
-def unpack_2bit(row_ptr, rows, cols, mask, COLS: tl.constexpr):
-    """int32 codes at (rows[:, None], cols[None, :]) of packed rows uint8 [*, COLS // 4] at ``row_ptr``
-    (0 where ``mask`` is False)."""
-    quarter: tl.constexpr = COLS // 4
-    packed = tl.load(row_ptr + rows[:, None] * quarter + (cols % quarter)[None, :], mask=mask, other=0)
-    return (packed.to(tl.int32) >> (2 * (cols // quarter))[None, :]) & 3
-
-
-@triton.jit
-def boost_channel_ranks(index_ptr, channels, NUM_BOOST: tl.constexpr):
-    """(boosted, rank) over ``channels`` [D]: whether each channel is boosted in this page, and its
-    rank in the page's ascending boost_index (uint8 [NUM_BOOST] at ``index_ptr``), which is where its
-    high bits sit in the sparse plane."""
-    r = tl.arange(0, NUM_BOOST)
-    index = tl.load(index_ptr + r).to(tl.int32)
-    hit = index[:, None] == channels[None, :]                                  # [K, D]
-    return tl.max(hit.to(tl.int32), axis=0) > 0, tl.sum(tl.where(hit, r[:, None], 0), axis=0)

@@ -45,15 +45,10 @@ def _boost_scores(x, valid, channel, BOOST_POLICY: tl.constexpr):
 
 
 @triton.jit
-def _quantize_page_kernel(
-    keys_ptr,          # [num_pages, P, H, D] float16 / bfloat16 / float32, D contiguous
-    values_ptr,        # [num_pages, P, H, D] same dtype, D contiguous
-    first_pos_ptr,     # [num_pages] int32: sequence position of each page's first token
-    block_ids_ptr,     # [num_pages] int32: cache block that receives each page
-    cache_ptr,         # [num_blocks, H, PAGE_BYTES] uint8
-    stride_kp, stride_kt, stride_kh,
-    stride_vp, stride_vt, stride_vh,
-    stride_cb, stride_ch,
+def pack_page(
+    x, y,              # float32 [PAGE_SIZE, HEAD_DIM]: the page's Keys (after RoPE) and Values
+    first_pos,         # sequence position of the page's first token
+    page_ptr,          # uint8 [PAGE_BYTES]: the page of one KV head in the packed cache
     sink_tokens,
     PAGE_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, NUM_BOOST: tl.constexpr,
     BOOST_POLICY: tl.constexpr,
@@ -61,18 +56,11 @@ def _quantize_page_kernel(
     KEY_SCALE_OFFSET: tl.constexpr, KEY_MIN_OFFSET: tl.constexpr, VALUE_CODES_OFFSET: tl.constexpr,
     VALUE_SCALE_OFFSET: tl.constexpr, VALUE_MIN_OFFSET: tl.constexpr,
 ):
-    """One program quantizes one page of one KV head: grid (num_pages, H)."""
-    page = tl.program_id(0)
-    head = tl.program_id(1)
+    """Quantize one page of one KV head and write every section of it (reference.quantize_page)."""
     t = tl.arange(0, PAGE_SIZE)
     c = tl.arange(0, HEAD_DIM)
-    page_ptr = (cache_ptr + tl.load(block_ids_ptr + page).to(tl.int64) * stride_cb
-                + head.to(tl.int64) * stride_ch)
-    src = t[:, None] * stride_kt + c[None, :]
-    x = tl.load(keys_ptr + page.to(tl.int64) * stride_kp + head * stride_kh + src).to(tl.float32)
-
     # Keys: per channel over the page's non-sink tokens, top-NUM_BOOST channels on 4 bits.
-    valid = tl.load(first_pos_ptr + page) + t >= sink_tokens
+    valid = first_pos + t >= sink_tokens
     mx = tl.max(tl.where(valid[:, None], x, float("-inf")), axis=0)
     mn = tl.min(tl.where(valid[:, None], x, float("inf")), axis=0)
     boosted = c < 0
@@ -103,8 +91,6 @@ def _quantize_page_kernel(
                  pack_2bit(high, PAGE_SIZE, NUM_BOOST))
 
     # Values: per token over head_dim.
-    y = tl.load(values_ptr + page.to(tl.int64) * stride_vp + head * stride_vh
-                + t[:, None] * stride_vt + c[None, :]).to(tl.float32)
     v_scale = ((tl.max(y, axis=1) - tl.min(y, axis=1)) / VALUE_LEVELS).to(tl.float16)
     v_min = tl.min(y, axis=1).to(tl.float16)
     v_codes = _codes(y, v_min[:, None], v_scale[:, None], VALUE_LEVELS)
@@ -112,6 +98,40 @@ def _quantize_page_kernel(
              pack_2bit(v_codes, PAGE_SIZE, HEAD_DIM))
     tl.store((page_ptr + VALUE_SCALE_OFFSET).to(tl.pointer_type(tl.float16)) + t, v_scale)
     tl.store((page_ptr + VALUE_MIN_OFFSET).to(tl.pointer_type(tl.float16)) + t, v_min)
+
+
+@triton.jit
+def _quantize_page_kernel(
+    keys_ptr,          # [num_pages, P, H, D] float16 / bfloat16 / float32, D contiguous
+    values_ptr,        # [num_pages, P, H, D] same dtype, D contiguous
+    first_pos_ptr,     # [num_pages] int32: sequence position of each page's first token
+    block_ids_ptr,     # [num_pages] int32: cache block that receives each page
+    cache_ptr,         # [num_blocks, H, PAGE_BYTES] uint8
+    stride_kp, stride_kt, stride_kh,
+    stride_vp, stride_vt, stride_vh,
+    stride_cb, stride_ch,
+    sink_tokens,
+    PAGE_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, NUM_BOOST: tl.constexpr,
+    BOOST_POLICY: tl.constexpr,
+    KEY_LOW_OFFSET: tl.constexpr, KEY_HIGH_OFFSET: tl.constexpr, BOOST_INDEX_OFFSET: tl.constexpr,
+    KEY_SCALE_OFFSET: tl.constexpr, KEY_MIN_OFFSET: tl.constexpr, VALUE_CODES_OFFSET: tl.constexpr,
+    VALUE_SCALE_OFFSET: tl.constexpr, VALUE_MIN_OFFSET: tl.constexpr,
+):
+    """One program quantizes one page of one KV head: grid (num_pages, H)."""
+    page = tl.program_id(0)
+    head = tl.program_id(1)
+    t = tl.arange(0, PAGE_SIZE)
+    c = tl.arange(0, HEAD_DIM)
+    page_ptr = (cache_ptr + tl.load(block_ids_ptr + page).to(tl.int64) * stride_cb
+                + head.to(tl.int64) * stride_ch)
+    x = tl.load(keys_ptr + page.to(tl.int64) * stride_kp + head * stride_kh
+                + t[:, None] * stride_kt + c[None, :]).to(tl.float32)
+    y = tl.load(values_ptr + page.to(tl.int64) * stride_vp + head * stride_vh
+                + t[:, None] * stride_vt + c[None, :]).to(tl.float32)
+    pack_page(x, y, tl.load(first_pos_ptr + page), page_ptr, sink_tokens,
+              PAGE_SIZE, HEAD_DIM, NUM_BOOST, BOOST_POLICY,
+              KEY_LOW_OFFSET, KEY_HIGH_OFFSET, BOOST_INDEX_OFFSET, KEY_SCALE_OFFSET, KEY_MIN_OFFSET,
+              VALUE_CODES_OFFSET, VALUE_SCALE_OFFSET, VALUE_MIN_OFFSET)
 
 
 def quantize_pages(keys: torch.Tensor, values: torch.Tensor, first_positions: torch.Tensor,

@@ -1,0 +1,121 @@
+"""Store one decode token per request into the kitty cache (oracle: PagedKittyCache.step with one token).
+
+The token at position ``p = seq_len - 1`` goes, following the cache schedule of kitty_vllm.reference:
+
+* to its sink slot too if ``p < sink_tokens``;
+* if it completes its page (``seq_len % page_size == 0``): with the page's older tokens, read from the
+  ring, into the page's packed block (kitty_vllm.kernels.quantize.pack_page);
+* otherwise to its ring slot ``p % page_size``.
+
+One fused kernel, one program per (request, KV head), nothing decided on the host: the launch is the
+same for every batch of the same size, so it can be captured in a CUDA graph. A request with
+``seq_len == 0`` (batch padding) is skipped.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kitty_vllm.config import KittyConfig
+from kitty_vllm.kernels.common import BOOST_POLICY_IDS, check_cache, kernel_layout, section_offsets
+from kitty_vllm.kernels.quantize import pack_page
+from kitty_vllm.layout import StageLayout
+
+
+@triton.jit
+def _store_decode_kernel(
+    key_ptr, value_ptr,  # [B, H, D] the new token of each request, model dtype, D contiguous
+    seq_lens_ptr,        # [B] int32: tokens of each request, the new one included
+    page_table_ptr,      # [B, max_pages] int32: packed block of each page
+    stage_table_ptr,     # [B, max_stage_blocks] int32: sink blocks, then ring blocks
+    packed_ptr,          # [num_blocks, H, PAGE_BYTES] uint8
+    stage_ptr,           # [num_stage_blocks, 2, tokens_per_block, H, D] model dtype, D contiguous
+    stride_kb, stride_kh, stride_vb, stride_vh,
+    stride_pb, stride_ph,
+    stride_sb, stride_skv, stride_st, stride_sh,
+    stride_page_table, stride_stage_table,
+    sink_tokens, sink_block_tokens, sink_blocks, ring_tokens_per_block,
+    PAGE_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, NUM_BOOST: tl.constexpr,
+    BOOST_POLICY: tl.constexpr,
+    KEY_LOW_OFFSET: tl.constexpr, KEY_HIGH_OFFSET: tl.constexpr, BOOST_INDEX_OFFSET: tl.constexpr,
+    KEY_SCALE_OFFSET: tl.constexpr, KEY_MIN_OFFSET: tl.constexpr, VALUE_CODES_OFFSET: tl.constexpr,
+    VALUE_SCALE_OFFSET: tl.constexpr, VALUE_MIN_OFFSET: tl.constexpr,
+):
+    """Grid (B, H)."""
+    request = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    seq_len = tl.load(seq_lens_ptr + request)
+    if seq_len == 0:
+        return
+    position = seq_len - 1
+    c = tl.arange(0, HEAD_DIM)
+    key = tl.load(key_ptr + request * stride_kb + head * stride_kh + c)
+    value = tl.load(value_ptr + request * stride_vb + head * stride_vh + c)
+    stage_row_ptr = stage_table_ptr + request * stride_stage_table
+    head_offset = head * stride_sh
+    if position < sink_tokens:
+        block = tl.load(stage_row_ptr + position // sink_block_tokens).to(tl.int64)
+        slot_ptr = stage_ptr + block * stride_sb + (position % sink_block_tokens) * stride_st + head_offset
+        tl.store(slot_ptr + c, key)
+        tl.store(slot_ptr + stride_skv + c, value)
+    if seq_len % PAGE_SIZE != 0:
+        slot = position % PAGE_SIZE
+        block = tl.load(stage_row_ptr + sink_blocks + slot // ring_tokens_per_block).to(tl.int64)
+        slot_ptr = stage_ptr + block * stride_sb + (slot % ring_tokens_per_block) * stride_st + head_offset
+        tl.store(slot_ptr + c, key)
+        tl.store(slot_ptr + stride_skv + c, value)
+    else:
+        # The page is complete: its first PAGE_SIZE - 1 tokens are in the ring, the last one is this.
+        t = tl.arange(0, PAGE_SIZE)
+        older = t < PAGE_SIZE - 1
+        block = tl.load(stage_row_ptr + sink_blocks + t // ring_tokens_per_block, mask=older, other=0)
+        row = block.to(tl.int64) * stride_sb + (t % ring_tokens_per_block) * stride_st + head_offset
+        ring = stage_ptr + row[:, None] + c[None, :]
+        x = tl.where(older[:, None], tl.load(ring, mask=older[:, None], other=0.0), key[None, :])
+        y = tl.where(older[:, None], tl.load(ring + stride_skv, mask=older[:, None], other=0.0), value[None, :])
+        first_pos = position - (PAGE_SIZE - 1)
+        page_block = tl.load(page_table_ptr + request * stride_page_table + first_pos // PAGE_SIZE)
+        page_ptr = packed_ptr + page_block.to(tl.int64) * stride_pb + head.to(tl.int64) * stride_ph
+        pack_page(x.to(tl.float32), y.to(tl.float32), first_pos, page_ptr, sink_tokens,
+                  PAGE_SIZE, HEAD_DIM, NUM_BOOST, BOOST_POLICY,
+                  KEY_LOW_OFFSET, KEY_HIGH_OFFSET, BOOST_INDEX_OFFSET, KEY_SCALE_OFFSET, KEY_MIN_OFFSET,
+                  VALUE_CODES_OFFSET, VALUE_SCALE_OFFSET, VALUE_MIN_OFFSET)
+
+
+def store_decode(key: torch.Tensor, value: torch.Tensor, seq_lens: torch.Tensor, page_table: torch.Tensor,
+                 stage_table: torch.Tensor, packed: torch.Tensor, stage: torch.Tensor, config: KittyConfig,
+                 stage_layout: StageLayout) -> None:
+    """Store each request's newest token (module docstring), before decode attention reads the cache.
+
+    key/value [B, H, D] in the stage's dtype; seq_lens int32 [B] (the new token included; 0 skips the
+    row); page_table int32 [B, max_pages]; stage_table int32 [B, max_stage_blocks]; packed uint8
+    [num_blocks, H, page_bytes] and stage [num_stage_blocks, 2, tokens_per_block, H, D]
+    (``PagedKittyCache.stage``), written in place.
+    """
+    num_requests, num_kv_heads, head_dim = key.shape
+    layout = kernel_layout(config, head_dim)
+    check_cache(packed, layout)
+    if value.shape != key.shape or key.dtype != stage.dtype or value.dtype != stage.dtype:
+        raise ValueError(f"key {key.dtype} {tuple(key.shape)} and value {value.dtype} {tuple(value.shape)} "
+                         f"must both be [B, H, D] in the stage's {stage.dtype}")
+    if key.stride(-1) != 1 or value.stride(-1) != 1 or stage.stride(-1) != 1:
+        raise ValueError("key, value and stage need a contiguous head_dim")
+    for name, tensor in (("seq_lens", seq_lens), ("page_table", page_table), ("stage_table", stage_table)):
+        if tensor.dtype != torch.int32 or tensor.shape[0] != num_requests or tensor.stride(-1) != 1:
+            raise ValueError(f"{name} must be contiguous int32 with {num_requests} rows, got {tensor.dtype} "
+                             f"{tuple(tensor.shape)}")
+    if num_requests == 0:
+        return
+    _store_decode_kernel[(num_requests, num_kv_heads)](
+        key, value, seq_lens, page_table, stage_table, packed, stage,
+        key.stride(0), key.stride(1), value.stride(0), value.stride(1),
+        packed.stride(0), packed.stride(1),
+        stage.stride(0), stage.stride(1), stage.stride(2), stage.stride(3),
+        page_table.stride(0), stage_table.stride(0),
+        config.sink_tokens, stage_layout.block_tokens, stage_layout.sink_blocks, stage_layout.tokens_per_block,
+        PAGE_SIZE=layout.page_size, HEAD_DIM=head_dim, NUM_BOOST=layout.num_boost,
+        BOOST_POLICY=BOOST_POLICY_IDS[config.boost_policy],
+        **section_offsets(layout), num_warps=8,
+    )
