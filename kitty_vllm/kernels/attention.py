@@ -57,12 +57,12 @@ SCORE_FLOOR = tl.constexpr(-1.0e30)
 
 
 @triton.jit
-def _bf16_dot(a, b, acc, INTERPRETED: tl.constexpr):
-    """acc + a @ b for bfloat16 a, b with float32 products and sums. Triton's interpreter multiplies
-    bfloat16 as raw bits (numpy has no bfloat16), so there the exact float32 equivalent runs."""
+def _bf16_dot(a, b, INTERPRETED: tl.constexpr):
+    """a @ b for bfloat16 a, b with float32 products and sums. Triton's interpreter multiplies bfloat16
+    as raw bits (numpy has no bfloat16), so there the exact float32 equivalent runs."""
     if INTERPRETED:
-        return acc + tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    return tl.dot(a, b, acc=acc)
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b, out_dtype=tl.float32)
 
 
 @triton.jit
@@ -70,11 +70,11 @@ def _dot_codes(a, codes, DOT_SPLITS: tl.constexpr, INTERPRETED: tl.constexpr):
     """a float32 [..., M, K] times codes bfloat16 [..., K, N] holding small integers: float32 result.
     a is taken as the sum of DOT_SPLITS bfloat16 parts, each multiplied exactly on tensor cores."""
     part = a.to(tl.bfloat16)
-    out = _bf16_dot(part, codes, tl.zeros((a.shape[:-1] + codes.shape[-1:]), tl.float32), INTERPRETED)
+    out = _bf16_dot(part, codes, INTERPRETED)
     for _ in tl.static_range(DOT_SPLITS - 1):
         a = a - part.to(tl.float32)
         part = a.to(tl.bfloat16)
-        out = _bf16_dot(part, codes, out, INTERPRETED)
+        out += _bf16_dot(part, codes, INTERPRETED)
     return out
 
 
