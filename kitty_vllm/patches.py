@@ -20,10 +20,11 @@ patch says why it is needed, how it is done, and when it can go.
    (``<layer>.kitty_stage``, see kitty_vllm.stage), whose KV-cache group holds the full-precision sinks
    and unfinished page, owned and freed by vLLM's KV-cache manager.
 5. The KV-cache manager registry gets managers for both specs (kitty_vllm.block_manager).
-6. Ray workers build the KV-cache specs, so they must read the same ``KITTY_CONFIG`` as the engine, but
-   vLLM's Ray executor copies only its own variables to them (``vllm/ray/ray_env.py``). The name is
-   added to ``DEFAULT_EXTRA_ENV_VARS``, the set it copies besides. Goes when vLLM lets plugins name
-   variables for its workers (until then ``VLLM_RAY_EXTRA_ENV_VARS_TO_COPY=KITTY_CONFIG`` does the same).
+6. Ray workers build the KV-cache specs, so they must read the same ``KITTY_CONFIG`` as the engine.
+   vLLM's default Ray executor (``RayExecutorV2``) hands them the driver's whole environment, but the
+   older one (``VLLM_USE_RAY_V2_EXECUTOR_BACKEND=0``) copies only vLLM's own variables
+   (``vllm/ray/ray_env.py``). The name is added to ``DEFAULT_EXTRA_ENV_VARS``, the set it copies besides.
+   Goes with that executor (until then ``VLLM_RAY_EXTRA_ENV_VARS_TO_COPY=KITTY_CONFIG`` does the same).
 """
 
 from __future__ import annotations
