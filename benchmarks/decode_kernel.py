@@ -1,24 +1,52 @@
-"""Time kitty's paged-decode kernel and compare its achieved bandwidth with a device-to-device copy.
+"""Time decode attention over a paged KV cache, kitty's kernel against vLLM's bf16 kernels, and compare
+each kernel's achieved bandwidth with a device-to-device copy.
 
-    python benchmarks/decode_kernel.py [--preset kitty2] [--batches 1 16 64] [--contexts 1024 8192]
+    python benchmarks/decode_kernel.py [--preset kitty2] [--kernels kitty flash triton]
+                                       [--batches 1 16 64 256] [--contexts 1024 8192 32768]
+                                       [--out benchmarks/results]
 
-Achieved bandwidth = bytes the kernel must read (the packed pages, sinks and ring of every request, and
-the queries) / kernel time. Prints a markdown table. Needs a CUDA GPU.
+One Qwen3-8B layer (32 query heads, 8 KV heads of 128, bf16 queries), one new token per request:
+- kitty: ``kitty_vllm.kernels.decode_attention`` over random packed pages, sinks and ring;
+- flash: vLLM's FlashAttention (``vllm.vllm_flash_attn.flash_attn_varlen_func``, the version vLLM picks
+  for the GPU) on a bf16 paged cache, called as vLLM's FLASH_ATTN backend calls it for decode;
+- triton: vLLM's TRITON_ATTN op (``vllm.v1.attention.ops.triton_unified_attention.unified_attention``)
+  on the same cache, with the split-softmax buffers and threshold its backend uses without CUDA graphs.
+The bf16 cache has vLLM's layout for both: 16-token blocks, K and V side by side in each token's row.
+
+Every request holds ``context - 1`` tokens (for kitty: full packed pages, the sinks and a nearly full
+ring). Achieved bandwidth = bytes the kernel must read (kitty: packed pages, sinks and ring; bf16: K and
+V of every token; plus the queries) / kernel time, against the measured copy bandwidth (bytes read and
+written / time). A cell whose cache does not fit in free GPU memory is recorded as skipped.
+
+Prints a markdown table and merges records {"benchmark": "decode_kernel", "kv_cache_dtype": the preset,
+"auto-flash" or "auto-triton", "batch", "context", "ms", "gb_s", "copy_gb_s", "pct_of_copy", ...} into
+``<out>/<gpu>-<yyyy-mm-dd>.json``, then draws the plots of that file. Needs a CUDA GPU; vLLM is needed
+only for flash and triton (imported when they run).
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import importlib.metadata
+import traceback
+from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import triton
 
+import report
 from kitty_vllm.config import KittyConfig
 from kitty_vllm.kernels import decode_attention
 from kitty_vllm.layout import stage_layout
 from kitty_vllm.paged import PagedKittyCache
 
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM = 32, 8, 128   # a Qwen3-8B layer
+BF16_BLOCK_SIZE = 16   # vLLM's default block size for FLASH_ATTN and TRITON_ATTN on CUDA
+KERNEL_DTYPES = {"flash": "auto-flash", "triton": "auto-triton"}   # kitty's is its preset name
+# Leave room for the queries, outputs and do_bench's cache-flush buffer next to the KV cache.
+FREE_MEMORY_FRACTION = 0.8
 
 
 def copy_bandwidth(num_bytes: int = 1 << 30) -> float:
@@ -28,8 +56,21 @@ def copy_bandwidth(num_bytes: int = 1 << 30) -> float:
     return 2 * num_bytes / ms / 1e6   # GB/s, bytes read and written
 
 
-def bench(config: KittyConfig, batch: int, context: int) -> tuple[float, float]:
-    """(milliseconds, GB/s) for ``batch`` requests of ``context`` tokens each."""
+def bytes_read(kernel: str, config: KittyConfig, batch: int, context: int) -> int:
+    """Bytes a decode step must read for ``batch`` requests of ``context - 1`` tokens."""
+    tokens = context - 1
+    if kernel == "kitty":
+        page_bytes = stage_layout(config, HEAD_DIM, NUM_KV_HEADS, 2).page.page_bytes
+        full_pages = tokens // config.page_size
+        ring = tokens - full_pages * config.page_size
+        cache = (full_pages * NUM_KV_HEADS * page_bytes
+                 + (config.sink_tokens + ring) * NUM_KV_HEADS * HEAD_DIM * 2 * 2)
+    else:
+        cache = tokens * NUM_KV_HEADS * HEAD_DIM * 2 * 2
+    return batch * (cache + NUM_HEADS * HEAD_DIM * 2)
+
+
+def kitty_decode(config: KittyConfig, batch: int, context: int) -> Callable[[], object]:
     layout = stage_layout(config, HEAD_DIM, NUM_KV_HEADS, 2)
     pages = context // config.page_size
     packed = torch.randint(0, 255, (batch * pages + 1, NUM_KV_HEADS, layout.page.page_bytes),
@@ -42,30 +83,132 @@ def bench(config: KittyConfig, batch: int, context: int) -> tuple[float, float]:
     stage_table = torch.arange(stage_blocks, dtype=torch.int32, device="cuda").view(batch, -1)
     seq_lens = torch.full((batch,), context - 1, dtype=torch.int32, device="cuda")
     query = torch.randn(batch, NUM_HEADS, HEAD_DIM, dtype=torch.bfloat16, device="cuda")
-    ms = triton.testing.do_bench(lambda: decode_attention(
-        query, cache.packed, cache.stage, page_table, stage_table, seq_lens, config, layout, HEAD_DIM ** -0.5))
-    full_pages = (context - 1) // config.page_size
-    ring = context - 1 - full_pages * config.page_size
-    read = batch * (full_pages * NUM_KV_HEADS * layout.page.page_bytes
-                    + (config.sink_tokens + ring) * NUM_KV_HEADS * HEAD_DIM * 2 * 2
-                    + NUM_HEADS * HEAD_DIM * 2)
-    return ms, read / ms / 1e6
+    return lambda: decode_attention(query, cache.packed, cache.stage, page_table, stage_table, seq_lens, config,
+                                    layout, HEAD_DIM ** -0.5)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def bf16_decode_inputs(batch: int, context: int) -> dict:
+    """The arguments vLLM's FLASH_ATTN and TRITON_ATTN backends pass for one decode step on a bf16 cache."""
+    tokens = context - 1
+    blocks = triton.cdiv(tokens, BF16_BLOCK_SIZE)
+    # The backends' physical layout: [num_blocks, block_size, H, 2 * D], K and V split off the last dim.
+    cache = torch.empty(batch * blocks, BF16_BLOCK_SIZE, NUM_KV_HEADS, 2 * HEAD_DIM, dtype=torch.bfloat16,
+                        device="cuda").normal_()
+    key, value = cache.split(HEAD_DIM, dim=-1)
+    query = torch.randn(batch, NUM_HEADS, HEAD_DIM, dtype=torch.bfloat16, device="cuda")
+    return dict(q=query, k=key, v=value, out=torch.empty_like(query),
+                cu_seqlens_q=torch.arange(batch + 1, dtype=torch.int32, device="cuda"), max_seqlen_q=1,
+                seqused_k=torch.full((batch,), tokens, dtype=torch.int32, device="cuda"), max_seqlen_k=tokens,
+                softmax_scale=HEAD_DIM ** -0.5, causal=True,
+                block_table=torch.arange(batch * blocks, dtype=torch.int32, device="cuda").view(batch, blocks))
+
+
+def flash_decode(batch: int, context: int) -> Callable[[], object]:
+    from vllm.v1.attention.backends.fa_utils import get_flash_attn_version
+    from vllm.vllm_flash_attn import flash_attn_varlen_func
+
+    inputs = bf16_decode_inputs(batch, context)
+    fa_version = get_flash_attn_version(head_size=HEAD_DIM)
+    return lambda: flash_attn_varlen_func(**inputs, fa_version=fa_version)
+
+
+def triton_decode(batch: int, context: int) -> Callable[[], object]:
+    from vllm.v1.attention.backends.triton_attn import MIN_LAUNCH_GRID_SIZE_2D, NUM_PAR_SOFTMAX_SEGMENTS
+    from vllm.v1.attention.ops.triton_unified_attention import unified_attention
+
+    inputs = bf16_decode_inputs(batch, context)
+    # As TritonAttentionMetadataBuilder: batches up to this size take the 3D (split-softmax) kernel.
+    threshold = MIN_LAUNCH_GRID_SIZE_2D // NUM_KV_HEADS
+    segments = (threshold, NUM_HEADS, NUM_PAR_SOFTMAX_SEGMENTS)
+    split_softmax = dict(
+        seq_threshold_3D=threshold, num_par_softmax_segments=NUM_PAR_SOFTMAX_SEGMENTS,
+        softmax_segm_output=torch.empty(*segments, triton.next_power_of_2(HEAD_DIM), dtype=torch.float32,
+                                        device="cuda"),
+        softmax_segm_max=torch.empty(segments, dtype=torch.float32, device="cuda"),
+        softmax_segm_expsum=torch.empty(segments, dtype=torch.float32, device="cuda"))
+    return lambda: unified_attention(**inputs, window_size=(-1, -1), softcap=0, q_descale=None, k_descale=None,
+                                     v_descale=None, **split_softmax)
+
+
+def time_kernel(kernel: str, config: KittyConfig, batch: int, context: int) -> float:
+    """Milliseconds of one decode step (its inputs are freed on return)."""
+    if kernel == "kitty":
+        call = kitty_decode(config, batch, context)
+    else:
+        call = {"flash": flash_decode, "triton": triton_decode}[kernel](batch, context)
+    return triton.testing.do_bench(call)
+
+
+def bench(kernel: str, preset: str, batch: int, context: int, copy_gb_s: float) -> dict:
+    """One record: the kernel's time and bandwidth for ``batch`` x ``context``, or why it has none."""
+    config = KittyConfig.from_preset(preset)
+    record = {"benchmark": "decode_kernel", "kv_cache_dtype": KERNEL_DTYPES.get(kernel, preset), "batch": batch,
+              "context": context}
+    read = bytes_read(kernel, config, batch, context)
+    torch.cuda.empty_cache()   # the previous cell's cache back to the device, so that it counts as free
+    free = torch.cuda.mem_get_info()[0]
+    if read > FREE_MEMORY_FRACTION * free:
+        return {**record, "skipped": f"needs {read / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free"}
+    try:
+        ms = time_kernel(kernel, config, batch, context)
+    except torch.OutOfMemoryError:
+        return {**record, "skipped": "out of memory"}
+    except Exception as error:   # recorded, so that one failing kernel does not lose the other cells
+        traceback.print_exc()
+        return {**record, "error": f"{type(error).__name__}: {error}"}
+    gb_s = read / ms / 1e6
+    return {**record, "ms": ms, "gb_s": gb_s, "copy_gb_s": copy_gb_s, "pct_of_copy": 100 * gb_s / copy_gb_s}
+
+
+def describe(record: dict) -> str:
+    cell = f"batch {record['batch']}, context {record['context']}, {record['kv_cache_dtype']}"
+    if "ms" not in record:
+        return f"{cell}: {record.get('skipped') or 'error: ' + record['error']}"
+    return f"{cell}: {record['ms']:.3f} ms, {record['gb_s']:.0f} GB/s ({record['pct_of_copy']:.1f}% of copy)"
+
+
+def vllm_version() -> str | None:
+    try:
+        return importlib.metadata.version("vllm")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="\n".join(__doc__.splitlines()[1:]))
     parser.add_argument("--preset", default="kitty2")
-    parser.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64])
-    parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 8192])
-    args = parser.parse_args()
-    config = KittyConfig.from_preset(args.preset)
+    parser.add_argument("--kernels", nargs="+", choices=("kitty", *KERNEL_DTYPES), default=["kitty", *KERNEL_DTYPES])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64, 256])
+    parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 8192, 32768])
+    parser.add_argument("--out", type=Path, default=report.RESULTS_DIR, help="folder of the results JSON")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    KittyConfig.from_preset(args.preset)   # an unknown preset fails here, before any GPU work
+    version = vllm_version()
+    kernels = args.kernels
+    if version is None and set(kernels) & set(KERNEL_DTYPES):
+        print("vLLM is not installed: timing the kitty kernel only")
+        kernels = [k for k in kernels if k == "kitty"]
+    gpu = torch.cuda.get_device_name()
     copy = copy_bandwidth()
-    print(f"{torch.cuda.get_device_name()}: device-to-device copy {copy:.0f} GB/s\n")
-    print("| batch | context | ms | GB/s | % of copy |\n|---|---|---|---|---|")
+    print(f"{gpu}: device-to-device copy {copy:.0f} GB/s\n", flush=True)
+    environment = {"gpu": gpu, "vllm_version": version, "date": datetime.date.today().isoformat()}
+    path = report.result_path(args.out, gpu, environment["date"])
+    records = []
     for batch in args.batches:
         for context in args.contexts:
-            ms, gbs = bench(config, batch, context)
-            print(f"| {batch} | {context} | {ms:.3f} | {gbs:.0f} | {100 * gbs / copy:.1f}% |", flush=True)
+            for kernel in kernels:
+                records.append({**bench(kernel, args.preset, batch, context, copy), **environment})
+                report.write_records(path, records[-1:])
+                print(describe(records[-1]), flush=True)
+    print(f"\n{report.decode_kernel_table(records)}\n\nmerged into {path}")
+    for png in report.plot_records(report.load_records(path), path.with_suffix("")):
+        print(f"wrote {png}")
 
 
 if __name__ == "__main__":

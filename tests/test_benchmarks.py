@@ -1,0 +1,121 @@
+"""The benchmark scripts' CPU side: their command lines, the results file (merge by measurement), and
+the tables and plots drawn from a small synthetic results file. Benchmarks themselves need a GPU."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+
+import report  # noqa: E402
+
+ENVIRONMENT = {"gpu": "Test GPU", "vllm_version": "0.26.0", "date": "2026-01-02"}
+
+
+def serving(benchmark, dtype, max_model_len, **figures):
+    return {"benchmark": benchmark, "kv_cache_dtype": dtype, "max_model_len": max_model_len, **figures, **ENVIRONMENT}
+
+
+def kernel(dtype, batch, context, ms):
+    return {"benchmark": "decode_kernel", "kv_cache_dtype": dtype, "batch": batch, "context": context, "ms": ms,
+            "gb_s": 1000 / ms, "copy_gb_s": 3000.0, "pct_of_copy": 100 / (3 * ms), **ENVIRONMENT}
+
+
+RECORDS = [
+    serving("capacity", "auto", 4624, max_concurrency=85.4, kv_tokens=394_928),
+    serving("capacity", "fp8", 4624, max_concurrency=170.7, kv_tokens=789_168),
+    serving("capacity", "kitty2", 4624, max_concurrency=427.0, kv_tokens=1_974_448),
+    serving("capacity", "auto", 32768, max_concurrency=12.1, kv_tokens=394_928),
+    serving("capacity", "turboquant_4bit_nc", 32768, error="RuntimeError: turboquant_* needs FlashAttention 2"),
+    serving("w1", "auto", 4624, seconds=66.4, output_tok_s=1974.0, preemptions=0, max_concurrency=85.4,
+            kv_tokens=394_928),
+    serving("w1", "kitty2", 4624, seconds=40.0, output_tok_s=3276.8, preemptions=3, max_concurrency=427.0,
+            kv_tokens=1_974_448),
+    kernel("auto-flash", 64, 8192, 0.5),
+    kernel("kitty2", 64, 8192, 0.25),
+    {"benchmark": "decode_kernel", "kv_cache_dtype": "auto-flash", "batch": 256, "context": 32768,
+     "skipped": "needs 90.0 GiB, 70.0 GiB free", **ENVIRONMENT},
+]
+
+
+@pytest.mark.parametrize("script", ["serving.py", "decode_kernel.py", "plot.py"])
+def test_help(script):
+    result = subprocess.run([sys.executable, str(BENCHMARKS / script), "--help"], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "usage:" in result.stdout
+
+
+def test_serving_arguments():
+    import serving
+
+    defaults = serving.parse_args([])
+    assert defaults.benchmarks == ["capacity", "w1", "w2"]
+    assert defaults.kv_cache_dtypes == list(serving.DTYPES)
+    assert defaults.max_model_lens == [4624, 32768]
+    args = serving.parse_args(["--benchmarks", "w2", "--kv-cache-dtypes", "kitty2", "--quick", "--out", "/tmp/x"])
+    assert (args.benchmarks, args.kv_cache_dtypes, args.quick, args.out) == (["w2"], ["kitty2"], True, Path("/tmp/x"))
+    with pytest.raises(SystemExit):
+        serving.parse_args(["--benchmarks", "w3"])
+    # One engine per dtype serves every workload: each must fit in its max_model_len.
+    for workload in (*serving.WORKLOADS.values(), *serving.QUICK_WORKLOADS.values()):
+        assert workload.prompt_tokens + workload.output_tokens <= serving.ENGINE_MAX_MODEL_LEN
+
+
+def test_result_path():
+    path = report.result_path("out", "NVIDIA H100 80GB HBM3", "2026-01-02")
+    assert path == Path("out/nvidia-h100-80gb-hbm3-2026-01-02.json")
+    assert report.result_path("out", "NVIDIA H100", "2026-01-02", quick=True).name == "nvidia-h100-2026-01-02-quick.json"
+
+
+def test_write_merges_by_measurement(tmp_path):
+    path = tmp_path / "results.json"
+    report.write_records(path, RECORDS[:3])
+    rerun = serving("capacity", "fp8", 4624, max_concurrency=171.0, kv_tokens=790_000)
+    merged = report.write_records(path, [rerun, RECORDS[3]])
+    assert merged == report.load_records(path) == [RECORDS[0], rerun, RECORDS[2], RECORDS[3]]
+    kernels = report.write_records(path, [kernel("kitty2", 1, 1024, 0.1), kernel("kitty2", 1, 8192, 0.2)])
+    assert len(kernels) == 6
+    assert not list(tmp_path.glob("*.partial"))
+
+
+def test_load_refuses_other_json(tmp_path):
+    path = tmp_path / "other.json"
+    path.write_text(json.dumps({"benchmark": "w1"}))
+    with pytest.raises(ValueError, match="not a list of benchmark records"):
+        report.load_records(path)
+
+
+def table_row(table: str, *cells: str) -> list[str]:
+    """The cells of the table row that starts with ``cells``."""
+    prefix = "| " + " | ".join(cells) + " |"
+    rows = [line for line in table.splitlines() if line.startswith(prefix)]
+    assert len(rows) == 1, (prefix, table)
+    return [cell.strip() for cell in rows[0].strip("|").split("|")]
+
+
+def test_tables():
+    tables = report.markdown_tables(RECORDS)
+    assert tables.startswith("Test GPU, vLLM 0.26.0, 2026-01-02")
+    kitty_capacity = table_row(tables, "capacity", "4,624", "kitty2")
+    assert kitty_capacity[8:10] == [f"{427.0 / 85.4:.2f}x", f"{427.0 / 170.7:.2f}x"]
+    assert table_row(tables, "w1", "4,624", "kitty2")[8] == f"{3276.8 / 1974.0:.2f}x"
+    assert table_row(tables, "capacity", "32,768", "turboquant_4bit_nc")[-1].startswith("RuntimeError: turboquant")
+    assert table_row(tables, "64", "8,192", "kitty2")[-2] == "2.00x"
+    assert "needs 90.0 GiB" in table_row(tables, "256", "32,768", "auto-flash")[-1]
+
+
+def test_plot_script(tmp_path):
+    path = tmp_path / "test-gpu-2026-01-02.json"
+    report.write_records(path, RECORDS)
+    result = subprocess.run([sys.executable, str(BENCHMARKS / "plot.py"), str(path)], capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "| capacity | 4,624 | kitty2 |" in result.stdout
+    for name in ("capacity", "throughput", "decode_kernel"):
+        png = tmp_path / f"test-gpu-2026-01-02-{name}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
