@@ -19,7 +19,7 @@ SmolLM2-135M cannot take part: vLLM cannot split its 9 query heads over 2 ranks,
 KV-cache dtype.
 
 With $KITTY_RESULTS_DIR set, every engine's figures (KV heads and block bytes per rank, blocks, KV
-tokens per rank, start time and, on GPUs, decode throughput) and every comparison go to
+tokens per rank, start time and, on GPUs, output tokens per second) and every comparison go to
 ``tensor_parallel.json`` there.
 """
 
@@ -30,7 +30,7 @@ import importlib.util
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -55,7 +55,7 @@ PROMPT_LENS = (40, 120, 300, 740)  # one never completes a page, the others pack
 FIRST_WINDOW = 2                   # as in tests/test_vllm_e2e.py: its greedy choices are no near-ties
 MAX_MODEL_LEN = 1024
 KV_CACHE_BYTES = 1 << 28           # per rank
-# Decode throughput, on GPUs only (the CPU runs the kitty kernels in Triton's interpreter): this many
+# Throughput, on GPUs only (the CPU runs the kitty kernels in Triton's interpreter): this many
 # requests of this many prompt tokens, each decoding this many tokens.
 THROUGHPUT_REQUESTS, THROUGHPUT_PROMPT, THROUGHPUT_TOKENS = 64, 256, 128
 
@@ -123,7 +123,7 @@ def run_engine(model_dir: Path, prompts: list[list[int]], kv_cache_dtype: str, t
                        max_concurrency_at_max_model_len=round(concurrency, 2),
                        engine_start_s=round(started, 1))
         if ON_GPU:
-            figures["decode_tokens_per_s"] = round(_decode_throughput(llm), 1)
+            figures["output_tokens_per_s"] = round(_throughput(llm), 1)
     if backend == "ray" and tp > 1:
         import ray
 
@@ -132,7 +132,7 @@ def run_engine(model_dir: Path, prompts: list[list[int]], kv_cache_dtype: str, t
     return EngineRun(outputs, rank_specs, figures)
 
 
-def _decode_throughput(llm) -> float:
+def _throughput(llm) -> float:
     """Output tokens per second over a batch of THROUGHPUT_REQUESTS requests (prefill included)."""
     from vllm import SamplingParams
 
