@@ -22,8 +22,8 @@ small batches at long context still fill the GPU.
 ``(p * vscale) . vcode + p . vmin``: the dot products run on the raw codes, small integers that are
 exact in bfloat16, on tensor cores. The float32 side is split into DOT_SPLITS bfloat16 parts (8
 mantissa bits each), so with 3 parts the products match float32 math to about 2^-24. The planar 2-bit
-layout makes the four 2-bit planes of a row four contiguous quarters of the channels: codes, queries
-and the accumulator are kept as ``[4, rows, head_dim / 4]`` and the dots are batched over planes.
+layout makes the four 2-bit planes of a row four contiguous quarters of the channels, so a tile's bytes
+unpack with four shifts into codes in channel order.
 The sparse high plane of the boosted channels adds ``(4 q[idx] * scale[idx]) . high``.
 Full-precision tokens (sinks, own page) use IEEE float32 dots.
 """
@@ -79,11 +79,21 @@ def _dot_codes(a, codes, DOT_SPLITS: tl.constexpr, INTERPRETED: tl.constexpr):
 
 
 @triton.jit
-def _unpack_planes(packed):
-    """uint8 packed bytes [R, C] to bfloat16 codes [4, R, C]: plane j holds bits 2j..2j+1. (Through
-    float32: Triton's interpreter converts integers to bfloat16 as raw bits.)"""
+def _codes_by_column(packed, HEAD_DIM: tl.constexpr):
+    """uint8 bytes [HEAD_DIM // 4, T] of T packed rows to bfloat16 codes [HEAD_DIM, T] in channel order:
+    plane j (bits 2j..2j+1) holds channels j * HEAD_DIM // 4 + i (kitty_vllm.layout). Integers go to
+    bfloat16 through float32: Triton's interpreter converts them to bfloat16 as raw bits."""
     shifts = 2 * tl.arange(0, 4)[:, None, None]
-    return ((packed[None, :, :].to(tl.int32) >> shifts) & 3).to(tl.float32).to(tl.bfloat16)
+    codes = (packed[None, :, :].to(tl.int32) >> shifts) & 3                           # [4, D / 4, T]
+    return tl.reshape(codes, (HEAD_DIM, packed.shape[1])).to(tl.float32).to(tl.bfloat16)
+
+
+@triton.jit
+def _codes_by_row(packed, HEAD_DIM: tl.constexpr):
+    """uint8 bytes [T, HEAD_DIM // 4] of T packed rows to bfloat16 codes [T, HEAD_DIM] in channel order."""
+    shifts = 2 * tl.arange(0, 4)[None, :, None]
+    codes = (packed[:, None, :].to(tl.int32) >> shifts) & 3                           # [T, 4, D / 4]
+    return tl.reshape(codes, (packed.shape[0], HEAD_DIM)).to(tl.float32).to(tl.bfloat16)
 
 
 @triton.jit
@@ -98,7 +108,7 @@ def _softmax_step(scores, running_max, running_sum):
 
 @triton.jit
 def _attend_full_precision(
-    query, running_max, running_sum, acc,   # query [4, ROWS, Q] float32 (scaled, log2 units)
+    query, running_max, running_sum, acc,   # query [ROWS, D] float32 (scaled, log2 units); acc [ROWS, D]
     stage_ptr,          # [num_stage_blocks, 2, tokens_per_block, H, D]
     stage_row_ptr,      # [max_stage_blocks] int32: the request's staging blocks
     new_key_ptr, new_value_ptr,   # this step's Key / Value of the block's first query position, head offset applied
@@ -111,8 +121,7 @@ def _attend_full_precision(
     ``t % PAGE_SIZE``, in row ``first_row + slot // tokens_per_block`` at ``slot % tokens_per_block``
     (sinks and the ring both follow this rule with their own first_row and tokens_per_block);
     t >= context is this step's token ``t - first_pos`` after the block's first query."""
-    Q: tl.constexpr = HEAD_DIM // 4
-    channel = (tl.arange(0, 4)[:, None, None] * Q + tl.arange(0, Q)[None, :, None])   # [4, Q, 1]
+    c = tl.arange(0, HEAD_DIM)
     for start in range(first, end, TILE):
         t = start + tl.arange(0, TILE)
         valid = t < end
@@ -123,19 +132,18 @@ def _attend_full_precision(
         row = (block.to(tl.int64) * stride_sb + (slot % tokens_per_block) * stride_st
                + head * stride_sh)                                                        # [T]
         step = (t - first_pos).to(tl.int64)
-        stage_ptrs = stage_ptr + row[None, None, :] + channel                             # [4, Q, T]
-        keys = (tl.load(stage_ptrs, mask=staged[None, None, :], other=0.0).to(tl.float32)
-                + tl.load(new_key_ptr + step[None, None, :] * stride_nt + channel,
-                          mask=fresh[None, None, :], other=0.0).to(tl.float32))
-        values = (tl.load(stage_ptrs + stride_skv, mask=staged[None, None, :], other=0.0).to(tl.float32)
-                  + tl.load(new_value_ptr + step[None, None, :] * stride_nvt + channel,
-                            mask=fresh[None, None, :], other=0.0).to(tl.float32))
-        scores = tl.sum(tl.dot(query, keys, input_precision="ieee"), axis=0)             # [ROWS, T]
+        stage_ptrs = stage_ptr + row[:, None] + c[None, :]                                # [T, D]
+        keys = (tl.load(stage_ptrs, mask=staged[:, None], other=0.0).to(tl.float32)
+                + tl.load(new_key_ptr + step[:, None] * stride_nt + c[None, :], mask=fresh[:, None],
+                          other=0.0).to(tl.float32))
+        values = (tl.load(stage_ptrs + stride_skv, mask=staged[:, None], other=0.0).to(tl.float32)
+                  + tl.load(new_value_ptr + step[:, None] * stride_nvt + c[None, :], mask=fresh[:, None],
+                            other=0.0).to(tl.float32))
+        scores = tl.dot(query, tl.trans(keys), input_precision="ieee")                  # [ROWS, T]
         seen = (t[None, :] >= row_first[:, None]) & (t[None, :] <= row_last[:, None]) & valid[None, :]
         probs, running_max, running_sum, correction = _softmax_step(
             tl.where(seen, scores, float("-inf")), running_max, running_sum)
-        probs = tl.broadcast_to(probs[None, :, :], (4, probs.shape[0], TILE))
-        acc = acc * correction[None, :, None] + tl.dot(probs, tl.permute(values, (0, 2, 1)), input_precision="ieee")
+        acc = acc * correction[:, None] + tl.dot(probs, values, input_precision="ieee")
     return running_max, running_sum, acc
 
 
@@ -197,14 +205,13 @@ def _attention_kernel(
     last_pos = first_pos + count - 1
     pages = (last_pos + 1) // PAGE_SIZE
 
-    plane = tl.arange(0, 4)[:, None, None]
-    channel = plane * Q + tl.arange(0, Q)[None, None, :]                                 # [4, 1, Q]
+    c = tl.arange(0, HEAD_DIM)
     q_rows = (first_token + token).to(tl.int64) * stride_qt + q_head * stride_qh          # [ROWS]
-    query = tl.load(query_ptr + q_rows[None, :, None] + channel, mask=row_valid[None, :, None],
-                    other=0.0).to(tl.float32) * scale_log2                               # [4, ROWS, Q]
+    query = tl.load(query_ptr + q_rows[:, None] + c[None, :], mask=row_valid[:, None],
+                    other=0.0).to(tl.float32) * scale_log2                               # [ROWS, D]
     running_max = tl.full((ROWS,), SCORE_FLOOR, tl.float32)
     running_sum = tl.zeros((ROWS,), tl.float32)
-    acc = tl.zeros((4, ROWS, Q), tl.float32)
+    acc = tl.zeros((ROWS, HEAD_DIM), tl.float32)
 
     stage_row_ptr = stage_table_ptr + request * stride_stage_table
     new_key = new_key_ptr + first_token * stride_nt + head * stride_nh
@@ -223,10 +230,10 @@ def _attention_kernel(
     for page in range(split * per_split, tl.minimum(split * per_split + per_split, pages)):
         block = tl.load(page_row_ptr + page)
         page_ptr = packed_ptr + block.to(tl.int64) * stride_pb + head.to(tl.int64) * stride_ph
-        key_scale = tl.load((page_ptr + KEY_SCALE_OFFSET).to(tl.pointer_type(tl.float16)) + channel).to(tl.float32)
-        key_min = tl.load((page_ptr + KEY_MIN_OFFSET).to(tl.pointer_type(tl.float16)) + channel).to(tl.float32)
-        scaled_query = query * key_scale                                                 # [4, ROWS, Q]
-        key_bias = tl.sum(tl.sum(query * key_min, axis=2), axis=0)                       # [ROWS]
+        key_scale = tl.load((page_ptr + KEY_SCALE_OFFSET).to(tl.pointer_type(tl.float16)) + c).to(tl.float32)
+        key_min = tl.load((page_ptr + KEY_MIN_OFFSET).to(tl.pointer_type(tl.float16)) + c).to(tl.float32)
+        scaled_query = query * key_scale[None, :]                                        # [ROWS, D]
+        key_bias = tl.sum(query * key_min[None, :], axis=1)                              # [ROWS]
         if NUM_BOOST > 0:
             rank = tl.arange(0, BOOST_ROWS)
             boosted = rank < NUM_BOOST
@@ -240,7 +247,7 @@ def _attention_kernel(
         for start in range(tl.maximum(sink_tokens - page * PAGE_SIZE, 0) // TILE * TILE, PAGE_SIZE, TILE):
             tt = start + t
             key_bytes = tl.load(page_ptr + KEY_LOW_OFFSET + tt[None, :] * Q + q_lane[:, None])     # [Q, T]
-            scores = tl.sum(_dot_codes(scaled_query, _unpack_planes(key_bytes), DOT_SPLITS, INTERPRETED), axis=0)
+            scores = _dot_codes(scaled_query, _codes_by_column(key_bytes, HEAD_DIM), DOT_SPLITS, INTERPRETED)
             if NUM_BOOST > 0:
                 high = tl.load(page_ptr + KEY_HIGH_OFFSET + tt[None, :] * quarter + (rank % quarter)[:, None],
                                mask=boosted[:, None], other=0)                                # [BOOST_ROWS, T]
@@ -252,10 +259,10 @@ def _attention_kernel(
             value_bytes = tl.load(page_ptr + VALUE_CODES_OFFSET + tt[:, None] * Q + q_lane[None, :])  # [T, Q]
             value_scale = tl.load((page_ptr + VALUE_SCALE_OFFSET).to(tl.pointer_type(tl.float16)) + tt).to(tl.float32)
             value_min = tl.load((page_ptr + VALUE_MIN_OFFSET).to(tl.pointer_type(tl.float16)) + tt).to(tl.float32)
-            scaled_probs = tl.broadcast_to((probs * value_scale[None, :])[None, :, :], (4, ROWS, TILE))
             value_bias = tl.sum(probs * value_min[None, :], axis=1)                      # [ROWS]
-            acc = (acc * correction[None, :, None] + value_bias[None, :, None]
-                   + _dot_codes(scaled_probs, _unpack_planes(value_bytes), DOT_SPLITS, INTERPRETED))
+            acc = (acc * correction[:, None] + value_bias[:, None]
+                   + _dot_codes(probs * value_scale[None, :], _codes_by_row(value_bytes, HEAD_DIM), DOT_SPLITS,
+                                INTERPRETED))
 
     if split == NUM_SPLITS - 1:
         own_first = tl.maximum(full * PAGE_SIZE, sink_tokens)                            # [ROWS]
@@ -267,14 +274,14 @@ def _attention_kernel(
 
     if NUM_SPLITS == 1:
         # An empty row (e.g. batch padding) gets zeros rather than 0 / 0.
-        out = acc / tl.where(running_sum > 0, running_sum, 1.0)[None, :, None]
+        out = acc / tl.where(running_sum > 0, running_sum, 1.0)[:, None]
         out_rows = (first_token + token).to(tl.int64) * stride_ot + q_head * stride_oh
-        tl.store(out_ptr + out_rows[None, :, None] + channel, out.to(out_ptr.dtype.element_ty),
-                 mask=row_valid[None, :, None])
+        tl.store(out_ptr + out_rows[:, None] + c[None, :], out.to(out_ptr.dtype.element_ty),
+                 mask=row_valid[:, None])
     else:
         num_q_heads = tl.num_programs(1) * GROUP
         base = ((request * num_q_heads + q_head) * NUM_SPLITS + split) * (HEAD_DIM + 2)   # [ROWS]
-        tl.store(partial_ptr + base[None, :, None] + channel, acc, mask=row_valid[None, :, None])
+        tl.store(partial_ptr + base[:, None] + c[None, :], acc, mask=row_valid[:, None])
         tl.store(partial_ptr + base + HEAD_DIM, running_max, mask=row_valid)
         tl.store(partial_ptr + base + HEAD_DIM + 1, running_sum, mask=row_valid)
 

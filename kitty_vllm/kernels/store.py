@@ -56,22 +56,22 @@ def _store_decode_kernel(
     stage_row_ptr = stage_table_ptr + request * stride_stage_table
     head_offset = head * stride_sh
     if position < sink_tokens:
-        block = tl.load(stage_row_ptr + position // sink_block_tokens).to(tl.int64)
-        slot_ptr = stage_ptr + block * stride_sb + (position % sink_block_tokens) * stride_st + head_offset
-        tl.store(slot_ptr + c, key)
-        tl.store(slot_ptr + stride_skv + c, value)
+        sink_block = tl.load(stage_row_ptr + position // sink_block_tokens).to(tl.int64)
+        sink_ptr = stage_ptr + sink_block * stride_sb + (position % sink_block_tokens) * stride_st + head_offset
+        tl.store(sink_ptr + c, key)
+        tl.store(sink_ptr + stride_skv + c, value)
     if seq_len % PAGE_SIZE != 0:
         slot = position % PAGE_SIZE
-        block = tl.load(stage_row_ptr + sink_blocks + slot // ring_tokens_per_block).to(tl.int64)
-        slot_ptr = stage_ptr + block * stride_sb + (slot % ring_tokens_per_block) * stride_st + head_offset
-        tl.store(slot_ptr + c, key)
-        tl.store(slot_ptr + stride_skv + c, value)
+        ring_block = tl.load(stage_row_ptr + sink_blocks + slot // ring_tokens_per_block).to(tl.int64)
+        ring_ptr = stage_ptr + ring_block * stride_sb + (slot % ring_tokens_per_block) * stride_st + head_offset
+        tl.store(ring_ptr + c, key)
+        tl.store(ring_ptr + stride_skv + c, value)
     else:
         # The page is complete: its first PAGE_SIZE - 1 tokens are in the ring, the last one is this.
         t = tl.arange(0, PAGE_SIZE)
         older = t < PAGE_SIZE - 1
-        block = tl.load(stage_row_ptr + sink_blocks + t // ring_tokens_per_block, mask=older, other=0)
-        row = block.to(tl.int64) * stride_sb + (t % ring_tokens_per_block) * stride_st + head_offset
+        blocks = tl.load(stage_row_ptr + sink_blocks + t // ring_tokens_per_block, mask=older, other=0)
+        row = blocks.to(tl.int64) * stride_sb + (t % ring_tokens_per_block) * stride_st + head_offset
         ring = stage_ptr + row[:, None] + c[None, :]
         x = tl.where(older[:, None], tl.load(ring, mask=older[:, None], other=0.0), key[None, :])
         y = tl.where(older[:, None], tl.load(ring + stride_skv, mask=older[:, None], other=0.0), value[None, :])
