@@ -1,21 +1,30 @@
 """What a user sees when kitty cannot run: each mistake is refused early, with the reason in words.
 
-* an unknown ``--kv-cache-dtype`` is refused by vLLM's argument parser, which lists kitty's presets;
-* a model with a head size kitty does not implement fails at startup naming the supported sizes;
+* an unknown ``--kv-cache-dtype`` (preset) is refused by vLLM's argument parser, which lists kitty's
+  presets;
+* a model with a head size kitty does not implement fails at startup naming the supported sizes, and
+  so do a model with MLA attention and one with sliding-window layers, naming what kitty cannot serve;
 * a broken ``KITTY_CONFIG`` file (unknown key, wrong type) fails naming the file and the field;
-* a missing ``KITTY_CONFIG`` file fails naming the file.
+* a missing ``KITTY_CONFIG`` file fails naming the file;
+* a running kitty2 server answers bad requests with vLLM's usual HTTP 400 and goes on serving: a prompt
+  longer than max_model_len (alone or with its max_tokens), an empty prompt, ``max_tokens`` 0.
 
 The startup failures are provoked with an in-process ``LLM`` (``VLLM_ENABLE_V1_MULTIPROCESSING=0``): the
 engine raises from kitty's backend selection while the model is being built, before any weights load,
-so each takes seconds. One broken config also goes through ``vllm serve``, where the message is logged by
-the worker process, followed by vLLM's "Engine core initialization failed. See root cause above", and
-the server exits instead of hanging.
+so each takes seconds (the MLA and sliding-window models are a config.json and a tokenizer, without
+weights). One broken config also goes through ``vllm serve``, where the message is logged by the worker
+process, followed by vLLM's "Engine core initialization failed. See root cause above", and the server
+exits instead of hanging.
 """
 
 import gc
+import json
 import os
+import shutil
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -94,6 +103,40 @@ def test_unsupported_head_size_names_the_supported_ones(start_engine, monkeypatc
     assert "head size 96 (kitty supports head sizes 64, 128, 256)" in message
 
 
+# The tiny model's config.json turned into architectures kitty cannot serve.
+UNSERVABLE_MODELS = {
+    # DeepSeek-V2 attention (MLA), with dense MLPs only: every layer precedes first_k_dense_replace.
+    "mla": ({"model_type": "deepseek_v2", "architectures": ["DeepseekV2ForCausalLM"], "kv_lora_rank": 64,
+             "q_lora_rank": None, "qk_nope_head_dim": 32, "qk_rope_head_dim": 32, "v_head_dim": 32,
+             "n_routed_experts": 4, "n_shared_experts": 1, "num_experts_per_tok": 2,
+             "first_k_dense_replace": 2, "moe_layer_freq": 1, "moe_intermediate_size": 64,
+             "topk_method": "greedy", "n_group": 1, "topk_group": 1, "routed_scaling_factor": 1.0,
+             "scoring_func": "softmax", "norm_topk_prob": False},
+            "MLA attention (kitty quantizes per-head Keys and Values)"),
+    # Mistral with a 64-token window on every layer (shorter than max_model_len, so vLLM keeps it).
+    "sliding_window": ({"model_type": "mistral", "architectures": ["MistralForCausalLM"],
+                        "sliding_window": 64},
+                       "sliding-window attention layers"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(UNSERVABLE_MODELS))
+def test_unservable_model_fails_at_startup_with_the_reason(case, start_engine, tiny_model, tmp_path,
+                                                          monkeypatch):
+    monkeypatch.delenv("KITTY_CONFIG", raising=False)
+    changes, reason = UNSERVABLE_MODELS[case]
+    model = tmp_path / case
+    model.mkdir()
+    for item in tiny_model.iterdir():
+        if item.suffix != ".safetensors":
+            shutil.copy(item, model / item.name)
+    config = json.loads((tiny_model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, **changes}))
+    message = startup_error(start_engine, model)
+    assert "--kv-cache-dtype kitty2 cannot serve this model" in message
+    assert reason in message
+
+
 BROKEN_CONFIGS = {
     # a misspelt field: refused with the allowed field names
     "unknown_key": ("page_size: 128\nsink_tokens: 32\nboost_ratoi: 0.25\n",
@@ -148,3 +191,50 @@ def test_broken_kitty_config_under_vllm_serve(tiny_model, tmp_path):
     assert any(kitty_error in line for line in errors), srv.log_tail()
     assert "Engine core initialization failed" in log
     assert "Application startup complete" not in log
+
+
+@pytest.fixture(scope="module")
+def kitty_server(tiny_model, tmp_path_factory):
+    """``vllm serve`` of the tiny model with kitty2 and a max_model_len of 512."""
+    args = ["--kv-cache-dtype", "kitty2", "--max-model-len", "512", "--enforce-eager", "--dtype",
+            "float32", "--kv-cache-memory-bytes", str(1 << 26)]
+    srv = VllmServer(tiny_model, args, tmp_path_factory.mktemp("bad_requests") / "serve.log",
+                     env={"KITTY_CONFIG": None, "VLLM_CPU_KVCACHE_SPACE": None})
+    try:
+        srv.wait_healthy(600)
+        yield srv
+    finally:
+        srv.stop()
+
+
+def completion(server, **body) -> tuple[int, str]:
+    """POST /v1/completions: (HTTP status, the error message or the generated text)."""
+    request = urllib.request.Request(
+        f"{server.base_url}/v1/completions", headers={"Content-Type": "application/json"},
+        data=json.dumps({"model": server.model, "temperature": 0, **body}).encode())
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, json.loads(response.read())["choices"][0]["text"]
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())["error"]["message"]
+
+
+BAD_REQUESTS = {
+    "prompt_over_max_model_len": (dict(prompt=[5] * 600, max_tokens=4),
+                                  "This model's maximum context length is 512 tokens"),
+    "prompt_and_output_over_max_model_len": (dict(prompt=[5] * 500, max_tokens=100),
+                                             "you requested 100 output tokens and your prompt contains "
+                                             "500 input tokens"),
+    "empty_prompt": (dict(prompt="", max_tokens=4), "must be provided and non-empty"),
+    "empty_token_list": (dict(prompt=[], max_tokens=4), "You must pass at least one prompt"),
+    "max_tokens_0": (dict(prompt="Hello", max_tokens=0), "max_tokens must be at least 1, got 0"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_REQUESTS))
+def test_bad_request_gets_http_400_and_the_server_goes_on(case, kitty_server):
+    body, message = BAD_REQUESTS[case]
+    status, error = completion(kitty_server, **body)
+    print(f"{case}: {status} {error}")
+    assert status == 400 and message in error
+    assert completion(kitty_server, prompt="The essay", max_tokens=4)[0] == 200

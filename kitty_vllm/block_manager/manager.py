@@ -20,10 +20,45 @@ from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
 from vllm.v1.request import Request
 
 from kitty_vllm.block_manager.spec import KittyPackedSpec, KittyStageSpec
+from kitty_vllm.metrics import kv_stats
 
 
 class KittyPackedManager(FullAttentionManager):
-    """Full attention over packed pages, except that an unfinished page is never cached."""
+    """Full attention over packed pages, except that an unfinished page is never cached.
+
+    Counts the pages it hands to the worker to pack (kitty_vllm.metrics): a request's pages up to
+    its prefix-cache hit came packed; each later page is packed in the step that fills it.
+    """
+
+    def __init__(self, kv_cache_spec: KittyPackedSpec, **kwargs) -> None:
+        super().__init__(kv_cache_spec, **kwargs)
+        self.stats = kv_stats(self.block_pool)
+        self._full_pages: dict[str, int] = {}
+
+    def add_local_computed_blocks(self, request_id: str, new_computed_blocks: Sequence[KVCacheBlock],
+                                  num_local_computed_tokens: int,
+                                  num_external_computed_tokens: int) -> None:
+        # add_local_computed_blocks (semi-private): where the coordinator hands a new request its
+        # prefix-cache hit; the hit ends on a page boundary.
+        super().add_local_computed_blocks(request_id, new_computed_blocks, num_local_computed_tokens,
+                                          num_external_computed_tokens)
+        self._full_pages[request_id] = num_local_computed_tokens // self.block_size
+
+    def allocate_new_blocks(self, request_id: str, num_tokens: int,
+                            num_tokens_main_model: int) -> list[KVCacheBlock]:
+        new_blocks = super().allocate_new_blocks(request_id, num_tokens, num_tokens_main_model)
+        # num_tokens_main_model: the request's tokens once this step has stored them.
+        full_pages = num_tokens_main_model // self.block_size
+        packed = full_pages - self._full_pages.get(request_id, 0)
+        if packed > 0:
+            self._full_pages[request_id] = full_pages
+            self.stats.add_pages_packed(packed)
+        return new_blocks
+
+    def pop_blocks_for_free(self, request_id: str) -> list[KVCacheBlock]:
+        # pop_blocks_for_free (semi-private): every free (finish, abort, preemption) goes through it.
+        self._full_pages.pop(request_id, None)
+        return super().pop_blocks_for_free(request_id)
 
     def cache_blocks(self, request: Request, num_tokens: int,
                      retention_interval: int | None = None) -> None:
@@ -38,6 +73,7 @@ class KittyStageManager(SingleTypeKVCacheManager):
 
     Blocks are appended in role order and never freed or reordered before the request finishes,
     because the worker's block table rows are append-only (a resumed request gets a fresh row).
+    The blocks requests hold are counted in kitty_vllm.metrics.
     """
 
     def __init__(self, kv_cache_spec: KittyStageSpec, **kwargs) -> None:
@@ -46,6 +82,14 @@ class KittyStageManager(SingleTypeKVCacheManager):
             raise ValueError("kitty: decode/prefill context parallelism is not supported (the "
                              "staging blocks are per request, not sharded by position)")
         self.layout = kv_cache_spec.layout
+        self.stats = kv_stats(self.block_pool)
+
+    def add_local_computed_blocks(self, request_id: str, new_computed_blocks: Sequence[KVCacheBlock],
+                                  num_local_computed_tokens: int,
+                                  num_external_computed_tokens: int) -> None:
+        super().add_local_computed_blocks(request_id, new_computed_blocks, num_local_computed_tokens,
+                                          num_external_computed_tokens)
+        self.stats.add_staging_blocks(len(self.req_to_blocks[request_id]))
 
     def get_num_blocks_to_allocate(
         self,
@@ -70,7 +114,13 @@ class KittyStageManager(SingleTypeKVCacheManager):
             return []
         new_blocks = self.block_pool.get_new_blocks(num_new)
         blocks.extend(new_blocks)
+        self.stats.add_staging_blocks(num_new)
         return new_blocks
+
+    def pop_blocks_for_free(self, request_id: str) -> list[KVCacheBlock]:
+        blocks = super().pop_blocks_for_free(request_id)
+        self.stats.add_staging_blocks(-len(blocks))
+        return blocks
 
     def allocate_external_computed_blocks(self, request_id: str, num_local_computed_tokens: int,
                                           num_external_computed_tokens: int) -> None:
