@@ -52,13 +52,16 @@ class KittyKVStats:
 
     def add_staging_blocks(self, count: int) -> None:
         self.staging_blocks_held += count
-        self._maybe_log()
 
     def add_pages_packed(self, count: int) -> None:
         self.pages_packed += count
-        self._maybe_log()
 
-    def _maybe_log(self) -> None:
+    def log(self) -> None:
+        """Log the counters if they changed, at most once per interval, or at once on draining to 0.
+
+        Called where the counts are consistent: when a scheduler step starts (between the step
+        before, and its frees, and this one) and when a request frees its staging blocks.
+        """
         now = time.monotonic()
         state = (self.staging_blocks_held, self.pages_packed)
         drained = self.staging_blocks_held == 0 and self._logged[0] != 0

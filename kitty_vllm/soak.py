@@ -273,7 +273,6 @@ class Completion:
     tokens: list[int] = field(default_factory=list)
     top_logprobs: list[dict[int, float]] = field(default_factory=list)
     finished: bool = False              # the server sent a finish_reason
-    seconds: float = 0.0
 
 
 def complete(base_url: str, model: str, request: SoakRequest, *, stream: bool,
@@ -287,7 +286,6 @@ def complete(base_url: str, model: str, request: SoakRequest, *, stream: bool,
     if cache_salt:
         body["cache_salt"] = cache_salt
     result = Completion()
-    start = time.monotonic()
     conn = http.client.HTTPConnection(host, int(port), timeout=timeout)
     try:
         conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
@@ -306,11 +304,10 @@ def complete(base_url: str, model: str, request: SoakRequest, *, stream: bool,
                 line = line.strip()
                 if line.startswith(b"data: ") and line != b"data: [DONE]":
                     _add_choice(result, json.loads(line[6:])["choices"][0])
-    except (OSError, http.client.HTTPException, ValueError) as e:
+    except (OSError, http.client.HTTPException, ValueError, LookupError) as e:
         result.error = f"{type(e).__name__}: {e}"
     finally:
         conn.close()        # midway through a stream: the server sees the client go and aborts
-    result.seconds = time.monotonic() - start
     return result
 
 
@@ -332,7 +329,8 @@ def _token_id(token: str) -> int:
 class Comparison:
     verdict: str                 # match, near_tie, mismatch or alone_failed
     position: int | None = None  # where the two outputs first differ
-    gap: float | None = None     # there: the larger of the two runs' logprob gaps between the candidates
+    gap: float | None = None     # there: the larger of the two runs' logprob gaps between the two
+                                 # candidates (None: one run did not have the other in its top 2)
     drift: float = 0.0           # largest |logprob| difference of the chosen token where they agree
 
 
@@ -343,8 +341,9 @@ def compare(soak: Completion, alone: Completion, tie_gap: float) -> Comparison:
         if a == b:
             drift = max(drift, abs(soak_top[a] - alone_top[a]))
             continue
-        gap = max(soak_top[a] - soak_top.get(b, float("-inf")),
-                  alone_top[b] - alone_top.get(a, float("-inf")))
+        if b not in soak_top or a not in alone_top:
+            return Comparison("mismatch", i, None, drift)
+        gap = max(soak_top[a] - soak_top[b], alone_top[b] - alone_top[a])
         return Comparison("near_tie" if gap <= tie_gap else "mismatch", i, gap, drift)
     if len(soak.tokens) != len(alone.tokens):
         return Comparison("mismatch", min(len(soak.tokens), len(alone.tokens)), None, drift)

@@ -9,7 +9,9 @@ alone (in float32 no near-tie is expected), vLLM's KV-cache usage back at 0, kit
 64 clients, outputs up to 256 tokens) runs on a GPU with ``python -m kitty_vllm.soak``.
 """
 
-from kitty_vllm.soak import SoakOptions, format_report, run
+import pytest
+
+from kitty_vllm.soak import Completion, SoakOptions, compare, format_report, run
 from tiny_model import build_tiny_model
 
 OPTIONS = dict(requests=200, concurrency=16, max_model_len=512, max_output=32, dtype="float32",
@@ -27,3 +29,27 @@ def test_soak(tmp_path):
     # kitty's log line: it appeared while requests ran, and counted the pages packed.
     held, packed = report["staging_at_end"]
     assert held == 0 and packed > 0
+
+
+def completion(tokens: list[int], top_logprobs: list[dict[int, float]]) -> Completion:
+    return Completion(status=200, tokens=tokens, top_logprobs=top_logprobs, finished=True)
+
+
+# Position 1 is where the soak picked 7 and the run alone picked 8.
+SOAK_TOP = [{5: -0.1, 6: -3.0}, {7: -0.50, 8: -0.52}]
+
+
+@pytest.mark.parametrize("alone_top, tie_gap, verdict", [
+    ([{5: -0.1, 6: -3.0}, {8: -0.50, 7: -0.51}], 0.05, "near_tie"),   # within the gap in both runs
+    ([{5: -0.1, 6: -3.0}, {8: -0.40, 7: -0.60}], 0.05, "mismatch"),   # the run alone was sure
+    ([{5: -0.1, 6: -3.0}, {8: -0.40, 9: -0.45}], 1.00, "mismatch"),   # 7 not even in its top 2
+])
+def test_a_divergence_passes_only_as_a_near_tie(alone_top, tie_gap, verdict):
+    result = compare(completion([5, 7], SOAK_TOP), completion([5, 8], alone_top), tie_gap)
+    assert (result.verdict, result.position) == (verdict, 1)
+
+
+def test_equal_outputs_match_and_report_their_logprob_drift():
+    alone_top = [{5: -0.1, 6: -3.0}, {7: -0.45, 8: -0.52}]
+    result = compare(completion([5, 7], SOAK_TOP), completion([5, 7], alone_top), tie_gap=0.0)
+    assert result.verdict == "match" and result.drift == pytest.approx(0.05)

@@ -120,7 +120,12 @@ class KittyStageManager(SingleTypeKVCacheManager):
     def pop_blocks_for_free(self, request_id: str) -> list[KVCacheBlock]:
         blocks = super().pop_blocks_for_free(request_id)
         self.stats.add_staging_blocks(-len(blocks))
+        self.stats.log()
         return blocks
+
+    def new_step_starts(self) -> None:
+        # new_step_starts (semi-private): the scheduler calls it at the start of every step.
+        self.stats.log()
 
     def allocate_external_computed_blocks(self, request_id: str, num_local_computed_tokens: int,
                                           num_external_computed_tokens: int) -> None:
