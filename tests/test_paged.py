@@ -47,10 +47,10 @@ def test_chunked_steps_equal_the_reference(chunks, kernels, kernel_device):
         start += n
 
 
-def test_store_decode_matches_step():
+def test_store_decode_matches_step(kernel_device):
     """The decode store kernel leaves the cache exactly as per-request steps do."""
     by_step, layout = make_cache()
-    by_decode, _ = make_cache()
+    by_decode, _ = make_cache(device=kernel_device)
     requests = [rows(layout, seed) for seed in (1, 2, 3)]
     page_table = torch.stack([r[0] for r in requests])
     stage_table = torch.stack([r[1] for r in requests])
@@ -58,15 +58,17 @@ def test_store_decode_matches_step():
     k = torch.randn(3, 40, KV_HEADS, DIM)
     v = torch.randn(3, 40, KV_HEADS, DIM)
     for b, n in enumerate(lengths):   # a prefill for each request, through the same step
-        for cache in (by_step, by_decode):
-            cache.step(torch.zeros(n, HEADS, DIM), k[b, :n], v[b, :n], 0, page_table[b], stage_table[b], 1.0)
+        for cache, device in ((by_step, "cpu"), (by_decode, kernel_device)):
+            cache.step(*(x.to(device) for x in (torch.zeros(n, HEADS, DIM), k[b, :n], v[b, :n])), 0,
+                       page_table[b].to(device), stage_table[b].to(device), 1.0)
     for t in range(5):
         seq_lens = torch.tensor(lengths) + t + 1
         for b in range(3):
             n = int(seq_lens[b])
             by_step.step(torch.zeros(1, HEADS, DIM), k[b, n - 1:n], v[b, n - 1:n], n - 1, page_table[b],
                          stage_table[b], 1.0)
-        by_decode.store_decode(k[torch.arange(3), seq_lens - 1], v[torch.arange(3), seq_lens - 1], seq_lens.int(),
-                               page_table.int(), stage_table.int())
-    assert torch.equal(by_step.packed, by_decode.packed)
-    assert torch.equal(by_step.stage, by_decode.stage)
+        last = torch.arange(3), seq_lens - 1
+        by_decode.store_decode(*(x.to(kernel_device) for x in (k[last], v[last], seq_lens.int(), page_table.int(),
+                                                               stage_table.int())))
+    assert torch.equal(by_step.packed, by_decode.packed.cpu())
+    assert torch.equal(by_step.stage, by_decode.stage.cpu())
