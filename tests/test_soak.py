@@ -17,7 +17,8 @@ from kitty_vllm.soak import Completion, SoakOptions, compare, format_report, run
 from tiny_model import build_tiny_model
 
 OPTIONS = dict(requests=200, concurrency=16, max_model_len=512, max_output=32, dtype="float32",
-               serve_args=["--enforce-eager"])
+               # FlashInfer's autotuning would add ~80 s to a GPU start.
+               serve_args=["--enforce-eager", "--kernel-config", '{"enable_flashinfer_autotune": false}'])
 
 
 def test_soak(tmp_path):
