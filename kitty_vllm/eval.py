@@ -1,0 +1,447 @@
+"""Accuracy of KV-cache dtypes on real models, through vLLM's offline ``LLM`` API.
+
+    python -m kitty_vllm.eval --model qwen-1.5b \\
+        --kv-cache-dtypes auto fp8 int4_per_token_head kitty2 kitty2-lite kivi2 \\
+        --tasks gsm8k perplexity needle [--ablations] [--limit N] [--json PATH]
+
+Tasks (one engine per KV-cache dtype runs all of them):
+
+* ``gsm8k``: the test set (``--limit`` keeps the first N problems), 8-shot chain of thought, greedy,
+  exact match on the final number (kitty_vllm.gsm8k); score = accuracy.
+* ``perplexity``: ``--ppl-windows`` consecutive windows of ``--ppl-window`` tokens of Paul Graham's
+  essays, each scored with vLLM's prompt log-probabilities in one prefill; score = perplexity over
+  every token after each window's first. In kitty's cache schedule (kitty_vllm.reference) the query
+  at position p reads every page complete at p dequantized, in prefill exactly as in decode, so these
+  are the log-probabilities that decoding with teacher forcing gives (tests/test_accuracy.py checks
+  that on the tiny model, prefill against decode steps through vLLM).
+* ``needle``: a pass key at 5 depths of 4k, 8k, 16k and 32k-token contexts (kitty_vllm.needle);
+  score = fraction retrieved, one record per context length. Lengths beyond the model's context are
+  skipped.
+
+``DTYPE:FILE.yaml`` runs ``DTYPE`` with ``KITTY_CONFIG=FILE.yaml`` (kitty_vllm.config), labelled
+``DTYPE:FILE``; plain kitty dtypes run their preset (an inherited KITTY_CONFIG is refused, since it
+would silently change every kitty dtype). ``--ablations`` adds the GSM8K ablations of the boost: policy
+(magnitude = kitty2, variance, random; 25% of channels) and ratio (0 = kivi2, 12.5% = kitty2-lite,
+25% = kitty2, 50%), from configs/ablations/.
+
+``--reference`` scores perplexity with the float32 decode-time simulation instead of vLLM: the
+model in transformers with every attention layer reading the cache through kitty_vllm.reference
+(tests/oracle.py, so it needs the repository checkout), on the same windows; compare it with a vLLM run
+in ``--dtype float32``.
+
+Results merge into ``--json`` (default ``benchmarks/results/accuracy-<gpu>-<yyyy-mm-dd>.json``) as
+records ``{"model", "task", "kv_cache_dtype", "n", "score", "ci95"}`` (a new record replaces one with
+the same model, task and dtype), written after every dtype, and the file's markdown table is printed
+at the end. ``ci95`` is the half-width of a 95% interval: 1.96 standard errors of the mean over
+problems, trials or windows (perplexity: over windows' mean log-likelihood, mapped through exp).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import functools
+import gc
+import importlib.util
+import json
+import logging
+import math
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from kitty_vllm import assets, gsm8k, needle
+from kitty_vllm.config import CONFIG_FILE_ENV, PRESETS, KittyConfig
+
+logger = logging.getLogger("kitty_vllm.eval")
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS_DIR = REPO / "benchmarks" / "results"
+ABLATION_DIR = REPO / "configs" / "ablations"
+TASKS = ("gsm8k", "perplexity", "needle")
+KV_CACHE_DTYPES = ("auto", "fp8", "int4_per_token_head", "kitty2", "kitty2-lite", "kivi2")
+# GSM8K ablations beyond the presets: boost policy at kitty2's 25% ratio, and a 50% ratio.
+ABLATIONS = ("kitty2:boost-variance", "kitty2:boost-random", "kitty2:boost-ratio-50")
+Z95 = 1.96
+CPU_KV_CACHE_GIB = 2.0
+
+
+@dataclass(frozen=True)
+class Score:
+    n: int
+    score: float
+    ci95: float | None
+
+
+@dataclass(frozen=True)
+class Record:
+    model: str
+    task: str
+    kv_cache_dtype: str
+    n: int
+    score: float
+    ci95: float | None
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """A ``--kv-cache-dtype`` value, with the kitty config file that replaces its preset (if any)."""
+
+    kv_cache_dtype: str
+    config_file: Path | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> CacheSpec:
+        dtype, _, file = text.partition(":")
+        if not file:
+            return cls(dtype)
+        if dtype not in PRESETS:
+            raise ValueError(f"{text}: a config file applies to kitty dtypes only ({', '.join(PRESETS)})")
+        path = Path(file)
+        if path.suffix != ".yaml":   # "kitty2:boost-random" names configs/ablations/boost-random.yaml
+            path = ABLATION_DIR / f"{file}.yaml"
+        KittyConfig.from_yaml(path)   # refuse a bad file now, not in the middle of a run
+        return cls(dtype, path)
+
+    @property
+    def label(self) -> str:
+        return self.kv_cache_dtype if self.config_file is None else f"{self.kv_cache_dtype}:{self.config_file.stem}"
+
+
+# ----------------------------------------------------------------------------------------- scores
+
+def proportion(hits: Sequence[bool]) -> Score:
+    """Accuracy and the half-width of its 95% interval (normal approximation, sample variance)."""
+    n = len(hits)
+    p = sum(hits) / n
+    return Score(n, p, Z95 * math.sqrt(p * (1 - p) / (n - 1)) if n > 1 else None)
+
+
+def perplexity(window_nlls: Sequence[float]) -> Score:
+    """Perplexity over equal-length windows from each window's mean negative log-likelihood; ci95
+    from the spread of those means (delta method: d exp(x) = exp(x) dx)."""
+    n = len(window_nlls)
+    mean = statistics.fmean(window_nlls)
+    ppl = math.exp(mean)
+    ci = Z95 * ppl * statistics.stdev(window_nlls) / math.sqrt(n) if n > 1 else None
+    return Score(n, ppl, ci)
+
+
+# ------------------------------------------------------------------------------------------ tasks
+
+def score_gsm8k(llm, problems: Sequence[dict[str, str]], use_tqdm: bool = True) -> tuple[Score, list[str]]:
+    """GSM8K accuracy of ``llm`` (greedy) on ``problems``, and its completions."""
+    from vllm import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=gsm8k.MAX_NEW_TOKENS, stop=list(gsm8k.STOP))
+    outputs = llm.generate([gsm8k.prompt(p["question"]) for p in problems], params, use_tqdm=use_tqdm)
+    completions = [out.outputs[0].text for out in outputs]
+    hits = [gsm8k.is_correct(c, p["answer"]) for c, p in zip(completions, problems, strict=True)]
+    return proportion(hits), completions
+
+
+def window_nlls(llm, windows: Sequence[Sequence[int]], use_tqdm: bool = True) -> list[float]:
+    """Mean negative log-likelihood of each window's tokens after its first, from prompt log-probs."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    params = SamplingParams(max_tokens=1, prompt_logprobs=0)
+    outputs = llm.generate([TokensPrompt(prompt_token_ids=list(w)) for w in windows], params,
+                           use_tqdm=use_tqdm)
+    nlls = []
+    for out, window in zip(outputs, windows, strict=True):
+        # prompt_logprobs[i] maps token ids to log-probabilities at position i (None at 0); with
+        # prompt_logprobs=0 it holds the prompt's own token there.
+        logprobs = [pos[token].logprob for pos, token in zip(out.prompt_logprobs[1:], window[1:], strict=True)]
+        nlls.append(-math.fsum(logprobs) / len(logprobs))
+    return nlls
+
+
+def reference_window_nlls(model_dir: Path, windows: Sequence[Sequence[int]], spec: CacheSpec) -> list[float]:
+    """``window_nlls`` of the float32 decode-time simulation (tests/oracle.py) of ``spec``'s cache."""
+    import torch
+
+    if spec.kv_cache_dtype != "auto" and spec.kv_cache_dtype not in PRESETS:
+        raise ValueError(f"the float32 simulation covers auto and the kitty dtypes, not {spec.kv_cache_dtype}")
+    oracle = _load_oracle()
+    config = None if spec.kv_cache_dtype == "auto" else (
+        KittyConfig.from_yaml(spec.config_file) if spec.config_file else KittyConfig.from_preset(spec.kv_cache_dtype))
+    nlls = []
+    for i, window in enumerate(windows):
+        start = time.perf_counter()
+        logits = oracle.kitty_logits(model_dir, list(window), config)
+        logprobs = torch.log_softmax(logits[:-1], dim=-1).gather(1, torch.tensor(window[1:])[:, None])
+        nlls.append(-float(logprobs.double().mean()))
+        logger.info("  simulation window %d/%d: nll %.4f (%.0f s)", i + 1, len(windows), nlls[-1],
+                    time.perf_counter() - start)
+    return nlls
+
+
+def score_needle(llm, trials: Sequence[needle.Trial], use_tqdm: bool = True) -> dict[int, Score]:
+    """Retrieval rate per context length."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    params = SamplingParams(temperature=0.0, max_tokens=needle.MAX_NEW_TOKENS)
+    outputs = llm.generate([TokensPrompt(prompt_token_ids=t.prompt_token_ids) for t in trials], params,
+                           use_tqdm=use_tqdm)
+    hits: dict[int, list[bool]] = {}
+    for trial, out in zip(trials, outputs, strict=True):
+        hits.setdefault(trial.context_length, []).append(trial.is_correct(out.outputs[0].text))
+    return {length: proportion(h) for length, h in hits.items()}
+
+
+# ----------------------------------------------------------------------------------------- engine
+
+@contextlib.contextmanager
+def kitty_config_env(spec: CacheSpec) -> Iterator[None]:
+    """KITTY_CONFIG set to ``spec``'s file (or unset) for the block; engine processes inherit it."""
+    previous = os.environ.pop(CONFIG_FILE_ENV, None)
+    if spec.config_file is not None:
+        os.environ[CONFIG_FILE_ENV] = str(spec.config_file)
+    try:
+        yield
+    finally:
+        os.environ.pop(CONFIG_FILE_ENV, None)
+        if previous is not None:
+            os.environ[CONFIG_FILE_ENV] = previous
+
+
+@contextlib.contextmanager
+def engine(model_dir: Path, spec: CacheSpec, **kwargs) -> Iterator[Any]:
+    """A ``vllm.LLM`` for ``model_dir`` with ``spec``'s KV cache, shut down (and vLLM's process-wide
+    state reset) on exit so that the next one starts clean. ``kwargs`` go to ``LLM``."""
+    from vllm import LLM
+    from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+    with kitty_config_env(spec):
+        start = time.perf_counter()
+        llm = LLM(model=str(model_dir), kv_cache_dtype=spec.kv_cache_dtype, **kwargs)
+        logger.info("[%s] engine started in %.0f s", spec.label, time.perf_counter() - start)
+        try:
+            yield llm
+        finally:
+            llm.llm_engine.engine_core.shutdown()
+            del llm
+            gc.collect()
+            cleanup_dist_env_and_memory()
+
+
+# ---------------------------------------------------------------------------------------- results
+
+def device_name() -> str:
+    """``h100`` for "NVIDIA H100 80GB HBM3", ``cpu`` without a GPU."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return "cpu"
+    words = [w for w in torch.cuda.get_device_name(0).lower().split() if w not in ("nvidia", "tesla")]
+    return words[0] if words else "gpu"
+
+
+def default_json_path() -> Path:
+    return RESULTS_DIR / f"accuracy-{device_name()}-{datetime.date.today().isoformat()}.json"
+
+
+def merge_records(path: Path, new: Sequence[Record]) -> list[dict[str, Any]]:
+    """Write ``path`` atomically: its records, with those sharing (model, task, dtype) with ``new``
+    replaced by them. Returns every record now in the file."""
+    old = json.loads(path.read_text()) if path.is_file() else []
+    keys = {(r.model, r.task, r.kv_cache_dtype) for r in new}
+    merged = [r for r in old if (r["model"], r["task"], r["kv_cache_dtype"]) not in keys]
+    merged += [asdict(r) for r in new]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(merged, f, indent=1)
+        f.write("\n")
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+    return merged
+
+
+def markdown_table(records: Sequence[dict[str, Any]]) -> str:
+    """One row per (model, task), one column per KV-cache dtype. Accuracies in percent; perplexities
+    with their change against ``auto`` of the same row."""
+    dtypes = list(dict.fromkeys(r["kv_cache_dtype"] for r in records))
+    rows: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
+    for r in records:
+        rows.setdefault((r["model"], r["task"]), {})[r["kv_cache_dtype"]] = r
+    lines = ["| model | task | n | " + " | ".join(dtypes) + " |", "|---|---|---|" + "---|" * len(dtypes)]
+    for (model, task), cells in rows.items():
+        n = "/".join(sorted({str(c["n"]) for c in cells.values()}))
+        lines.append(f"| {model} | {task} | {n} | "
+                     + " | ".join(_cell(task, cells.get(d), cells.get("auto")) for d in dtypes) + " |")
+    return "\n".join(lines)
+
+
+def _cell(task: str, record: dict[str, Any] | None, auto: dict[str, Any] | None) -> str:
+    if record is None:
+        return ""
+    ci = record["ci95"]
+    if task.startswith("perplexity"):
+        text = f"{record['score']:.3f}" + (f" ± {ci:.3f}" if ci is not None else "")
+        if auto is not None and auto is not record:
+            text += f" ({record['score'] / auto['score'] - 1:+.1%})"
+        return text
+    return f"{100 * record['score']:.1f}" + (f" ± {100 * ci:.1f}" if ci is not None else "")
+
+
+# ---------------------------------------------------------------------------------------- driver
+
+@functools.lru_cache(maxsize=1)
+def _load_oracle():
+    path = REPO / "tests" / "oracle.py"
+    if not path.is_file():
+        raise RuntimeError(f"--reference needs the repository checkout: {path} is missing")
+    spec = importlib.util.spec_from_file_location("kitty_oracle", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _tokens(count: int) -> str:
+    """``8k`` for 8192, else the number."""
+    return f"{count // 1024}k" if count % 1024 == 0 else str(count)
+
+
+def _model_label(args: argparse.Namespace) -> str:
+    return args.model if args.dtype == "auto" else f"{args.model}/{args.dtype}"
+
+
+def run_tasks(llm, tasks: Sequence[str], problems, windows, trials, ppl_task: str) -> Iterator[tuple[str, Score]]:
+    """(task name, score) for each task on one engine: ``gsm8k``, ``perplexity-<window>``, and
+    ``needle-<length>`` per context length."""
+    for task in tasks:
+        if task == "gsm8k":
+            yield task, score_gsm8k(llm, problems)[0]
+        elif task == "perplexity":
+            yield ppl_task, perplexity(window_nlls(llm, windows))
+        else:
+            for length, score in score_needle(llm, trials).items():
+                yield f"needle-{_tokens(length)}", score
+
+
+def reference_tasks(model_dir: Path, windows, spec: CacheSpec, ppl_task: str) -> Iterator[tuple[str, Score]]:
+    """``run_tasks`` for the float32 simulation, which scores perplexity only."""
+    yield ppl_task, perplexity(reference_window_nlls(model_dir, windows, spec))
+
+
+def evaluate(args: argparse.Namespace) -> list[dict[str, Any]]:
+    from transformers import AutoConfig, AutoTokenizer
+
+    model_dir = assets.model_path(args.model)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    max_positions = AutoConfig.from_pretrained(model_dir).max_position_embeddings
+    label = _model_label(args)
+    ppl_task = f"perplexity-{_tokens(args.ppl_window)}" + ("-sim" if args.reference else "")
+
+    problems = list(assets.gsm8k_test()[: args.limit]) if "gsm8k" in args.tasks else []
+    if "perplexity" in args.tasks and args.ppl_window >= max_positions:
+        raise SystemExit(f"--ppl-window {args.ppl_window}: {args.model} has {max_positions} positions, and vLLM "
+                         f"needs one more than the window (use at most {max_positions - 1})")
+    windows = assets.token_windows(tokenizer, args.ppl_windows, args.ppl_window) if "perplexity" in args.tasks else []
+    lengths = tuple(n for n in args.needle_lengths if n <= max_positions)
+    if "needle" in args.tasks and len(lengths) < len(args.needle_lengths):
+        logger.warning("%s has %d positions: needle lengths %s skipped", args.model, max_positions,
+                       [n for n in args.needle_lengths if n > max_positions])
+    trials = needle.build_trials(tokenizer, lengths) if "needle" in args.tasks else []
+    needed = [len(tokenizer.encode(gsm8k.prompt(p["question"]))) + gsm8k.MAX_NEW_TOKENS for p in problems]
+    needed += [args.ppl_window + 1] * bool(windows) + [t.context_length for t in trials]
+    max_model_len = min(max_positions, max(needed))
+
+    runs = [(CacheSpec.parse(d), args.tasks) for d in args.kv_cache_dtypes]
+    if args.ablations:
+        runs += [(CacheSpec.parse(a), ("gsm8k",)) for a in ABLATIONS]
+    path = args.json or default_json_path()
+    records: list[dict[str, Any]] = []
+    for spec, tasks in runs:
+        new = []
+        with contextlib.ExitStack() as stack:
+            if args.reference:
+                results = reference_tasks(model_dir, windows, spec, ppl_task)
+            else:
+                llm = stack.enter_context(engine(model_dir, spec, **_engine_kwargs(args, max_model_len)))
+                results = run_tasks(llm, tasks, problems, windows, trials, ppl_task)
+            start = time.perf_counter()
+            for task, score in results:
+                new.append(Record(label, task, spec.label, score.n, score.score, score.ci95))
+                logger.info("[%s] %s: %.4g ± %s (n=%d, %.0f s)", spec.label, task, score.score,
+                            "-" if score.ci95 is None else f"{score.ci95:.2g}", score.n, time.perf_counter() - start)
+                start = time.perf_counter()
+        records = merge_records(path, new)
+    logger.info("results in %s", path)
+    return records
+
+
+def _engine_kwargs(args: argparse.Namespace, max_model_len: int) -> dict[str, Any]:
+    kwargs = dict(dtype=args.dtype, max_model_len=max_model_len, max_num_seqs=args.max_num_seqs,
+                  max_num_batched_tokens=args.max_num_batched_tokens, enforce_eager=not args.compile,
+                  seed=0, disable_log_stats=True,
+                  # FlashInfer's autotuning adds ~80 s to each GPU start and changes no result.
+                  kernel_config={"enable_flashinfer_autotune": False})
+    import torch
+
+    if args.kv_cache_gib is not None or not torch.cuda.is_available():
+        # On the CPU vLLM would otherwise reserve gpu_memory_utilization x the machine's RAM.
+        kwargs["kv_cache_memory_bytes"] = int((args.kv_cache_gib or CPU_KV_CACHE_GIB) * 2**30)
+    else:
+        kwargs["gpu_memory_utilization"] = args.gpu_memory_utilization
+    return kwargs
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m kitty_vllm.eval", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--model", required=True, choices=sorted(assets.MODELS))
+    parser.add_argument("--kv-cache-dtypes", nargs="+", default=list(KV_CACHE_DTYPES), metavar="DTYPE[:CONFIG]")
+    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
+    parser.add_argument("--ablations", action="store_true", help="add the GSM8K boost ablations")
+    parser.add_argument("--limit", type=int, default=None, help="first N GSM8K problems (default: all 1,319)")
+    parser.add_argument("--ppl-window", type=int, default=8192, help="tokens per perplexity window")
+    parser.add_argument("--ppl-windows", type=int, default=4, help="number of perplexity windows")
+    parser.add_argument("--needle-lengths", type=int, nargs="+", default=list(needle.CONTEXT_LENGTHS))
+    parser.add_argument("--reference", action="store_true",
+                        help="perplexity of the float32 decode-time simulation instead of vLLM")
+    parser.add_argument("--dtype", default="auto", help="model dtype (auto: the checkpoint's bf16)")
+    parser.add_argument("--max-num-seqs", type=int, default=256)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=2048,
+                        help="prefill step; kitty's prefill holds float32 scores of step x context per head")
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.5,
+                        help="vLLM's share of the GPU; the rest holds kitty's prefill scores (about 16 GB "
+                             "for a 2048-token step at 32k context with 12 query heads), which vLLM's "
+                             "memory profiling does not see")
+    parser.add_argument("--kv-cache-gib", type=float, default=None,
+                        help=f"fixed KV-cache size (default on the CPU: {CPU_KV_CACHE_GIB})")
+    parser.add_argument("--compile", action="store_true", help="torch.compile and CUDA graphs (default: eager)")
+    parser.add_argument("--json", type=Path, default=None, help="results file (default: benchmarks/results/"
+                        "accuracy-<gpu>-<date>.json)")
+    args = parser.parse_args(argv)
+    if os.environ.get(CONFIG_FILE_ENV):
+        parser.error(f"{CONFIG_FILE_ENV} is set; pass DTYPE:FILE.yaml instead, so that each result says "
+                     "which config it used")
+    if args.reference:
+        if set(args.tasks) != {"perplexity"}:
+            parser.error("--reference scores perplexity only: add --tasks perplexity")
+        if args.dtype not in ("auto", "float32"):
+            parser.error("--reference is a float32 simulation; --dtype must be float32")
+        args.dtype = "float32"
+    if args.limit is not None and args.limit < 1:
+        parser.error("--limit must be positive")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
+    records = evaluate(parse_args(argv))
+    print(markdown_table(records))
+
+
+if __name__ == "__main__":
+    main()

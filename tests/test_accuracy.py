@@ -1,0 +1,233 @@
+"""The accuracy evaluation (kitty_vllm.eval), reduced to what two CPU cores can run.
+
+1. Why perplexity may be scored with prompt log-probabilities. Kitty's cache schedule
+   (kitty_vllm.reference) gives the query at position p every page complete at p, dequantized, in
+   prefill as in decode. So the log-probabilities of one long prefill equal those that decoding the
+   same tokens one step at a time gives. Checked on the tiny model through vLLM: greedy decoding
+   returns each new token's log-probability from a decode step; one prefill of prompt + those tokens
+   must score them the same. The decode crosses page boundaries, so later steps read packed pages
+   (on a GPU through the paged-decode kernel, while prefill reads them dequantized in PyTorch).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import torch
+
+from engine import prompt_inputs, torch_threads, vllm_engine
+from kitty_vllm import gsm8k
+from kitty_vllm.assets import token_windows
+from tiny_model import build_tiny_model
+
+KITTY_DTYPES = ("kitty2", "kitty2-lite", "kivi2")
+PAGE = 128
+# The prompt ends inside the first page; decoding fills pages 0, 1 and 2 (at positions 127, 255 and
+# 383), so the 272 decode steps after position 127 read one to three packed pages.
+PROMPT_TOKENS, NEW_TOKENS = 40, 360
+# vLLM's float32 decode and prefill steps differ only in summation order (one query row against a
+# batch of 400): measured on the CPU, at most 3e-6 in log-probability with the plain cache and kivi2.
+# Now and then that flips an fp16 scale or a code at a rounding boundary, which moves later
+# log-probabilities by up to 7e-5 (kitty2) and 2e-4 (kitty2-lite). Quantization itself moves them
+# by 0.8 to 1.1 on average (test_the_comparison_sees_quantization).
+LOGPROB_ATOL = 1e-3
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    return build_tiny_model()
+
+
+def decode_then_prefill(llm, prompt: list[int]) -> tuple[list[int], list[float], list[float]]:
+    """Greedy tokens after ``prompt``, their log-probabilities from the decode steps, and the same
+    tokens' log-probabilities from one prefill of prompt + tokens."""
+    from vllm import SamplingParams
+
+    decode = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=0)
+    [out] = llm.generate(prompt_inputs([prompt]), decode, use_tqdm=False)
+    tokens = list(out.outputs[0].token_ids)
+    decoded = [step[token].logprob for step, token in zip(out.outputs[0].logprobs, tokens, strict=True)]
+    return tokens, decoded, prefill_logprobs(llm, prompt, tokens)
+
+
+def prefill_logprobs(llm, prompt: list[int], tokens: list[int]) -> list[float]:
+    """Log-probabilities of ``tokens`` from one prefill of prompt + tokens (prompt log-probs)."""
+    from vllm import SamplingParams
+
+    params = SamplingParams(max_tokens=1, prompt_logprobs=0)
+    [out] = llm.generate(prompt_inputs([prompt + tokens]), params, use_tqdm=False)
+    return [pos[token].logprob for pos, token in zip(out.prompt_logprobs[len(prompt):], tokens, strict=True)]
+
+
+@pytest.fixture(scope="module")
+def tiny_logprobs(tiny_model):
+    """``(dtype, "decode" | "prefill")``: log-probabilities (float64 [NEW_TOKENS]) of the greedy
+    tokens ``dtype`` decodes, from its decode steps or from one prefill; ``(dtype, "plain")``: the same
+    tokens scored by one prefill with the plain cache (``auto``)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_model))
+    prompt = [tokenizer.bos_token_id] + token_windows(tokenizer, 1, PROMPT_TOKENS - 1)[0]
+    results, sequences = {}, {}
+    with torch_threads(1):
+        for kv_cache_dtype in (*KITTY_DTYPES, "auto"):
+            # No prefix caching: the prefill must compute every position, not reuse the decode's pages.
+            with vllm_engine(tiny_model, dtype="float32", kv_cache_dtype=kv_cache_dtype,
+                             max_model_len=PROMPT_TOKENS + NEW_TOKENS + 1, enable_prefix_caching=False,
+                             max_num_batched_tokens=PROMPT_TOKENS + NEW_TOKENS) as llm:
+                tokens, decoded, prefilled = decode_then_prefill(llm, prompt)
+                sequences[kv_cache_dtype] = tokens
+                results[kv_cache_dtype, "decode"], results[kv_cache_dtype, "prefill"] = decoded, prefilled
+                if kv_cache_dtype == "auto":
+                    for other in KITTY_DTYPES:
+                        results[other, "plain"] = prefill_logprobs(llm, prompt, sequences[other])
+    return {key: torch.tensor(value, dtype=torch.float64) for key, value in results.items()}
+
+
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", *KITTY_DTYPES])
+def test_prompt_logprobs_of_one_prefill_equal_decode_steps(tiny_logprobs, kv_cache_dtype):
+    torch.testing.assert_close(tiny_logprobs[kv_cache_dtype, "prefill"], tiny_logprobs[kv_cache_dtype, "decode"],
+                               atol=LOGPROB_ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("kv_cache_dtype", KITTY_DTYPES)
+def test_the_comparison_sees_quantization(tiny_logprobs, kv_cache_dtype):
+    """The comparison above has teeth: the same tokens scored with the plain cache differ by far more
+    than LOGPROB_ATOL once the decode has packed its first page."""
+    quantized = tiny_logprobs[kv_cache_dtype, "prefill"]
+    plain = tiny_logprobs[kv_cache_dtype, "plain"]
+    past_first_page = slice(PAGE - PROMPT_TOKENS, None)
+    assert float((quantized - plain)[past_first_page].abs().mean()) > 100 * LOGPROB_ATOL
+
+
+# 2. GSM8K, 8-shot chain of thought, on SmolLM2-135M-Instruct: GSM8K_PROBLEMS problems through vLLM
+# with auto and kitty2 (the eval's own prompt, generation and scoring). A 135M model solves few of
+# them (SmolLM2-135M-Instruct reports 1.4% on GSM8K), so the run checks what it can: the long 8-shot
+# prompt (about 900 tokens: seven pages, six of them read quantized) still makes the model answer in
+# the exemplars' form, as it does without quantization.
+
+GSM8K_PROBLEMS = 12
+MIN_STATED_ANSWERS = 0.6
+
+
+@pytest.fixture(scope="module")
+def gsm8k_runs():
+    """``dtype -> (Score, completions)`` for the first GSM8K_PROBLEMS test problems."""
+    from kitty_vllm import assets
+    from kitty_vllm.eval import score_gsm8k
+
+    problems = assets.gsm8k_test()[:GSM8K_PROBLEMS]
+    runs, lines = {}, []
+    with torch_threads(1):
+        for kv_cache_dtype in ("auto", "kitty2"):
+            start = time.perf_counter()
+            with vllm_engine(assets.smollm2_path(), dtype="float32", kv_cache_dtype=kv_cache_dtype,
+                             max_model_len=1536, max_num_seqs=GSM8K_PROBLEMS, max_num_batched_tokens=1024,
+                             kv_cache_memory_bytes=1 << 29) as llm:
+                runs[kv_cache_dtype] = score_gsm8k(llm, problems, use_tqdm=False)
+            score = runs[kv_cache_dtype][0]
+            lines.append(f"{kv_cache_dtype:<8} {score.score:6.1%} ± {score.ci95:5.1%} "
+                         f"{time.perf_counter() - start:7.1f} s")
+    print(f"\nSmolLM2-135M-Instruct, GSM8K 8-shot, first {GSM8K_PROBLEMS} problems, float32")
+    print("\n".join(lines))
+    return runs
+
+
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "kitty2"])
+def test_gsm8k_completions_follow_the_exemplars(gsm8k_runs, kv_cache_dtype):
+    score, completions = gsm8k_runs[kv_cache_dtype]
+    assert score.n == GSM8K_PROBLEMS and 0 <= score.score <= 1
+    stated = [gsm8k.final_number(c) is not None and "The answer is" in c for c in completions]
+    assert sum(stated) >= MIN_STATED_ANSWERS * GSM8K_PROBLEMS, completions
+
+
+# 3. The evaluation's parts: answer checking, statistics, results file, dtype specs, needle prompts.
+
+@pytest.mark.parametrize("completion, solution, correct", [
+    (" 16 - 3 - 4 = 9 eggs, 9 * 2 = 18. The answer is 18.", "... #### 18", True),
+    (" The answer is $1,234.00.", "#### 1,234", True),
+    (" The answer is 7. Then she has 9 left.", "#### 9", False),   # the stated answer, not the last number
+    (" So she has 5 + 3 = 8 dollars left.", "#### 8", True),        # no statement: the last number
+    (" The answer is -3.", "#### -3", True),
+    (" I do not know.", "#### 3", False),
+])
+def test_gsm8k_checks_the_final_number(completion, solution, correct):
+    assert gsm8k.is_correct(completion, solution) is correct
+
+
+def test_gsm8k_prompt_is_eight_exemplars_then_the_question():
+    from kitty_vllm import assets
+
+    question = assets.gsm8k_test()[0]["question"]
+    prompt = gsm8k.prompt(question)
+    assert prompt.count("\nA: ") == 8 and prompt.count("The answer is") == 8
+    assert prompt.startswith("Q: There are 15 trees") and prompt.endswith(f"Q: {question}\nA:")
+    with pytest.raises(ValueError, match="####"):
+        gsm8k.reference_answer("no marker")
+
+
+def test_scores_and_their_intervals():
+    from kitty_vllm.eval import perplexity, proportion
+
+    score = proportion([True, False, True, True])
+    assert (score.n, score.score) == (4, 0.75)
+    assert score.ci95 == pytest.approx(1.96 * (0.75 * 0.25 / 3) ** 0.5)
+    ppl = perplexity([1.0, 1.2])
+    assert ppl.score == pytest.approx(2.718281828 ** 1.1)
+    assert ppl.ci95 == pytest.approx(1.96 * ppl.score * 0.1)   # stdev 0.2 / sqrt(2), over sqrt(2) windows
+    assert perplexity([1.0]).ci95 is None
+
+
+def test_results_merge_and_print_as_a_table(tmp_path):
+    from kitty_vllm.eval import Record, markdown_table, merge_records
+
+    path = tmp_path / "results" / "accuracy.json"
+    merge_records(path, [Record("m", "gsm8k", "auto", 10, 0.5, 0.3), Record("m", "perplexity-8k", "auto", 2, 20.0, 1.0)])
+    records = merge_records(path, [Record("m", "perplexity-8k", "kitty2", 2, 21.0, None),
+                                   Record("m", "gsm8k", "auto", 10, 0.6, 0.3)])
+    assert records == json.loads(path.read_text())
+    assert sorted((r["task"], r["kv_cache_dtype"], r["score"]) for r in records) == [
+        ("gsm8k", "auto", 0.6), ("perplexity-8k", "auto", 20.0), ("perplexity-8k", "kitty2", 21.0)]
+    table = markdown_table(records)
+    assert "| m | perplexity-8k | 2 | 20.000 ± 1.000 | 21.000 (+5.0%) |" in table
+    assert "| m | gsm8k | 10 | 60.0 ± 30.0 |  |" in table
+
+
+def test_cache_specs_and_ablation_files():
+    from kitty_vllm.config import KittyConfig, KittyConfigError
+    from kitty_vllm.eval import ABLATIONS, CacheSpec
+
+    assert CacheSpec.parse("fp8") == CacheSpec("fp8") and CacheSpec.parse("fp8").label == "fp8"
+    kitty2 = KittyConfig.from_preset("kitty2")
+    changed = {}
+    for text in ABLATIONS:
+        spec = CacheSpec.parse(text)
+        assert spec.label == text and spec.kv_cache_dtype == "kitty2"
+        config = KittyConfig.from_yaml(spec.config_file)
+        changed[spec.config_file.stem] = {k: v for k, v in vars(config).items() if vars(kitty2)[k] != v}
+    assert changed == {"boost-variance": {"boost_policy": "variance"}, "boost-random": {"boost_policy": "random"},
+                       "boost-ratio-50": {"boost_ratio": 0.5}}
+    with pytest.raises(ValueError, match="kitty dtypes only"):
+        CacheSpec.parse("fp8:boost-random")
+    with pytest.raises(KittyConfigError, match="cannot read"):
+        CacheSpec.parse("kitty2:no-such-ablation")
+
+
+def test_needle_prompts_fill_the_context_and_hold_the_pass_key():
+    from transformers import AutoTokenizer
+
+    from kitty_vllm import assets, needle
+
+    tokenizer = AutoTokenizer.from_pretrained(assets.smollm2_path())
+    trials = needle.build_trials(tokenizer, (1024, 4096))
+    assert [(t.context_length, t.depth) for t in trials] == [(n, d) for n in (1024, 4096) for d in needle.DEPTHS]
+    assert len({t.pass_key for t in trials}) == len(trials)
+    for trial in trials:
+        budget = trial.context_length - needle.MAX_NEW_TOKENS
+        assert budget - 32 <= len(trial.prompt_token_ids) <= budget
+        text = tokenizer.decode(trial.prompt_token_ids)
+        where = text.index(needle.needle_sentence(trial.pass_key)) / text.index(needle.QUESTION)
+        assert abs(where - trial.depth) < 0.05, (trial.depth, where)
+        assert trial.is_correct(f" {trial.pass_key}.") and not trial.is_correct(" 1234567")
