@@ -1,4 +1,6 @@
-"""The accuracy evaluation (kitty_vllm.eval), reduced to what two CPU cores can run.
+"""The accuracy evaluation (kitty_vllm.eval), reduced to what two CPU cores can run: (1) why its
+perplexity may come from prompt log-probabilities, (2) a small GSM8K run on SmolLM2, (3) its parts.
+The perplexity part of the CPU version is tests/test_smollm2_perplexity.py.
 
 1. Why perplexity may be scored with prompt log-probabilities. Kitty's cache schedule
    (kitty_vllm.reference) gives the query at position p every page complete at p, dequantized, in
@@ -104,9 +106,10 @@ def test_the_comparison_sees_quantization(tiny_logprobs, kv_cache_dtype):
 
 # 2. GSM8K, 8-shot chain of thought, on SmolLM2-135M-Instruct: GSM8K_PROBLEMS problems through vLLM
 # with auto and kitty2 (the eval's own prompt, generation and scoring). A 135M model solves few of
-# them (SmolLM2-135M-Instruct reports 1.4% on GSM8K), so the run checks what it can: the long 8-shot
-# prompt (about 900 tokens: seven pages, six of them read quantized) still makes the model answer in
-# the exemplars' form, as it does without quantization.
+# them (SmolLM2-135M-Instruct reports 1.4% on GSM8K), so the run checks what it can: with the 8-shot
+# prompt (about 800 tokens, so every answer reads six or seven packed pages) in a kitty2 cache, the
+# model still answers in the exemplars' form, as it does without quantization. 12 problems keep
+# the module near 5 minutes on two cores.
 
 GSM8K_PROBLEMS = 12
 MIN_STATED_ANSWERS = 0.6
