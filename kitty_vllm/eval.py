@@ -356,7 +356,7 @@ def evaluate(args: argparse.Namespace) -> list[dict[str, Any]]:
     needed += [args.ppl_window + 1] * bool(windows) + [t.context_length for t in trials]
     max_model_len = min(max_positions, max(needed))
 
-    runs = [(CacheSpec.parse(d), args.tasks) for d in args.kv_cache_dtypes]
+    runs = [(spec, args.tasks) for spec in args.specs]
     if args.ablations:
         runs += [(CacheSpec.parse(a), ("gsm8k",)) for a in ABLATIONS]
     path = args.json or default_json_path()
@@ -432,6 +432,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         if args.dtype not in ("auto", "float32"):
             parser.error("--reference is a float32 simulation; --dtype must be float32")
         args.dtype = "float32"
+    try:
+        args.specs = [CacheSpec.parse(d) for d in args.kv_cache_dtypes]
+    except ValueError as e:   # KittyConfigError included
+        parser.error(str(e))
+    if args.ablations and "gsm8k" not in args.tasks:
+        parser.error("--ablations are GSM8K runs: add gsm8k to --tasks")
     if args.limit is not None and args.limit < 1:
         parser.error("--limit must be positive")
     return args

@@ -234,3 +234,28 @@ def test_needle_prompts_fill_the_context_and_hold_the_pass_key():
         where = text.index(needle.needle_sentence(trial.pass_key)) / text.index(needle.QUESTION)
         assert abs(where - trial.depth) < 0.05, (trial.depth, where)
         assert trial.is_correct(f" {trial.pass_key}.") and not trial.is_correct(" 1234567")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--kv-cache-dtypes", "fp8:boost-random"], "kitty dtypes only"),
+    (["--reference"], "perplexity only"),
+    (["--reference", "--tasks", "perplexity", "--dtype", "bfloat16"], "float32"),
+    (["--tasks", "needle", "--ablations"], "add gsm8k"),
+])
+def test_command_line_refuses_what_it_cannot_run(monkeypatch, capsys, argv, message):
+    from kitty_vllm.eval import parse_args
+
+    monkeypatch.delenv("KITTY_CONFIG", raising=False)
+    with pytest.raises(SystemExit):
+        parse_args(["--model", "smollm2", *argv])
+    assert message in capsys.readouterr().err
+
+
+def test_command_line_refuses_an_inherited_kitty_config(monkeypatch, capsys):
+    """KITTY_CONFIG would change every kitty dtype of the run without its records saying so."""
+    from kitty_vllm.eval import parse_args
+
+    monkeypatch.setenv("KITTY_CONFIG", "configs/ablations/boost-random.yaml")
+    with pytest.raises(SystemExit):
+        parse_args(["--model", "smollm2"])
+    assert "pass DTYPE:FILE.yaml instead" in capsys.readouterr().err
