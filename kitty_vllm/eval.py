@@ -48,6 +48,7 @@ import json
 import logging
 import math
 import os
+import re
 import statistics
 import tempfile
 import time
@@ -236,13 +237,13 @@ def engine(model_dir: Path, spec: CacheSpec, **kwargs) -> Iterator[Any]:
 # ---------------------------------------------------------------------------------------- results
 
 def device_name() -> str:
-    """``h100`` for "NVIDIA H100 80GB HBM3", ``cpu`` without a GPU."""
+    """``nvidia-h100-80gb-hbm3`` for "NVIDIA H100 80GB HBM3" (the slug benchmarks/report.py uses),
+    ``cpu`` without a GPU."""
     import torch
 
     if not torch.cuda.is_available():
         return "cpu"
-    words = [w for w in torch.cuda.get_device_name(0).lower().split() if w not in ("nvidia", "tesla")]
-    return words[0] if words else "gpu"
+    return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(0).lower()).strip("-")
 
 
 def default_json_path() -> Path:

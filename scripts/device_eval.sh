@@ -15,8 +15,8 @@
 # `run` stashes too, rebuilds the wheels, installs kitty_vllm's entry point and the gguf package, and
 # runs the evaluation (stopped after EVAL_TIMEOUT_S, default 540 s, to stay inside one call); models
 # are converted to bf16 on first use (cached under /tmp/kitty-cache while the machine lives). Results
-# merge into /tmp/kitty-cache/results/accuracy-<gpu>-<date>.json, copied with the log to $OUT after
-# every run.
+# merge into /tmp/kitty-cache/results/accuracy-<gpu>-<date>.json (e.g. gpu = nvidia-h100-80gb-hbm3),
+# copied with the log to $OUT after every run, so the latest call's file holds every run so far.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CHUNK=60M
