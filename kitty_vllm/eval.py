@@ -219,7 +219,6 @@ def engine(model_dir: Path, spec: CacheSpec, **kwargs) -> Iterator[Any]:
     """A ``vllm.LLM`` for ``model_dir`` with ``spec``'s KV cache, shut down (and vLLM's process-wide
     state reset) on exit so that the next one starts clean. ``kwargs`` go to ``LLM``."""
     from vllm import LLM
-    from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
 
     with kitty_config_env(spec):
         start = time.perf_counter()
@@ -228,10 +227,18 @@ def engine(model_dir: Path, spec: CacheSpec, **kwargs) -> Iterator[Any]:
         try:
             yield llm
         finally:
-            llm.llm_engine.engine_core.shutdown()
-            del llm
-            gc.collect()
-            cleanup_dist_env_and_memory()
+            shutdown(llm)
+
+
+def shutdown(llm) -> None:
+    """Stop an in-process ``vllm.LLM`` and reset vLLM's process-wide state, so the next engine starts
+    clean in the same process."""
+    from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+    llm.llm_engine.engine_core.shutdown()
+    del llm
+    gc.collect()
+    cleanup_dist_env_and_memory()
 
 
 # ---------------------------------------------------------------------------------------- results

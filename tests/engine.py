@@ -11,7 +11,6 @@ process-wide state (distributed groups, environment cache) is reset, so the next
 from __future__ import annotations
 
 import contextlib
-import gc
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,7 +35,8 @@ def vllm_engine(model: str | Path, **kwargs) -> Iterator:
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         from vllm import LLM
-        from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+        from kitty_vllm.eval import shutdown
 
         start = time.perf_counter()
         llm = LLM(model=str(model), **{**ENGINE_DEFAULTS, **kwargs})
@@ -45,10 +45,7 @@ def vllm_engine(model: str | Path, **kwargs) -> Iterator:
         try:
             yield llm
         finally:
-            llm.llm_engine.engine_core.shutdown()
-            del llm
-            gc.collect()
-            cleanup_dist_env_and_memory()
+            shutdown(llm)
 
 
 @contextlib.contextmanager
