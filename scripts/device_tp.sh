@@ -2,11 +2,12 @@
 # Tensor parallelism on the lent 2-GPU machine (nvidia-h200-x2): tests/test_tensor_parallel.py through
 # vLLM's mp and ray executors, its figures written to $OUT/tensor_parallel.json.
 #
-# Ray is not on the GPU image. Its wheel (CPython 3.12, manylinux x86_64; every dependency it needs is
-# on the image or in the vLLM bundle) travels split over .whl-ray/1 and .whl-ray/2, git-ignored and
-# under 60 MiB each because one call carries at most 64 MiB; chunk 2 also carries the essays wheel
-# that the tiny model's tokenizer is trained on. Each chunk's install.sh keeps its part in
-# /tmp/ray-parts and installs Ray into /tmp/site-ray once all parts are there.
+# Ray is not on the GPU image. Its wheel (CPython 3.12, manylinux x86_64) travels split over .whl-ray/1
+# and .whl-ray/2, git-ignored and under 60 MiB each because one call carries at most 64 MiB. Chunk 1
+# also carries the wheels of Ray's dependencies that the image lacks (jsonschema and its own needs, at
+# the vLLM bundle's versions), chunk 2 the essays wheel that the tiny model's tokenizer is trained on.
+# Each chunk's install.sh keeps its part in /tmp/ray-parts and installs Ray and those dependencies
+# into /tmp/site-ray once all parts are there, so Ray imports without the vLLM bundle on the path.
 #   bash scripts/device_tp.sh bundle           # here, once: writes .whl-ray/1 and .whl-ray/2
 # On the device, after the vLLM bundle (../shared/gpu/make-bundle) is installed in /opt/vsite:
 #   bash .whl-ray/1/install.sh                                        # carry .whl-ray/1
@@ -16,15 +17,34 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 RAY_VERSION=2.56.1      # the Ray release of vLLM 0.26.0's month; vLLM's Ray executor needs >= 2.43
 BUNDLE=.whl-ray
+# Ray's dependencies that the GPU image already has (its package list: `python3 -m pip list` there);
+# every other one is carried, pinned to the vLLM bundle's version where that has one.
+ON_IMAGE="attrs certifi charset-normalizer click filelock idna msgpack packaging protobuf pyyaml requests
+  typing-extensions urllib3"
+VLLM_BUNDLE_PINS=../shared/gpu/device-deps.txt
 
 bundle() {
   local cache=${KITTY_BUNDLE_CACHE:-$HOME/.cache/kitty-gpu-bundle}/ray
   mkdir -p "$cache"
-  python3 -m pip download -q --disable-pip-version-check --no-deps --only-binary=:all: \
-    --python-version 3.12 --implementation cp --platform manylinux2014_x86_64 -d "$cache" "ray==$RAY_VERSION"
+  local target=(--only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux2014_x86_64)
+  python3 -m pip download -q --disable-pip-version-check --no-deps "${target[@]}" -d "$cache" "ray==$RAY_VERSION"
   local wheel
   wheel=$(ls "$cache"/ray-"$RAY_VERSION"-cp312-cp312-*.whl)
-  rm -rf "$BUNDLE"; mkdir -p "$BUNDLE/1" "$BUNDLE/2"
+  rm -rf "$BUNDLE"; mkdir -p "$BUNDLE/1/ray-deps" "$BUNDLE/2"
+  # Ray's dependency closure as pip resolves it for the device, less Ray itself and what the image has.
+  python3 -m pip install -q --disable-pip-version-check --dry-run --ignore-installed "${target[@]}" \
+    --target "$cache/unused" -c "$VLLM_BUNDLE_PINS" --report "$cache/report.json" "ray==$RAY_VERSION"
+  local deps
+  deps=$(python3 - "$cache/report.json" ray $ON_IMAGE <<'PY'
+import json, re, sys
+skip = set(sys.argv[2:])
+for item in json.load(open(sys.argv[1]))["install"]:
+    name = re.sub(r"[-_.]+", "-", item["metadata"]["name"]).lower()
+    if name not in skip:
+        print(f"{name}=={item['metadata']['version']}")
+PY
+)
+  python3 -m pip download -q --disable-pip-version-check --no-deps "${target[@]}" -d "$BUNDLE/1/ray-deps" $deps
   split -n 2 -d -a 1 "$wheel" "$BUNDLE/ray.whl.part-"
   mv "$BUNDLE/ray.whl.part-0" "$BUNDLE/1/"; mv "$BUNDLE/ray.whl.part-1" "$BUNDLE/2/"
   # The essays wheel, from the kitty cache (downloaded there once).
@@ -35,20 +55,22 @@ bundle() {
     echo 2 > "$chunk/ray.parts"
     cat > "$chunk/install.sh" <<'EOF'
 #!/usr/bin/env bash
-# Runs ON the device: keeps this chunk's part of the Ray wheel in /tmp/ray-parts (and any other wheel
-# in the kitty cache); once every part is there, installs Ray into /tmp/site-ray.
+# Runs ON the device: keeps this chunk's part of the Ray wheel and its dependencies' wheels in
+# /tmp/ray-parts (and any other wheel in the kitty cache); once every part is there, installs Ray and
+# those dependencies into /tmp/site-ray.
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 PARTS=/tmp/ray-parts
-mkdir -p "$PARTS" /tmp/kitty-cache/wheels
+mkdir -p "$PARTS/deps" /tmp/kitty-cache/wheels
 cp "$HERE"/ray.* "$PARTS/"
+if [ -d "$HERE/ray-deps" ]; then cp "$HERE"/ray-deps/*.whl "$PARTS/deps/"; fi
 for w in "$HERE"/*.whl; do [ -e "$w" ] && cp "$w" /tmp/kitty-cache/wheels/; done
 if [ "$(ls "$PARTS"/ray.whl.part-* | wc -l)" -lt "$(cat "$PARTS/ray.parts")" ]; then
   echo "Ray part kept in $PARTS; carry the next chunk now"; exit 0
 fi
 cat "$PARTS"/ray.whl.part-* > "$PARTS/$(cat "$PARTS/ray.wheel")"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-  --target /tmp/site-ray "$PARTS/$(cat "$PARTS/ray.wheel")"
+  --target /tmp/site-ray "$PARTS/$(cat "$PARTS/ray.wheel")" "$PARTS"/deps/*.whl
 PYTHONPATH=/tmp/site-ray python3 -c "import ray; print('ray', ray.__version__)"
 EOF
     chmod +x "$chunk/install.sh"
