@@ -19,12 +19,13 @@ small batches at long context still fill the GPU.
 
 **No dequantized copy.** A page's Key ``min[c] + code[t, c] * scale[c]`` gives scores
 ``(q * scale) . code + q . min``, and a Value ``vmin[t] + vcode[t, c] * vscale[t]`` gives
-``(p * vscale) . vcode + p . vmin``: the dot products run on the raw codes, small integers that are
-exact in bfloat16, on tensor cores. The float32 side is split into DOT_SPLITS bfloat16 parts (8
-mantissa bits each), so with 3 parts the products match float32 math to about 2^-24. The planar 2-bit
-layout makes the four 2-bit planes of a row four contiguous quarters of the channels, so a tile's bytes
-unpack with four shifts into codes in channel order.
-The sparse high plane of the boosted channels adds ``(4 q[idx] * scale[idx]) . high``.
+``(p * vscale) . vcode + p . vmin``: the dot products run on the raw codes, on tensor cores, as
+bfloat16 ``(code - 1.5) / 4`` (centered, so the float32 sums add no large terms; the offset goes into
+the bias). The float32 side is split into three bfloat16 parts (8 mantissa bits each), so the products
+match float32 math to about 2^-24. The planar 2-bit layout makes the four 2-bit planes of a row four
+contiguous quarters of the channels: a tile's bytes give plane j's codes, channels ``j * D / 4 + i``,
+with one shift and mask per four codes (_plane_values), and every dot is per plane, so codes are
+never reordered. The sparse high plane of the boosted channels adds ``(4 q[idx] * scale[idx]) . high``.
 Full-precision tokens (sinks, own page) use IEEE float32 dots.
 """
 
@@ -47,10 +48,10 @@ MIN_DOT_SIZE = 16
 PREFILL_ROWS = 64
 # 2-bit codes of one [tokens, head_dim] tile of Keys or Values: bounds the registers per tile.
 TILE_CODES = 8192
-# bfloat16 parts of the float32 operand of a dot with codes (module docstring).
-DOT_SPLITS = 3
-# Warps per program. (8 warps with 64 query rows at head_dim 64 fault on an H100 with Triton 3.6.)
-NUM_WARPS = 4
+# Warps per program. Decode has 16 query rows: 2 warps ran 1.3x faster than 4 on an H100. (8 warps
+# with 64 prefill rows at head_dim 64 fault on an H100 with Triton 3.6.)
+DECODE_WARPS = 2
+PREFILL_WARPS = 4
 # Programs per streaming multiprocessor that decode aims for before it splits pages over programs.
 PROGRAMS_PER_SM = 2
 MAX_SPLITS = 64
@@ -59,43 +60,73 @@ SCORE_FLOOR = tl.constexpr(-1.0e30)
 
 
 @triton.jit
-def _bf16_dot(a, b, INTERPRETED: tl.constexpr):
-    """a @ b for bfloat16 a, b with float32 products and sums. Triton's interpreter multiplies bfloat16
-    as raw bits (numpy has no bfloat16), so there the exact float32 equivalent runs."""
+def _bf16_dot(a, b, acc, INTERPRETED: tl.constexpr):
+    """acc + a @ b for bfloat16 a, b with float32 products and sums. Triton's interpreter multiplies
+    bfloat16 as raw bits (numpy has no bfloat16), so there the exact float32 equivalent runs."""
     if INTERPRETED:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    return tl.dot(a, b, out_dtype=tl.float32)
+        return acc + tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b, acc=acc, out_dtype=tl.float32)
 
 
 @triton.jit
-def _dot_codes(a, codes, DOT_SPLITS: tl.constexpr, INTERPRETED: tl.constexpr):
-    """a float32 [..., M, K] times codes bfloat16 [..., K, N] holding small integers: float32 result.
-    a is taken as the sum of DOT_SPLITS bfloat16 parts, each multiplied exactly on tensor cores."""
-    part = a.to(tl.bfloat16)
-    out = _bf16_dot(part, codes, INTERPRETED)
-    for _ in tl.static_range(DOT_SPLITS - 1):
-        a = a - part.to(tl.float32)
-        part = a.to(tl.bfloat16)
-        out += _bf16_dot(part, codes, INTERPRETED)
-    return out
+def _bf16_parts(a):
+    """float32 a as the sum of three bfloat16 parts (8 mantissa bits each, so a to about 2^-24)."""
+    high = a.to(tl.bfloat16)
+    a = a - high.to(tl.float32)
+    middle = a.to(tl.bfloat16)
+    return high, middle, (a - middle.to(tl.float32)).to(tl.bfloat16)
 
 
 @triton.jit
-def _codes_by_column(packed, HEAD_DIM: tl.constexpr):
-    """uint8 bytes [HEAD_DIM // 4, T] of T packed rows to bfloat16 codes [HEAD_DIM, T] in channel order:
-    plane j (bits 2j..2j+1) holds channels j * HEAD_DIM // 4 + i (kitty_vllm.layout). Integers go to
-    bfloat16 through float32: Triton's interpreter converts them to bfloat16 as raw bits."""
-    shifts = 2 * tl.arange(0, 4)[:, None, None]
-    codes = (packed[None, :, :].to(tl.int32) >> shifts) & 3                           # [4, D / 4, T]
-    return tl.reshape(codes, (HEAD_DIM, packed.shape[1])).to(tl.float32).to(tl.bfloat16)
+def _dot_parts(high, middle, low, values, acc, INTERPRETED: tl.constexpr):
+    """acc + (high + middle + low) @ values: a float32 operand (in _bf16_parts) times bfloat16 values."""
+    acc = _bf16_dot(low, values, acc, INTERPRETED)
+    acc = _bf16_dot(middle, values, acc, INTERPRETED)
+    return _bf16_dot(high, values, acc, INTERPRETED)
 
 
 @triton.jit
-def _codes_by_row(packed, HEAD_DIM: tl.constexpr):
-    """uint8 bytes [T, HEAD_DIM // 4] of T packed rows to bfloat16 codes [T, HEAD_DIM] in channel order."""
-    shifts = 2 * tl.arange(0, 4)[None, :, None]
-    codes = (packed[:, None, :].to(tl.int32) >> shifts) & 3                           # [T, 4, D / 4]
-    return tl.reshape(codes, (packed.shape[0], HEAD_DIM)).to(tl.float32).to(tl.bfloat16)
+def _code_values(packed, shift):
+    """uint8 packed codes (any shape) to bfloat16 ``(code - 1.5) / 4`` for the 2-bit code at bit
+    ``shift`` (a scalar, or a tensor that broadcasts with ``packed``): centered, so dots with them add
+    no large terms, and exact in bfloat16. ``sum(a * code) = (4 a) . values + 1.5 sum(a)``."""
+    code = (packed.to(tl.int32) >> shift) & 3
+    return ((code.to(tl.float32) - 1.5) * 0.25).to(tl.bfloat16)
+
+
+@triton.jit
+def _plane_values(packed, PLANE: tl.constexpr, INTERPRETED: tl.constexpr):
+    """_code_values of 2-bit plane PLANE (bits 2 PLANE and 2 PLANE + 1) of every byte, four bytes at a
+    time and with no integer-to-float conversion: move the plane's bits to bits 5-6 of each byte and set
+    bit 7 (a shift and a LOP3); interleave the bytes with 0x3F into two bfloat16 pairs ``1 + code / 4``
+    (two PRMT); subtract 1.375 from both pairs (two bfloat16x2 subtractions, exact)."""
+    if INTERPRETED:   # the interpreter runs no PTX
+        return _code_values(packed, 2 * PLANE)
+    if PLANE == 0:
+        move: tl.constexpr = "shl.b32 t, $2, 5;"
+    elif PLANE == 1:
+        move: tl.constexpr = "shl.b32 t, $2, 3;"
+    elif PLANE == 2:
+        move: tl.constexpr = "shl.b32 t, $2, 1;"
+    else:
+        move: tl.constexpr = "shr.b32 t, $2, 1;"
+    return tl.inline_asm_elementwise(
+        "{ .reg .b32 t, c; " + move + " lop3.b32 t, t, 0x60606060, 0x80808080, 0xEA;"
+        " prmt.b32 $0, t, 0x3F, 0x4140; prmt.b32 $1, t, 0x3F, 0x4342; mov.b32 c, 0x3FB03FB0;"
+        " sub.rn.bf16x2 $0, $0, c; sub.rn.bf16x2 $1, $1, c; }",
+        "=r,=r,r", [packed], dtype=tl.bfloat16, is_pure=True, pack=4)
+
+
+@triton.jit
+def _load_quarters(row_ptr, mask, factor, Q: tl.constexpr):
+    """Rows at ``row_ptr`` [R] (pointers to HEAD_DIM = 4 Q contiguous elements) as four float32 [R, Q]
+    tiles times ``factor``: quarter j holds channels ``j * Q + i``, the channels of 2-bit plane j."""
+    i = tl.arange(0, Q)
+    quarters = ()
+    for j in tl.static_range(4):
+        quarter = tl.load(row_ptr[:, None] + j * Q + i[None, :], mask=mask[:, None], other=0.0)
+        quarters = quarters + (quarter.to(tl.float32) * factor,)
+    return quarters
 
 
 @triton.jit
@@ -110,7 +141,7 @@ def _softmax_step(scores, running_max, running_sum):
 
 @triton.jit
 def _attend_full_precision(
-    query, running_max, running_sum, acc,   # query [ROWS, D] float32 (scaled, log2 units); acc [ROWS, D]
+    query, running_max, running_sum, acc,   # query, acc: 4 quarters [ROWS, D / 4] float32 (query scaled, log2 units)
     stage_ptr,          # [num_stage_blocks, 2, tokens_per_block, H, D]
     stage_row_ptr,      # [max_stage_blocks] int32: the request's staging blocks
     new_key_ptr, new_value_ptr,   # this step's Key / Value of the block's first query position, head offset applied
@@ -123,7 +154,7 @@ def _attend_full_precision(
     ``t % PAGE_SIZE``, in row ``first_row + slot // tokens_per_block`` at ``slot % tokens_per_block``
     (sinks and the ring both follow this rule with their own first_row and tokens_per_block);
     t >= context is this step's token ``t - first_pos`` after the block's first query."""
-    c = tl.arange(0, HEAD_DIM)
+    Q: tl.constexpr = HEAD_DIM // 4
     for start in range(first, end, TILE):
         t = start + tl.arange(0, TILE)
         valid = t < end
@@ -131,21 +162,24 @@ def _attend_full_precision(
         fresh = valid & (t >= context)
         slot = t % PAGE_SIZE
         block = tl.load(stage_row_ptr + first_row + slot // tokens_per_block, mask=staged, other=0)
-        row = (block.to(tl.int64) * stride_sb + (slot % tokens_per_block) * stride_st
-               + head * stride_sh)                                                        # [T]
+        row = stage_ptr + (block.to(tl.int64) * stride_sb + (slot % tokens_per_block) * stride_st
+                           + head * stride_sh)                                            # [T]
         step = (t - first_pos).to(tl.int64)
-        stage_ptrs = stage_ptr + row[:, None] + c[None, :]                                # [T, D]
-        keys = (tl.load(stage_ptrs, mask=staged[:, None], other=0.0).to(tl.float32)
-                + tl.load(new_key_ptr + step[:, None] * stride_nt + c[None, :], mask=fresh[:, None],
-                          other=0.0).to(tl.float32))
-        values = (tl.load(stage_ptrs + stride_skv, mask=staged[:, None], other=0.0).to(tl.float32)
-                  + tl.load(new_value_ptr + step[:, None] * stride_nvt + c[None, :], mask=fresh[:, None],
-                            other=0.0).to(tl.float32))
-        scores = tl.dot(query, tl.trans(keys), input_precision="ieee")                  # [ROWS, T]
+        keys = _load_quarters(row, staged, 1.0, Q)
+        fresh_keys = _load_quarters(new_key_ptr + step * stride_nt, fresh, 1.0, Q)
+        values = _load_quarters(row + stride_skv, staged, 1.0, Q)
+        fresh_values = _load_quarters(new_value_ptr + step * stride_nvt, fresh, 1.0, Q)
+        scores = tl.zeros((query[0].shape[0], TILE), tl.float32)
+        for j in tl.static_range(4):
+            scores += tl.dot(query[j], tl.trans(keys[j] + fresh_keys[j]), input_precision="ieee")   # [ROWS, T]
         seen = (t[None, :] >= row_first[:, None]) & (t[None, :] <= row_last[:, None]) & valid[None, :]
         probs, running_max, running_sum, correction = _softmax_step(
             tl.where(seen, scores, float("-inf")), running_max, running_sum)
-        acc = acc * correction[:, None] + tl.dot(probs, values, input_precision="ieee")
+        updated = ()
+        for j in tl.static_range(4):
+            updated = updated + (acc[j] * correction[:, None]
+                                 + tl.dot(probs, values[j] + fresh_values[j], input_precision="ieee"),)
+        acc = updated
     return running_max, running_sum, acc
 
 
@@ -172,7 +206,7 @@ def _attention_kernel(
     DECODE: tl.constexpr, NUM_SPLITS: tl.constexpr,
     GROUP: tl.constexpr, GROUP_ROWS: tl.constexpr, ROWS: tl.constexpr,
     PAGE_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, NUM_BOOST: tl.constexpr, BOOST_ROWS: tl.constexpr,
-    TILE: tl.constexpr, STAGE_TILE: tl.constexpr, DOT_SPLITS: tl.constexpr, INTERPRETED: tl.constexpr,
+    TILE: tl.constexpr, STAGE_TILE: tl.constexpr, INTERPRETED: tl.constexpr,
     KEY_LOW_OFFSET: tl.constexpr, KEY_HIGH_OFFSET: tl.constexpr, BOOST_INDEX_OFFSET: tl.constexpr,
     KEY_SCALE_OFFSET: tl.constexpr, KEY_MIN_OFFSET: tl.constexpr, VALUE_CODES_OFFSET: tl.constexpr,
     VALUE_SCALE_OFFSET: tl.constexpr, VALUE_MIN_OFFSET: tl.constexpr,
@@ -207,13 +241,13 @@ def _attention_kernel(
     last_pos = first_pos + count - 1
     pages = (last_pos + 1) // PAGE_SIZE
 
-    c = tl.arange(0, HEAD_DIM)
     q_rows = (first_token + token).to(tl.int64) * stride_qt + q_head * stride_qh          # [ROWS]
-    query = tl.load(query_ptr + q_rows[:, None] + c[None, :], mask=row_valid[:, None],
-                    other=0.0).to(tl.float32) * scale_log2                               # [ROWS, D]
+    query = _load_quarters(query_ptr + q_rows, row_valid, scale_log2, Q)                 # 4 x [ROWS, Q]
     running_max = tl.full((ROWS,), SCORE_FLOOR, tl.float32)
     running_sum = tl.zeros((ROWS,), tl.float32)
-    acc = tl.zeros((ROWS, HEAD_DIM), tl.float32)
+    acc = ()
+    for j in tl.static_range(4):
+        acc = acc + (tl.zeros((ROWS, Q), tl.float32),)
 
     stage_row_ptr = stage_table_ptr + request * stride_stage_table
     new_key = new_key_ptr + first_token * stride_nt + head * stride_nh
@@ -227,44 +261,61 @@ def _attention_kernel(
 
     per_split = tl.cdiv(pages, NUM_SPLITS)
     t = tl.arange(0, TILE)
-    q_lane = tl.arange(0, Q)
+    i = tl.arange(0, Q)
     page_row_ptr = page_table_ptr + request * stride_page_table
     for page in range(split * per_split, tl.minimum(split * per_split + per_split, pages)):
         block = tl.load(page_row_ptr + page)
         page_ptr = packed_ptr + block.to(tl.int64) * stride_pb + head.to(tl.int64) * stride_ph
-        key_scale = tl.load((page_ptr + KEY_SCALE_OFFSET).to(tl.pointer_type(tl.float16)) + c).to(tl.float32)
-        key_min = tl.load((page_ptr + KEY_MIN_OFFSET).to(tl.pointer_type(tl.float16)) + c).to(tl.float32)
-        scaled_query = query * key_scale[None, :]                                        # [ROWS, D]
-        key_bias = tl.sum(query * key_min[None, :], axis=1)                              # [ROWS]
+        # Keys: q . (min + scale * code) = (4 q scale) . values + q . min + 1.5 sum(q scale) (_code_values).
+        key_scale_ptr = (page_ptr + KEY_SCALE_OFFSET).to(tl.pointer_type(tl.float16))
+        key_min_ptr = (page_ptr + KEY_MIN_OFFSET).to(tl.pointer_type(tl.float16))
+        key_bias = tl.zeros((ROWS,), tl.float32)
+        key_parts = ()
+        for j in tl.static_range(4):
+            scaled = query[j] * (4.0 * tl.load(key_scale_ptr + j * Q + i).to(tl.float32))[None, :]    # [ROWS, Q]
+            key_min = tl.load(key_min_ptr + j * Q + i).to(tl.float32)
+            key_bias += tl.sum(query[j] * key_min[None, :] + 0.375 * scaled, axis=1)
+            key_parts = key_parts + _bf16_parts(scaled)
         if NUM_BOOST > 0:
+            # A boosted channel adds (4 q scale) . high = (16 q scale) . values + 6 sum(q scale).
             rank = tl.arange(0, BOOST_ROWS)
             boosted = rank < NUM_BOOST
             index = tl.load(page_ptr + BOOST_INDEX_OFFSET + rank, mask=boosted, other=0).to(tl.int32)
-            boost_scale = tl.load((page_ptr + KEY_SCALE_OFFSET).to(tl.pointer_type(tl.float16)) + index,
+            boost_scale = tl.load(key_scale_ptr + index,
                                   mask=boosted, other=0.0).to(tl.float32)
             boost_query = tl.load(query_ptr + q_rows[:, None] + index[None, :],
                                   mask=row_valid[:, None] & boosted[None, :], other=0.0).to(tl.float32)
-            boost_query = boost_query * (scale_log2 * 4.0) * boost_scale[None, :]         # [ROWS, BOOST_ROWS]
+            boost_query = boost_query * (scale_log2 * 16.0) * boost_scale[None, :]        # [ROWS, BOOST_ROWS]
+            key_bias += 0.375 * tl.sum(boost_query, axis=1)
+            boost_high, boost_middle, boost_low = _bf16_parts(boost_query)
+            high_shift = (2 * (rank // quarter))[:, None]
         # Page 0 starts with the sinks, read above in full precision: skip their whole tiles here.
         for start in range(tl.maximum(sink_tokens - page * PAGE_SIZE, 0) // TILE * TILE, PAGE_SIZE, TILE):
             tt = start + t
-            key_bytes = tl.load(page_ptr + KEY_LOW_OFFSET + tt[None, :] * Q + q_lane[:, None])     # [Q, T]
-            scores = _dot_codes(scaled_query, _codes_by_column(key_bytes, HEAD_DIM), DOT_SPLITS, INTERPRETED)
+            key_bytes = tl.load(page_ptr + KEY_LOW_OFFSET + tt[None, :] * Q + i[:, None])     # [Q, T]
+            scores = tl.zeros((ROWS, TILE), tl.float32) + key_bias[:, None]
+            for j in tl.static_range(4):
+                scores = _dot_parts(key_parts[3 * j], key_parts[3 * j + 1], key_parts[3 * j + 2],
+                                    _plane_values(key_bytes, j, INTERPRETED), scores, INTERPRETED)
             if NUM_BOOST > 0:
                 high = tl.load(page_ptr + KEY_HIGH_OFFSET + tt[None, :] * quarter + (rank % quarter)[:, None],
                                mask=boosted[:, None], other=0)                                # [BOOST_ROWS, T]
-                high = ((high.to(tl.int32) >> (2 * (rank // quarter))[:, None]) & 3).to(tl.float32).to(tl.bfloat16)
-                scores += _dot_codes(boost_query, high, DOT_SPLITS, INTERPRETED)
+                scores = _dot_parts(boost_high, boost_middle, boost_low,
+                                    _code_values(high, high_shift), scores, INTERPRETED)
             seen = (page * PAGE_SIZE + tt >= sink_tokens)[None, :] & (page < full)[:, None]
             probs, running_max, running_sum, correction = _softmax_step(
-                tl.where(seen, scores + key_bias[:, None], float("-inf")), running_max, running_sum)
-            value_bytes = tl.load(page_ptr + VALUE_CODES_OFFSET + tt[:, None] * Q + q_lane[None, :])  # [T, Q]
+                tl.where(seen, scores, float("-inf")), running_max, running_sum)
+            # Values: p . (min + scale * code) = (4 p scale) . values + p . (min + 1.5 scale).
+            value_bytes = tl.load(page_ptr + VALUE_CODES_OFFSET + tt[:, None] * Q + i[None, :])  # [T, Q]
             value_scale = tl.load((page_ptr + VALUE_SCALE_OFFSET).to(tl.pointer_type(tl.float16)) + tt).to(tl.float32)
             value_min = tl.load((page_ptr + VALUE_MIN_OFFSET).to(tl.pointer_type(tl.float16)) + tt).to(tl.float32)
-            value_bias = tl.sum(probs * value_min[None, :], axis=1)                      # [ROWS]
-            acc = (acc * correction[:, None] + value_bias[:, None]
-                   + _dot_codes(probs * value_scale[None, :], _codes_by_row(value_bytes, HEAD_DIM), DOT_SPLITS,
-                                INTERPRETED))
+            value_bias = tl.sum(probs * (value_min + 1.5 * value_scale)[None, :], axis=1)    # [ROWS]
+            high, middle, low = _bf16_parts(probs * (4.0 * value_scale)[None, :])
+            updated = ()
+            for j in tl.static_range(4):
+                updated = updated + (_dot_parts(high, middle, low, _plane_values(value_bytes, j, INTERPRETED),
+                                                acc[j] * correction[:, None] + value_bias[:, None], INTERPRETED),)
+            acc = updated
 
     if split == NUM_SPLITS - 1:
         own_first = tl.maximum(full * PAGE_SIZE, sink_tokens)                            # [ROWS]
@@ -276,14 +327,16 @@ def _attention_kernel(
 
     if NUM_SPLITS == 1:
         # An empty row (e.g. batch padding) gets zeros rather than 0 / 0.
-        out = acc / tl.where(running_sum > 0, running_sum, 1.0)[:, None]
+        total = tl.where(running_sum > 0, running_sum, 1.0)[:, None]
         out_rows = (first_token + token).to(tl.int64) * stride_ot + q_head * stride_oh
-        tl.store(out_ptr + out_rows[:, None] + c[None, :], out.to(out_ptr.dtype.element_ty),
-                 mask=row_valid[:, None])
+        for j in tl.static_range(4):
+            tl.store(out_ptr + out_rows[:, None] + j * Q + i[None, :], (acc[j] / total).to(out_ptr.dtype.element_ty),
+                     mask=row_valid[:, None])
     else:
         num_q_heads = tl.num_programs(1) * GROUP
         base = ((request * num_q_heads + q_head) * NUM_SPLITS + split) * (HEAD_DIM + 2)   # [ROWS]
-        tl.store(partial_ptr + base[:, None] + c[None, :], acc, mask=row_valid[:, None])
+        for j in tl.static_range(4):
+            tl.store(partial_ptr + base[:, None] + j * Q + i[None, :], acc[j], mask=row_valid[:, None])
         tl.store(partial_ptr + base + HEAD_DIM, running_max, mask=row_valid)
         tl.store(partial_ptr + base + HEAD_DIM + 1, running_sum, mask=row_valid)
 
@@ -359,7 +412,7 @@ def _check(query, new_key, new_value, packed, stage, page_table, stage_table, co
 
 
 def _launch(query, new_key, new_value, packed, stage, page_table, stage_table, blocks, seq_lens, out,
-            partial, config, stage_layout, layout, scale, grid, decode, num_splits, group_rows, rows):
+            partial, config, stage_layout, layout, scale, grid, decode, num_splits, group_rows, rows, num_warps):
     head_dim = query.shape[-1]
     num_kv_heads = packed.shape[1]
     group = query.shape[1] // num_kv_heads
@@ -380,8 +433,8 @@ def _launch(query, new_key, new_value, packed, stage, page_table, stage_table, b
         BOOST_ROWS=max(MIN_DOT_SIZE, layout.num_boost),
         TILE=max(MIN_DOT_SIZE, min(layout.page_size, TILE_CODES // head_dim)),
         STAGE_TILE=max(MIN_DOT_SIZE, min(layout.page_size, TILE_CODES // 4 // head_dim)),
-        DOT_SPLITS=DOT_SPLITS, INTERPRETED=os.environ.get("TRITON_INTERPRET") == "1", **section_offsets(layout),
-        num_warps=NUM_WARPS,
+        INTERPRETED=os.environ.get("TRITON_INTERPRET") == "1", **section_offsets(layout),
+        num_warps=num_warps,
     )
 
 
@@ -417,7 +470,7 @@ def decode_attention(query: torch.Tensor, packed: torch.Tensor, stage: torch.Ten
                            device=query.device) if splits > 1 else out)
     _launch(query, None, None, packed, stage, page_table, stage_table, seq_lens, seq_lens, out, partial,
             config, stage_layout, layout, scale, (num_requests, num_kv_heads, splits), True, splits,
-            group_rows, max(MIN_DOT_SIZE, group_rows))
+            group_rows, max(MIN_DOT_SIZE, group_rows), DECODE_WARPS)
     if splits > 1:
         _merge_splits_kernel[(num_requests, num_heads)](
             partial, out, out.stride(0), out.stride(1),
@@ -457,5 +510,5 @@ def prefill_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     table = torch.tensor(blocks, dtype=torch.int32).to(query.device, non_blocking=True)
     _launch(query, key, value, packed, stage, page_table, stage_table, table, table, out, out,
             config, stage_layout, layout, scale, (len(blocks), num_kv_heads, 1), False, 1,
-            group_rows, max(MIN_DOT_SIZE, block_q * group_rows))
+            group_rows, max(MIN_DOT_SIZE, block_q * group_rows), PREFILL_WARPS)
     return out
