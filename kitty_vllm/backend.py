@@ -171,12 +171,14 @@ class KittyAttentionImpl(AttentionImpl):
         if decodes:
             self._decode(cache, query, key, value, output, attn_metadata, stage_table, decodes, starts)
         batched = set(decodes)
-        for r, seq_len in enumerate(seq_lens):
-            lo, hi = starts[r], starts[r + 1]
-            if r in batched or hi == lo:
-                continue
-            output[lo:hi] = cache.step(query[lo:hi], key[lo:hi], value[lo:hi], seq_len - (hi - lo),
-                                       attn_metadata.block_table[r], stage_table[r], self.scale)
+        steps = [(r, starts[r], starts[r + 1], seq_len - (starts[r + 1] - starts[r]))
+                 for r, seq_len in enumerate(seq_lens) if r not in batched and starts[r + 1] > starts[r]]
+        # Every request stores before any attends (PagedKittyCache.store says why).
+        stored = [cache.store(key[lo:hi], value[lo:hi], context, attn_metadata.block_table[r], stage_table[r])
+                  for r, lo, hi, context in steps]
+        for (r, lo, hi, context), recent in zip(steps, stored):
+            output[lo:hi] = cache.attend(query[lo:hi], key[lo:hi], value[lo:hi], context,
+                                         attn_metadata.block_table[r], stage_table[r], self.scale, recent)
         return output
 
     def _decode(self, cache: PagedKittyCache, query, key, value, output, attn_metadata: KittyMetadata,

@@ -71,9 +71,18 @@ class PagedKittyCache:
         """Store this step's tokens of one request and attend. query [Tq, Hq, D] and key/value
         [Tq, H, D] at positions context_len..context_len+Tq-1; page_row / stage_row: the request's
         block table rows of the two groups. Returns float32 [Tq, Hq, D]."""
+        recent = self.store(key, value, context_len, page_row, stage_row)
+        return self.attend(query, key, value, context_len, page_row, stage_row, scale, recent)
+
+    def store(self, key: torch.Tensor, value: torch.Tensor, context_len: int, page_row: torch.Tensor,
+              stage_row: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first half of :meth:`step`: write the step's sinks and pack the pages it completes. A
+        batch stores every request before any attends: vLLM publishes a block for prefix-cache hits
+        when it is scheduled, so a request may read, in the same step, a page another one packs.
+        Returns the full-precision Keys and Values from the start of the ring's page to the step's end."""
         page, sinks = self.config.page_size, self.config.sink_tokens
-        device = query.device
-        end = context_len + query.shape[0]
+        device = key.device
+        end = context_len + key.shape[0]
         positions = torch.arange(context_len, end, device=device)
 
         if context_len < sinks:                                              # 1. sinks
@@ -93,9 +102,17 @@ class PagedKittyCache:
             span = slice(0, count * page)
             self._quantize(recent_k[span].unflatten(0, (count, page)), recent_v[span].unflatten(0, (count, page)),
                            first_new_page, page_row[first_new_page:full_pages])
+        return recent_k, recent_v
 
-        out = self._attend(query, key, value, context_len, page_row, stage_row, scale, recent_k, recent_v)   # 3.
-        tail = torch.arange(max(context_len, full_pages * page), end, device=device)  # 4. ring
+    def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, context_len: int,
+               page_row: torch.Tensor, stage_row: torch.Tensor, scale: float,
+               recent: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """The second half of :meth:`step`, after :meth:`store` (which returned ``recent``): attend,
+        then write the step's tokens of the unfinished page to the ring."""
+        end = context_len + query.shape[0]
+        out = self._attend(query, key, value, context_len, page_row, stage_row, scale, *recent)   # 3.
+        tail = torch.arange(max(context_len, end // self.config.page_size * self.config.page_size), end,
+                            device=query.device)                                                 # 4. ring
         blocks, slots = self._ring_slots(tail, stage_row)
         self.stage[blocks, 0, slots] = key[tail - context_len]
         self.stage[blocks, 1, slots] = value[tail - context_len]
