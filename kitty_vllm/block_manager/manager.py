@@ -2,8 +2,10 @@
 
 Prefix caching stays correct because a cache hit always ends on a page boundary (the scheduler block
 is the page): the hitting request needs the packed pages before the hit and the sink blocks, nothing
-from a ring. So pages are cached only once packed, sinks are cached under the request's own block
-hashes, and a hit is granted only when the sinks are cached too.
+from a ring. Sinks are cached under the request's own block hashes, and a hit is granted only when
+the sinks are cached too. vLLM publishes a block when it schedules it, so a hit may land on a page
+that another request packs in the same step: the backend stores every request of a batch before any
+attends (PagedKittyCache.store).
 
 Pinned to vLLM 0.26.0: these classes lean on ``SingleTypeKVCacheManager`` internals, marked below.
 """
