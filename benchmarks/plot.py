@@ -1,9 +1,10 @@
-"""Print the markdown tables of a benchmark results file and draw its PNG plots beside it.
+"""Write the markdown tables of a benchmark results file and draw its PNG plots beside it.
 
     python benchmarks/plot.py benchmarks/results/nvidia-h100-80gb-hbm3-2026-01-31.json
 
-Runs anywhere matplotlib is installed (no GPU, no vLLM): the plots are ``<file stem>-capacity.png``,
-``-throughput.png`` and ``-decode_kernel.png``, for the benchmarks the file holds.
+Runs anywhere matplotlib is installed (no GPU, no vLLM): the tables go to ``<file stem>.md`` (and are
+printed), the plots to ``<file stem>-capacity.png``, ``-throughput.png`` and ``-decode_kernel.png``, for
+the benchmarks the file holds.
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ def main(argv: list[str] | None = None) -> None:
         if not path.is_file():
             parser.error(f"{path} does not exist")
         records = report.load_records(path)
-        print(f"{path}\n\n{report.markdown_tables(records)}\n")
+        tables = report.markdown_tables(records)
+        path.with_suffix(".md").write_text(tables + "\n")
+        print(f"{path}\n\n{tables}\n\nwrote {path.with_suffix('.md')}")
         for png in report.plot_records(records, path.with_suffix("")):
             print(f"wrote {png}")
 

@@ -116,6 +116,7 @@ def test_plot_script(tmp_path):
                             text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "| capacity | 4,624 | kitty2 |" in result.stdout
+    assert "| capacity | 4,624 | kitty2 |" in (tmp_path / "test-gpu-2026-01-02.md").read_text()
     for name in ("capacity", "throughput", "decode_kernel"):
         png = tmp_path / f"test-gpu-2026-01-02-{name}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
