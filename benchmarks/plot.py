@@ -24,8 +24,9 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(f"{path} does not exist")
         records = report.load_records(path)
         tables = report.markdown_tables(records)
-        path.with_suffix(".md").write_text(tables + "\n")
-        print(f"{path}\n\n{tables}\n\nwrote {path.with_suffix('.md')}")
+        markdown = path.with_suffix(".md")
+        markdown.write_text(tables + "\n")
+        print(f"{path}\n\n{tables}\n\nwrote {markdown}")
         for png in report.plot_records(records, path.with_suffix("")):
             print(f"wrote {png}")
 
