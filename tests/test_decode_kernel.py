@@ -18,8 +18,9 @@ from kitty_vllm.paged import PagedKittyCache
 
 HEAD_DIMS = [64, 128, 256]
 PRESETS = ["kitty2", "kitty2-lite", "kivi2"]
-# (query heads, KV heads): GQA groups of 1, 2 and 4.
-HEAD_PAIRS = [(2, 2), (4, 2), (8, 2)]
+# (query heads, KV heads): GQA groups of 1, 2 and 4 (the kernel stacks the parts of its operands in
+# the rows of one dot) and 8 (one dot per part).
+HEAD_PAIRS = [(2, 2), (4, 2), (8, 2), (16, 2)]
 # Small pages keep the interpreter fast; the schedule is the same at any size.
 SMALL = dict(page_size=16, value_window=16, sink_tokens=4)
 # One decode batch that meets every segment boundary of the schedule (page 16, 4 sinks): the first

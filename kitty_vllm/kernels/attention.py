@@ -22,11 +22,18 @@ small batches at long context still fill the GPU.
 ``(p * vscale) . vcode + p . vmin``: the dot products run on the raw codes, on tensor cores, as
 bfloat16 ``(code - 1.5) / 4`` (centered, so the float32 sums add no large terms; the offset goes into
 the bias). The float32 side is split into three bfloat16 parts (8 mantissa bits each), so the products
-match float32 math to about 2^-24. The planar 2-bit layout makes the four 2-bit planes of a row four
-contiguous quarters of the channels: a tile's bytes give plane j's codes, channels ``j * D / 4 + i``,
-with one shift and mask per four codes (_plane_values), and every dot is per plane, so codes are
-never reordered. The sparse high plane of the boosted channels adds ``(4 q[idx] * scale[idx]) . high``.
-Full-precision tokens (sinks, own page) use IEEE float32 dots.
+match float32 math to about 2^-24. Prefill multiplies each part in its own dot. Decode has few query
+rows (a GQA group) but a tensor-core dot takes at least 16, so it *stacks* the parts instead: its
+``ROWS`` are SLOTS = 4 slots of the same ``ROWS / SLOTS`` query rows, slot k's operand rows hold part k
+(slot 3 is zero), one dot multiplies all three parts, and the slots' rows are added up (_sum_slots)
+before the softmax and at the end. Softmax state is kept, the same, in every slot; bias terms and
+full-precision values go to slot 0 only.
+
+The planar 2-bit layout makes the four 2-bit planes of a row four contiguous quarters of the channels:
+a tile's bytes give plane j's codes, channels ``j * D / 4 + i``, with one shift and mask per four codes
+(_plane_values), and every dot is per plane, so codes are never reordered. The sparse high plane of the
+boosted channels adds ``(4 q[idx] * scale[idx]) . high``. Full-precision tokens (sinks, own page) use
+IEEE float32 dots.
 """
 
 from __future__ import annotations
@@ -48,6 +55,12 @@ MIN_DOT_SIZE = 16
 PREFILL_ROWS = 64
 # 2-bit codes of one [tokens, head_dim] tile of Keys or Values: bounds the registers per tile.
 TILE_CODES = 8192
+# Decode stacks the three bfloat16 parts of its float32 operands in the rows of one dot (module
+# docstring): PART_SLOTS slots of GROUP_ROWS rows, one per part plus an empty one, where that makes at
+# most MAX_STACKED_ROWS rows (GQA groups up to 4). With 32 rows an H100 ran no faster: the warps then
+# split the rows and each unpacks every code.
+PART_SLOTS = 4
+MAX_STACKED_ROWS = 16
 # Warps per program. Decode has 16 query rows: 2 warps ran 1.3x faster than 4 on an H100. (8 warps
 # with 64 prefill rows at head_dim 64 fault on an H100 with Triton 3.6.)
 DECODE_WARPS = 2
@@ -69,20 +82,42 @@ def _bf16_dot(a, b, acc, INTERPRETED: tl.constexpr):
 
 
 @triton.jit
-def _bf16_parts(a):
-    """float32 a as the sum of three bfloat16 parts (8 mantissa bits each, so a to about 2^-24)."""
+def _bf16_parts(a, slot, PARTS: tl.constexpr):
+    """float32 a [ROWS, K] as bfloat16 dot operands whose products add up to a's to about 2^-24. a is
+    the sum of three bfloat16 parts of 8 mantissa bits each (high, middle, low): PARTS 3 returns the
+    three (low first); PARTS 1 returns one operand that holds, in each row, the part ``slot`` [ROWS, 1]
+    of that row (0 high, 1 middle, 2 low, 3 zero), so that one dot gives every part in its own rows
+    (the rows of one slot; _sum_slots adds them up)."""
     high = a.to(tl.bfloat16)
     a = a - high.to(tl.float32)
     middle = a.to(tl.bfloat16)
-    return high, middle, (a - middle.to(tl.float32)).to(tl.bfloat16)
+    low = (a - middle.to(tl.float32)).to(tl.bfloat16)
+    if PARTS == 3:
+        return low, middle, high
+    else:
+        zero = tl.zeros_like(low)
+        return (tl.where(slot == 0, high, tl.where(slot == 1, middle, tl.where(slot == 2, low, zero))),)
 
 
 @triton.jit
-def _dot_parts(high, middle, low, values, acc, INTERPRETED: tl.constexpr):
-    """acc + (high + middle + low) @ values: a float32 operand (in _bf16_parts) times bfloat16 values."""
-    acc = _bf16_dot(low, values, acc, INTERPRETED)
-    acc = _bf16_dot(middle, values, acc, INTERPRETED)
-    return _bf16_dot(high, values, acc, INTERPRETED)
+def _dot_parts(parts, first: tl.constexpr, values, acc, PARTS: tl.constexpr, INTERPRETED: tl.constexpr):
+    """acc + the sum of ``parts[first:first + PARTS]`` (from _bf16_parts) @ bfloat16 values."""
+    for k in tl.static_range(PARTS):
+        acc = _bf16_dot(parts[first + k], values, acc, INTERPRETED)
+    return acc
+
+
+@triton.jit
+def _sum_slots(x, SLOTS: tl.constexpr):
+    """x [ROWS, N] whose rows ``slot * ROWS / SLOTS + b`` hold partial sums of row b: their sum over the
+    slots, repeated in every slot's rows."""
+    if SLOTS == 1:
+        return x
+    else:
+        ROWS: tl.constexpr = x.shape[0]
+        N: tl.constexpr = x.shape[1]
+        total = tl.sum(tl.reshape(x, (SLOTS, ROWS // SLOTS, N)), axis=0)
+        return tl.reshape(tl.broadcast_to(total[None, :, :], (SLOTS, ROWS // SLOTS, N)), (ROWS, N))
 
 
 @triton.jit
@@ -142,6 +177,7 @@ def _softmax_step(scores, running_max, running_sum):
 @triton.jit
 def _attend_full_precision(
     query, running_max, running_sum, acc,   # query, acc: 4 quarters [ROWS, D / 4] float32 (query scaled, log2 units)
+    own,                # [ROWS] bool: rows of slot 0, the only ones whose accumulator takes these values
     stage_ptr,          # [num_stage_blocks, 2, tokens_per_block, H, D]
     stage_row_ptr,      # [max_stage_blocks] int32: the request's staging blocks
     new_key_ptr, new_value_ptr,   # this step's Key / Value of the block's first query position, head offset applied
@@ -175,6 +211,7 @@ def _attend_full_precision(
         seen = (t[None, :] >= row_first[:, None]) & (t[None, :] <= row_last[:, None]) & valid[None, :]
         probs, running_max, running_sum, correction = _softmax_step(
             tl.where(seen, scores, float("-inf")), running_max, running_sum)
+        probs = tl.where(own[:, None], probs, 0.0)
         updated = ()
         for j in tl.static_range(4):
             updated = updated + (acc[j] * correction[:, None]
@@ -204,7 +241,7 @@ def _attention_kernel(
     scale_log2,        # softmax scale times log2(e)
     sink_tokens, sink_block_tokens, sink_blocks, ring_tokens_per_block,
     DECODE: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    GROUP: tl.constexpr, GROUP_ROWS: tl.constexpr, ROWS: tl.constexpr,
+    GROUP: tl.constexpr, GROUP_ROWS: tl.constexpr, ROWS: tl.constexpr, SLOTS: tl.constexpr, PARTS: tl.constexpr,
     PAGE_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, NUM_BOOST: tl.constexpr, BOOST_ROWS: tl.constexpr,
     TILE: tl.constexpr, STAGE_TILE: tl.constexpr, INTERPRETED: tl.constexpr,
     KEY_LOW_OFFSET: tl.constexpr, KEY_HIGH_OFFSET: tl.constexpr, BOOST_INDEX_OFFSET: tl.constexpr,
@@ -232,8 +269,11 @@ def _attention_kernel(
     Q: tl.constexpr = HEAD_DIM // 4
     quarter: tl.constexpr = NUM_BOOST // 4
     r = tl.arange(0, ROWS)
-    token = r // GROUP_ROWS
-    g = r % GROUP_ROWS
+    base_row = r % (ROWS // SLOTS)           # rows repeat in every slot (module docstring)
+    part_slot = (r // (ROWS // SLOTS))[:, None]
+    own = r < ROWS // SLOTS                  # slot 0
+    token = base_row // GROUP_ROWS
+    g = base_row % GROUP_ROWS
     row_valid = (token < count) & (g < GROUP)
     position = first_pos + token                                                         # [ROWS]
     q_head = head * GROUP + g
@@ -254,7 +294,7 @@ def _attention_kernel(
     new_value = new_value_ptr + first_token * stride_nvt + head * stride_nvh
     if split == 0:
         running_max, running_sum, acc = _attend_full_precision(
-            query, running_max, running_sum, acc, stage_ptr, stage_row_ptr, new_key, new_value,
+            query, running_max, running_sum, acc, own, stage_ptr, stage_row_ptr, new_key, new_value,
             0, tl.minimum(last_pos + 1, sink_tokens), last_pos + 1, first_pos,
             tl.zeros((ROWS,), tl.int32), position, 0, sink_block_tokens, head,
             stride_sb, stride_skv, stride_st, stride_sh, stride_nt, stride_nvt, PAGE_SIZE, HEAD_DIM, STAGE_TILE)
@@ -275,7 +315,7 @@ def _attention_kernel(
             scaled = query[j] * (4.0 * tl.load(key_scale_ptr + j * Q + i).to(tl.float32))[None, :]    # [ROWS, Q]
             key_min = tl.load(key_min_ptr + j * Q + i).to(tl.float32)
             key_bias += tl.sum(query[j] * key_min[None, :] + 0.375 * scaled, axis=1)
-            key_parts = key_parts + _bf16_parts(scaled)
+            key_parts = key_parts + _bf16_parts(scaled, part_slot, PARTS)
         if NUM_BOOST > 0:
             # A boosted channel adds (4 q scale) . high = (16 q scale) . values + 6 sum(q scale).
             rank = tl.arange(0, BOOST_ROWS)
@@ -287,21 +327,21 @@ def _attention_kernel(
                                   mask=row_valid[:, None] & boosted[None, :], other=0.0).to(tl.float32)
             boost_query = boost_query * (scale_log2 * 16.0) * boost_scale[None, :]        # [ROWS, BOOST_ROWS]
             key_bias += 0.375 * tl.sum(boost_query, axis=1)
-            boost_high, boost_middle, boost_low = _bf16_parts(boost_query)
+            boost_parts = _bf16_parts(boost_query, part_slot, PARTS)
             high_shift = (2 * (rank // quarter))[:, None]
         # Page 0 starts with the sinks, read above in full precision: skip their whole tiles here.
         for start in range(tl.maximum(sink_tokens - page * PAGE_SIZE, 0) // TILE * TILE, PAGE_SIZE, TILE):
             tt = start + t
             key_bytes = tl.load(page_ptr + KEY_LOW_OFFSET + tt[None, :] * Q + i[:, None])     # [Q, T]
-            scores = tl.zeros((ROWS, TILE), tl.float32) + key_bias[:, None]
+            scores = tl.zeros((ROWS, TILE), tl.float32)
             for j in tl.static_range(4):
-                scores = _dot_parts(key_parts[3 * j], key_parts[3 * j + 1], key_parts[3 * j + 2],
-                                    _plane_values(key_bytes, j, INTERPRETED), scores, INTERPRETED)
+                scores = _dot_parts(key_parts, PARTS * j, _plane_values(key_bytes, j, INTERPRETED), scores,
+                                    PARTS, INTERPRETED)
             if NUM_BOOST > 0:
                 high = tl.load(page_ptr + KEY_HIGH_OFFSET + tt[None, :] * quarter + (rank % quarter)[:, None],
                                mask=boosted[:, None], other=0)                                # [BOOST_ROWS, T]
-                scores = _dot_parts(boost_high, boost_middle, boost_low,
-                                    _code_values(high, high_shift), scores, INTERPRETED)
+                scores = _dot_parts(boost_parts, 0, _code_values(high, high_shift), scores, PARTS, INTERPRETED)
+            scores = _sum_slots(scores, SLOTS) + key_bias[:, None]
             seen = (page * PAGE_SIZE + tt >= sink_tokens)[None, :] & (page < full)[:, None]
             probs, running_max, running_sum, correction = _softmax_step(
                 tl.where(seen, scores, float("-inf")), running_max, running_sum)
@@ -309,22 +349,28 @@ def _attention_kernel(
             value_bytes = tl.load(page_ptr + VALUE_CODES_OFFSET + tt[:, None] * Q + i[None, :])  # [T, Q]
             value_scale = tl.load((page_ptr + VALUE_SCALE_OFFSET).to(tl.pointer_type(tl.float16)) + tt).to(tl.float32)
             value_min = tl.load((page_ptr + VALUE_MIN_OFFSET).to(tl.pointer_type(tl.float16)) + tt).to(tl.float32)
-            value_bias = tl.sum(probs * (value_min + 1.5 * value_scale)[None, :], axis=1)    # [ROWS]
-            high, middle, low = _bf16_parts(probs * (4.0 * value_scale)[None, :])
+            value_bias = tl.where(own, tl.sum(probs * (value_min + 1.5 * value_scale)[None, :], axis=1), 0.0)
+            value_parts = _bf16_parts(probs * (4.0 * value_scale)[None, :], part_slot, PARTS)
             updated = ()
             for j in tl.static_range(4):
-                updated = updated + (_dot_parts(high, middle, low, _plane_values(value_bytes, j, INTERPRETED),
-                                                acc[j] * correction[:, None] + value_bias[:, None], INTERPRETED),)
+                updated = updated + (_dot_parts(value_parts, 0, _plane_values(value_bytes, j, INTERPRETED),
+                                                acc[j] * correction[:, None] + value_bias[:, None], PARTS,
+                                                INTERPRETED),)
             acc = updated
 
     if split == NUM_SPLITS - 1:
         own_first = tl.maximum(full * PAGE_SIZE, sink_tokens)                            # [ROWS]
         running_max, running_sum, acc = _attend_full_precision(
-            query, running_max, running_sum, acc, stage_ptr, stage_row_ptr, new_key, new_value,
+            query, running_max, running_sum, acc, own, stage_ptr, stage_row_ptr, new_key, new_value,
             tl.maximum(sink_tokens, (first_pos + 1) // PAGE_SIZE * PAGE_SIZE), last_pos + 1, context, first_pos,
             own_first, position, sink_blocks, ring_tokens_per_block, head,
             stride_sb, stride_skv, stride_st, stride_sh, stride_nt, stride_nvt, PAGE_SIZE, HEAD_DIM, STAGE_TILE)
 
+    summed = ()
+    for j in tl.static_range(4):
+        summed = summed + (_sum_slots(acc[j], SLOTS),)
+    acc = summed
+    row_valid = row_valid & own
     if NUM_SPLITS == 1:
         # An empty row (e.g. batch padding) gets zeros rather than 0 / 0.
         total = tl.where(running_sum > 0, running_sum, 1.0)[:, None]
@@ -412,7 +458,7 @@ def _check(query, new_key, new_value, packed, stage, page_table, stage_table, co
 
 
 def _launch(query, new_key, new_value, packed, stage, page_table, stage_table, blocks, seq_lens, out,
-            partial, config, stage_layout, layout, scale, grid, decode, num_splits, group_rows, rows, num_warps):
+            partial, config, stage_layout, layout, scale, grid, decode, num_splits, group_rows, rows, slots, num_warps):
     head_dim = query.shape[-1]
     num_kv_heads = packed.shape[1]
     group = query.shape[1] // num_kv_heads
@@ -428,7 +474,8 @@ def _launch(query, new_key, new_value, packed, stage, page_table, stage_table, b
         out.stride(0), out.stride(1),
         scale * LOG2E,
         config.sink_tokens, stage_layout.block_tokens, stage_layout.sink_blocks, stage_layout.tokens_per_block,
-        DECODE=decode, NUM_SPLITS=num_splits, GROUP=group, GROUP_ROWS=group_rows, ROWS=rows,
+        DECODE=decode, NUM_SPLITS=num_splits, GROUP=group, GROUP_ROWS=group_rows,
+        ROWS=rows, SLOTS=slots, PARTS=1 if slots > 1 else 3,
         PAGE_SIZE=layout.page_size, HEAD_DIM=head_dim, NUM_BOOST=layout.num_boost,
         BOOST_ROWS=max(MIN_DOT_SIZE, layout.num_boost),
         TILE=max(MIN_DOT_SIZE, min(layout.page_size, TILE_CODES // head_dim)),
@@ -466,11 +513,12 @@ def decode_attention(query: torch.Tensor, packed: torch.Tensor, stage: torch.Ten
     num_kv_heads = packed.shape[1]
     group_rows = triton.next_power_of_2(num_heads // num_kv_heads)
     splits = _num_splits(num_requests, num_kv_heads, max(1, page_table.shape[1]), query.device)
+    slots = PART_SLOTS if PART_SLOTS * group_rows <= MAX_STACKED_ROWS else 1
     partial = (torch.empty(num_requests, num_heads, splits, head_dim + 2, dtype=torch.float32,
                            device=query.device) if splits > 1 else out)
     _launch(query, None, None, packed, stage, page_table, stage_table, seq_lens, seq_lens, out, partial,
             config, stage_layout, layout, scale, (num_requests, num_kv_heads, splits), True, splits,
-            group_rows, max(MIN_DOT_SIZE, group_rows), DECODE_WARPS)
+            group_rows, max(MIN_DOT_SIZE, slots * group_rows), slots, DECODE_WARPS)
     if splits > 1:
         _merge_splits_kernel[(num_requests, num_heads)](
             partial, out, out.stride(0), out.stride(1),
@@ -510,5 +558,5 @@ def prefill_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     table = torch.tensor(blocks, dtype=torch.int32).to(query.device, non_blocking=True)
     _launch(query, key, value, packed, stage, page_table, stage_table, table, table, out, out,
             config, stage_layout, layout, scale, (len(blocks), num_kv_heads, 1), False, 1,
-            group_rows, max(MIN_DOT_SIZE, block_q * group_rows), PREFILL_WARPS)
+            group_rows, max(MIN_DOT_SIZE, block_q * group_rows), 1, PREFILL_WARPS)
     return out
