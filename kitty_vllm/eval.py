@@ -220,6 +220,8 @@ def engine(model_dir: Path, spec: CacheSpec, **kwargs) -> Iterator[Any]:
     state reset) on exit so that the next one starts clean. ``kwargs`` go to ``LLM``."""
     from vllm import LLM
 
+    # The parent has touched CUDA (torch.cuda.is_available), so a forked engine core could not use it.
+    os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
     with kitty_config_env(spec):
         start = time.perf_counter()
         llm = LLM(model=str(model_dir), kv_cache_dtype=spec.kv_cache_dtype, **kwargs)
