@@ -4,14 +4,14 @@ The packed 2-bit pages live in this backend's KV-cache group; the full-precision
 page live in the staging group of the layer's companion (kitty_vllm.stage). ``Impl.forward`` only
 orchestrates: requests with one new token go, on the GPU, through the decode store and paged-decode
 kernels together (a decode-only batch without any host work, so vLLM captures it in a full CUDA graph);
-every other request goes to ``PagedKittyCache.step`` (kitty_vllm.paged), which stores, packs and attends
-in the order the cache schedule needs. That order is why the backend updates the cache inside
-``forward`` (``forward_includes_kv_cache_update``).
+every other request goes, all together, to ``PagedKittyCache.prefill`` (kitty_vllm.paged), which stores,
+packs and attends in the order the cache schedule needs. That order is why the backend updates the cache
+inside ``forward`` (``forward_includes_kv_cache_update``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
@@ -23,8 +23,8 @@ from vllm.v1.attention.backend import (AttentionBackend, AttentionCGSupport, Att
 
 from kitty_vllm.kernels import decode_attention
 from kitty_vllm.kernels.common import SUPPORTED_HEAD_DIMS
-from kitty_vllm.layout import stage_layout
-from kitty_vllm.paged import PagedKittyCache
+from kitty_vllm.layout import StageLayout, stage_layout
+from kitty_vllm.paged import PagedKittyCache, Span, StorePlan
 from kitty_vllm.config import PRESETS, KittyConfig, KittyConfigError, load_config
 
 
@@ -36,12 +36,14 @@ class KittyMetadata:
     block_table: torch.Tensor        # int32 [num_reqs, max_pages], device: packed page of each page index
     query_start_loc: list[int] | None = None   # [num_reqs + 1], host; mixed batches only
     seq_lens_host: list[int] | None = None     # [num_reqs], host; mixed batches only
+    # Mixed batches: the prefill StorePlan per cache format, built by the first layer, reused by the rest.
+    store_plans: dict[tuple[KittyConfig, StageLayout], StorePlan] = field(default_factory=dict)
 
 
 class KittyMetadataBuilder(AttentionMetadataBuilder[KittyMetadata]):
     """Decode-only batches are built from views of vLLM's persistent device buffers and read nothing
     on the host, so vLLM can capture them in full CUDA graphs; mixed batches carry host copies of
-    their lengths for the per-request prefill path (run outside graphs)."""
+    their lengths for the prefill path (run outside graphs)."""
 
     _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
 
@@ -171,14 +173,14 @@ class KittyAttentionImpl(AttentionImpl):
         if decodes:
             self._decode(cache, query, key, value, output, attn_metadata, stage_table, decodes, starts)
         batched = set(decodes)
-        steps = [(r, starts[r], starts[r + 1], seq_len - (starts[r + 1] - starts[r]))
+        spans = [Span(r, starts[r], starts[r + 1], seq_len - (starts[r + 1] - starts[r]))
                  for r, seq_len in enumerate(seq_lens) if r not in batched and starts[r + 1] > starts[r]]
-        # Every request stores before any attends (PagedKittyCache.store says why).
-        stored = [cache.store(key[lo:hi], value[lo:hi], context, attn_metadata.block_table[r], stage_table[r])
-                  for r, lo, hi, context in steps]
-        for (r, lo, hi, context), recent in zip(steps, stored):
-            output[lo:hi] = cache.attend(query[lo:hi], key[lo:hi], value[lo:hi], context,
-                                         attn_metadata.block_table[r], stage_table[r], self.scale, recent)
+        if spans:
+            plans, form = attn_metadata.store_plans, (cache.config, cache.stage_layout)
+            if form not in plans:
+                plans[form] = cache.plan(spans, query.device)
+            cache.prefill(query, key, value, spans, attn_metadata.block_table, stage_table, self.scale, output,
+                          plans[form])
         return output
 
     def _decode(self, cache: PagedKittyCache, query, key, value, output, attn_metadata: KittyMetadata,

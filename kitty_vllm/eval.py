@@ -31,9 +31,10 @@ in ``--dtype float32``.
 
 Results merge into ``--json`` (default ``benchmarks/results/accuracy-<gpu>-<yyyy-mm-dd>.json``) as
 records ``{"model", "task", "kv_cache_dtype", "n", "score", "ci95"}`` (a new record replaces one with
-the same model, task and dtype), written after every dtype, and the file's markdown table is printed
-at the end. ``ci95`` is the half-width of a 95% interval: 1.96 standard errors of the mean over
-problems, trials or windows (perplexity: over windows' mean log-likelihood, mapped through exp).
+the same model, task and dtype), written after every dtype with the file's markdown table beside it
+(``.md``, also printed at the end). ``ci95`` is the half-width of a 95% interval: 1.96 standard
+errors of the mean over problems, trials or windows (perplexity: over windows' mean log-likelihood,
+mapped through exp).
 """
 
 from __future__ import annotations
@@ -386,7 +387,8 @@ def evaluate(args: argparse.Namespace) -> list[dict[str, Any]]:
                             "-" if score.ci95 is None else f"{score.ci95:.2g}", score.n, time.perf_counter() - start)
                 start = time.perf_counter()
         records = merge_records(path, new)
-    logger.info("results in %s", path)
+        path.with_suffix(".md").write_text(markdown_table(records) + "\n")
+    logger.info("results in %s (table: %s)", path, path.with_suffix(".md"))
     return records
 
 

@@ -1,15 +1,19 @@
-"""One attention layer's step over the paged kitty cache of one request.
+"""One attention layer's step over the paged kitty cache, for the requests of a batch that it prefills.
 
-The step follows the cache schedule of kitty_vllm.reference, in this order:
+The step follows the cache schedule of kitty_vllm.reference, in this order, each stage for every
+request at once (a few kernel launches per layer, however many requests the batch holds):
 
-1. this step's sink tokens (positions < sink_tokens) are written to the request's sink blocks;
+1. this step's sink tokens (positions < sink_tokens) are written to their requests' sink blocks;
 2. every page that fills in this step is quantized, from the ring (its older tokens) plus this step's
    tokens, into its packed block;
 3. attention: each query reads sinks in full precision, pages complete at its position dequantized
    (pages packed in step 2 included, so a prefix-cache hit sees what a miss sees), and the rest of its
    own page in full precision;
-4. the tokens of the new unfinished page are written to the ring. This comes last because they may
-   take ring slots of the page packed in step 2, which step 3 still read.
+4. the tokens of each new unfinished page are written to the ring. This comes last because they may
+   take ring slots of a page packed in step 2, which step 3 still read.
+
+Every request stores (1, 2) before any attends (3): vLLM publishes a block for prefix-cache hits when
+it is scheduled, so a request may read, in the same step, a page another one packs.
 
 Tensors: ``packed`` uint8 [num_blocks, H, page_bytes] (one page per block and KV head); ``stage``
 [num_blocks, 2, tokens_per_block, H, D] in the model dtype (kitty_vllm.layout.StageLayout).
@@ -24,6 +28,34 @@ import torch
 from kitty_vllm import reference
 from kitty_vllm.config import KittyConfig
 from kitty_vllm.layout import StageLayout
+
+
+@dataclass(frozen=True)
+class Span:
+    """This step's tokens of one request: ``first:end`` of the batch's tokens, at positions from
+    ``context`` on (the tokens already cached), with row ``row`` of the block tables."""
+
+    row: int
+    first: int
+    end: int
+    context: int
+
+
+@dataclass
+class StorePlan:
+    """Where step 1, 2 and 4 read and write, for all requests (built on the host, moved in one copy).
+
+    Staging slots are int64 ``[4, n]`` columns (table row, staging-table column, slot in the block,
+    token of the batch; reads have no token); pages are ``[3, n]`` (table row, page index, first
+    position); ``sources`` [num_pages * P] indexes, for every row of every page to pack, the
+    concatenation of the ring reads and the batch's tokens.
+    """
+
+    sink_writes: torch.Tensor
+    ring_reads: torch.Tensor
+    pages: torch.Tensor
+    sources: torch.Tensor
+    ring_writes: torch.Tensor
 
 
 @dataclass
@@ -46,15 +78,42 @@ class PagedKittyCache:
         return cls(config, s, packed, stage.view(stage_cache.shape[0], 2, tokens, heads, dim),
                    packed.is_cuda if kernels is None else kernels)
 
-    def _sink_slots(self, positions: torch.Tensor, stage_row: torch.Tensor):
-        """(block, slot) of sink positions in one request's staging row."""
-        return stage_row[positions // self.stage_layout.block_tokens], positions % self.stage_layout.block_tokens
-
-    def _ring_slots(self, positions: torch.Tensor, stage_row: torch.Tensor):
-        """(block, slot) of unfinished-page positions in one request's staging row."""
+    def _ring_columns(self, row: int, positions: torch.Tensor) -> list[torch.Tensor]:
+        """(row, staging-table column, slot) of unfinished-page positions: ring slot ``p % page_size``."""
         s = self.stage_layout
         slot = positions % self.config.page_size
-        return stage_row[s.sink_blocks + slot // s.tokens_per_block], slot % s.tokens_per_block
+        return [torch.full_like(positions, row), s.sink_blocks + slot // s.tokens_per_block, slot % s.tokens_per_block]
+
+    def plan(self, spans: list[Span], device: torch.device) -> StorePlan:
+        """The StorePlan of ``spans``: host arithmetic on their lengths, then one copy to ``device``."""
+        page, sinks, block_tokens = self.config.page_size, self.config.sink_tokens, self.stage_layout.block_tokens
+        sink_writes, ring_reads, pages, sources, ring_writes = [], [], [], [], []
+        num_reads = 0
+        for span in spans:
+            end = span.context + span.end - span.first
+            token = span.first - span.context            # + position: the position's token in the batch
+            if span.context < sinks:                                                   # 1.
+                p = torch.arange(span.context, min(end, sinks))
+                sink_writes.append(torch.stack([torch.full_like(p, span.row), p // block_tokens, p % block_tokens,
+                                                p + token]))
+            ring_start, full_pages = span.context // page * page, end // page
+            if full_pages > ring_start // page:                                        # 2.
+                old = torch.arange(ring_start, span.context)
+                ring_reads.append(torch.stack(self._ring_columns(span.row, old)))
+                # Ring reads are numbered from 0; tokens are marked negative until the reads are counted.
+                sources += [torch.arange(num_reads, num_reads + len(old)),
+                            -1 - (torch.arange(span.context, full_pages * page) + token)]
+                num_reads += len(old)
+                j = torch.arange(ring_start // page, full_pages)
+                pages.append(torch.stack([torch.full_like(j, span.row), j, j * page]))
+            tail = torch.arange(max(span.context, full_pages * page), end)             # 4.
+            ring_writes.append(torch.stack([*self._ring_columns(span.row, tail), tail + token]))
+        source = torch.cat(sources) if sources else torch.zeros(0, dtype=torch.int64)
+        source = torch.where(source < 0, num_reads - 1 - source, source)
+        parts = [_columns(sink_writes, 4), _columns(ring_reads, 3), _columns(pages, 3), source,
+                 _columns(ring_writes, 4)]
+        moved = torch.cat([p.flatten() for p in parts]).to(device).split([p.numel() for p in parts])
+        return StorePlan(*(m.view(p.shape) for m, p in zip(moved, parts)))
 
     def store_decode(self, key: torch.Tensor, value: torch.Tensor, seq_lens: torch.Tensor,
                      page_table: torch.Tensor, stage_table: torch.Tensor) -> None:
@@ -68,59 +127,53 @@ class PagedKittyCache:
 
     def step(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, context_len: int,
              page_row: torch.Tensor, stage_row: torch.Tensor, scale: float) -> torch.Tensor:
-        """Store this step's tokens of one request and attend. query [Tq, Hq, D] and key/value
-        [Tq, H, D] at positions context_len..context_len+Tq-1; page_row / stage_row: the request's
-        block table rows of the two groups. Returns float32 [Tq, Hq, D]."""
-        recent = self.store(key, value, context_len, page_row, stage_row)
-        return self.attend(query, key, value, context_len, page_row, stage_row, scale, recent)
-
-    def store(self, key: torch.Tensor, value: torch.Tensor, context_len: int, page_row: torch.Tensor,
-              stage_row: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The first half of :meth:`step`: write the step's sinks and pack the pages it completes. A
-        batch stores every request before any attends: vLLM publishes a block for prefix-cache hits
-        when it is scheduled, so a request may read, in the same step, a page another one packs.
-        Returns the full-precision Keys and Values from the start of the ring's page to the step's end."""
-        page, sinks = self.config.page_size, self.config.sink_tokens
-        device = key.device
-        end = context_len + key.shape[0]
-        positions = torch.arange(context_len, end, device=device)
-
-        if context_len < sinks:                                              # 1. sinks
-            p = positions[: min(end, sinks) - context_len]
-            blocks, slots = self._sink_slots(p, stage_row)
-            self.stage[blocks, 0, slots] = key[: len(p)]
-            self.stage[blocks, 1, slots] = value[: len(p)]
-
-        ring_start = context_len // page * page                              # 2. pack full pages
-        old = torch.arange(ring_start, context_len, device=device)
-        blocks, slots = self._ring_slots(old, stage_row)
-        recent_k = torch.cat([self.stage[blocks, 0, slots], key])            # positions ring_start..end-1
-        recent_v = torch.cat([self.stage[blocks, 1, slots], value])
-        first_new_page, full_pages = ring_start // page, end // page
-        if full_pages > first_new_page:
-            count = full_pages - first_new_page
-            span = slice(0, count * page)
-            self._quantize(recent_k[span].unflatten(0, (count, page)), recent_v[span].unflatten(0, (count, page)),
-                           first_new_page, page_row[first_new_page:full_pages])
-        return recent_k, recent_v
-
-    def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, context_len: int,
-               page_row: torch.Tensor, stage_row: torch.Tensor, scale: float,
-               recent: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """The second half of :meth:`step`, after :meth:`store` (which returned ``recent``): attend,
-        then write the step's tokens of the unfinished page to the ring."""
-        end = context_len + query.shape[0]
-        out = self._attend(query, key, value, context_len, page_row, stage_row, scale, *recent)   # 3.
-        tail = torch.arange(max(context_len, end // self.config.page_size * self.config.page_size), end,
-                            device=query.device)                                                 # 4. ring
-        blocks, slots = self._ring_slots(tail, stage_row)
-        self.stage[blocks, 0, slots] = key[tail - context_len]
-        self.stage[blocks, 1, slots] = value[tail - context_len]
+        """:meth:`prefill` of one request: query [Tq, Hq, D] and key/value [Tq, H, D] at positions
+        context_len..context_len+Tq-1; page_row / stage_row: its block table rows of the two groups.
+        Returns float32 [Tq, Hq, D]."""
+        out = torch.empty(query.shape, dtype=torch.float32, device=query.device)
+        self.prefill(query, key, value, [Span(0, 0, query.shape[0], context_len)], page_row[None], stage_row[None],
+                     scale, out)
         return out
 
-    def _quantize(self, keys: torch.Tensor, values: torch.Tensor, first_page: int, blocks: torch.Tensor) -> None:
-        """Pack keys/values [num_pages, P, H, D] of consecutive pages from page ``first_page`` on."""
-        first = torch.arange(first_page, first_page + keys.shape[0], device=keys.device) * self.config.page_size
+    def prefill(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, spans: list[Span],
+                page_table: torch.Tensor, stage_table: torch.Tensor, scale: float, out: torch.Tensor,
+                plan: StorePlan | None = None) -> None:
+        """Store and attend the tokens of ``spans`` (module docstring): query/out [N, Hq, D] and
+        key/value [N, H, D] hold the batch's tokens; page_table / stage_table [rows, blocks] the block
+        tables of the two groups; ``plan``: :meth:`plan` of ``spans``, if the caller keeps it for other
+        layers. Writes ``out[span.first:span.end]`` of every span."""
+        plan = self.plan(spans, key.device) if plan is None else plan
+        self._write_stage(key, value, plan.sink_writes, stage_table)                       # 1.
+        if plan.pages.shape[1]:                                                             # 2.
+            blocks = stage_table[plan.ring_reads[0], plan.ring_reads[1]].long()
+            keys = torch.cat([self.stage[blocks, 0, plan.ring_reads[2]], key])[plan.sources]
+            values = torch.cat([self.stage[blocks, 1, plan.ring_reads[2]], value])[plan.sources]
+            page_blocks = page_table[plan.pages[0], plan.pages[1]]
+            self._quantize(keys.unflatten(0, (-1, self.config.page_size)),
+                           values.unflatten(0, (-1, self.config.page_size)), plan.pages[2], page_blocks)
+        if self.kernels:                                                                    # 3.
+            from kitty_vllm.kernels import prefill_attention
+
+            prefill_attention(query, key, value, self.packed, self.stage, page_table.to(torch.int32),
+                              stage_table.to(torch.int32), [(s.row, s.first, s.end, s.context) for s in spans],
+                              self.config, self.stage_layout, scale, out=out)
+        else:
+            for s in spans:
+                out[s.first:s.end] = self._reference_attend(query[s.first:s.end], key[s.first:s.end],
+                                                            value[s.first:s.end], s.context, page_table[s.row],
+                                                            stage_table[s.row], scale)
+        self._write_stage(key, value, plan.ring_writes, stage_table)                       # 4.
+
+    def _write_stage(self, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor,
+                     stage_table: torch.Tensor) -> None:
+        """Write the batch's tokens ``slots[3]`` to staging slots (row, column, slot) ``slots[:3]``."""
+        if slots.shape[1]:
+            blocks = stage_table[slots[0], slots[1]].long()
+            self.stage[blocks, 0, slots[2]] = key[slots[3]]
+            self.stage[blocks, 1, slots[2]] = value[slots[3]]
+
+    def _quantize(self, keys: torch.Tensor, values: torch.Tensor, first: torch.Tensor, blocks: torch.Tensor) -> None:
+        """Pack keys/values [num_pages, P, H, D] of pages starting at positions ``first`` [num_pages]."""
         if self.kernels:
             from kitty_vllm.kernels import quantize_pages
 
@@ -130,28 +183,23 @@ class PagedKittyCache:
         for i in range(keys.shape[0]):
             self.packed[blocks[i]] = reference.quantize_page(keys[i], values[i], self.config, int(first[i]))
 
-    def _attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, context_len: int,
-                page_row: torch.Tensor, stage_row: torch.Tensor, scale: float, recent_k: torch.Tensor,
-                recent_v: torch.Tensor) -> torch.Tensor:
-        """Step 3: float32 [Tq, Hq, D]. recent_k/recent_v: positions from the start of the ring's page
-        to the step's end, full precision."""
-        page, sinks = self.config.page_size, self.config.sink_tokens
+    def _reference_attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, context_len: int,
+                          page_row: torch.Tensor, stage_row: torch.Tensor, scale: float) -> torch.Tensor:
+        """Step 3 of one request through kitty_vllm.reference: float32 [Tq, Hq, D]. Sinks and the ring
+        (positions of the unfinished page before ``context_len``) are read from the staging blocks."""
+        page, sinks, block_tokens = self.config.page_size, self.config.sink_tokens, self.stage_layout.block_tokens
         end = context_len + query.shape[0]
-        if self.kernels:
-            from kitty_vllm.kernels import prefill_attention
-
-            out = torch.empty(query.shape, dtype=torch.float32, device=query.device)
-            return prefill_attention(query, key, value, self.packed, self.stage, page_row[None].to(torch.int32),
-                                     stage_row[None].to(torch.int32), [0, query.shape[0]], [context_len],
-                                     self.config, self.stage_layout, scale, out=out)
         ring_start, full_pages = context_len // page * page, end // page
         keys = torch.zeros(end, *key.shape[1:], dtype=key.dtype, device=key.device)
         values = torch.zeros_like(keys)
-        keys[ring_start:], values[ring_start:] = recent_k, recent_v
-        stored_sinks = min(sinks, ring_start)
-        if stored_sinks:
-            blocks, slots = self._sink_slots(torch.arange(stored_sinks, device=key.device), stage_row)
-            keys[:stored_sinks], values[:stored_sinks] = self.stage[blocks, 0, slots], self.stage[blocks, 1, slots]
+        keys[context_len:], values[context_len:] = key, value
+        old = torch.arange(ring_start, context_len, device=key.device)
+        _, columns, slots = self._ring_columns(0, old)
+        keys[old], values[old] = self.stage[stage_row[columns], 0, slots], self.stage[stage_row[columns], 1, slots]
+        stored_sinks = torch.arange(min(sinks, ring_start), device=key.device)
+        blocks = stage_row[stored_sinks // block_tokens]
+        keys[stored_sinks] = self.stage[blocks, 0, stored_sinks % block_tokens]
+        values[stored_sinks] = self.stage[blocks, 1, stored_sinks % block_tokens]
         keys_q, values_q = torch.zeros_like(keys, dtype=torch.float32), torch.zeros_like(keys, dtype=torch.float32)
         if full_pages:
             k_deq, v_deq = reference.dequantize_pages(self.packed[page_row[:full_pages].long()], self.config,
@@ -159,3 +207,8 @@ class PagedKittyCache:
             keys_q[: full_pages * page], values_q[: full_pages * page] = k_deq.flatten(0, 1), v_deq.flatten(0, 1)
         positions = torch.arange(context_len, end, device=key.device)
         return reference.schedule_attention(query, keys, values, keys_q, values_q, positions, self.config, scale)
+
+
+def _columns(parts: list[torch.Tensor], rows: int) -> torch.Tensor:
+    """The columns of ``parts`` (each int64 [rows, n]) side by side: [rows, total]."""
+    return torch.cat(parts, dim=1) if parts else torch.zeros(rows, 0, dtype=torch.int64)

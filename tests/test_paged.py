@@ -6,7 +6,7 @@ import torch
 from kitty_vllm import reference
 from kitty_vllm.config import KittyConfig
 from kitty_vllm.layout import stage_layout
-from kitty_vllm.paged import PagedKittyCache
+from kitty_vllm.paged import PagedKittyCache, Span
 
 CONFIG = KittyConfig(page_size=16, value_window=16, sink_tokens=4)
 HEADS, KV_HEADS, DIM = 4, 2, 64
@@ -72,3 +72,45 @@ def test_store_decode_matches_step(kernel_device):
                                                                stage_table.int())))
     assert torch.equal(by_step.packed, by_decode.packed.cpu())
     assert torch.equal(by_step.stage, by_decode.stage.cpu())
+
+
+@pytest.mark.parametrize("kernels", [False, True], ids=["reference", "kernels"])
+def test_one_prefill_for_several_requests(kernels, kernel_device):
+    """One prefill of several requests, scattered in the batch and in every state (sinks, a page filling,
+    pages filling from a ring), attends and stores exactly as one step per request."""
+    device = kernel_device if kernels else "cpu"
+    batched, layout = make_cache(device=device, kernels=kernels)
+    alone, _ = make_cache(device=device, kernels=kernels)
+    g = torch.Generator().manual_seed(7)
+    page_table = torch.randperm(NUM_BLOCKS, generator=g)[:60].view(3, 20).to(device)
+    stage_table = torch.randperm(NUM_BLOCKS, generator=g)[: 3 * layout.blocks_per_request].view(3, -1).to(device)
+    contexts, new = [0, 10, 21], [30, 7, 40]
+    q, k, v = (torch.randn(3, 80, h, DIM, generator=g) for h in (HEADS, KV_HEADS, KV_HEADS))
+    for b, context in enumerate(contexts):      # the cached context, one step each
+        for cache in (batched, alone):
+            cache.step(*(x[b, :context].to(device) for x in (q, k, v)), 0, page_table[b], stage_table[b], 1.0)
+    # The batch: request 2's tokens, a token of no span, request 0's, request 1's.
+    order = [2, None, 0, 1]
+    spans, parts, start = [], [], 0
+    for b in order:
+        n = 1 if b is None else new[b]
+        if b is not None:
+            spans.append(Span(b, start, start + n, contexts[b]))
+            parts.append([x[b, contexts[b]:contexts[b] + n] for x in (q, k, v)])
+        else:
+            parts.append([torch.zeros(1, h, DIM) for h in (HEADS, KV_HEADS, KV_HEADS)])
+        start += n
+    query, key, value = (torch.cat([p[i] for p in parts]).to(device) for i in range(3))
+    out = torch.full(query.shape, 7.0, device=device)
+    batched.prefill(query, key, value, spans, page_table, stage_table, DIM ** -0.5, out)
+    for span in spans:
+        b, end = span.row, span.context + span.end - span.first
+        want = reference.reference_attention(q[b, span.context:end], k[b, :end], v[b, :end], CONFIG,
+                                             query_positions=torch.arange(span.context, end))
+        torch.testing.assert_close(out[span.first:span.end].cpu(), want, rtol=1e-5, atol=1e-5)
+        alone.step(*(x[span.first:span.end] for x in (query, key, value)), span.context, page_table[b],
+                   stage_table[b], 1.0)
+    gap = new[2]                             # the token of no span is left as it was
+    assert torch.equal(out[gap:gap + 1].cpu(), torch.full((1, HEADS, DIM), 7.0))
+    assert torch.equal(batched.packed, alone.packed)
+    assert torch.equal(batched.stage, alone.stage)

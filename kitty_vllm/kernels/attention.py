@@ -39,6 +39,7 @@ IEEE float32 dots.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 
 import torch
 import triton
@@ -528,15 +529,16 @@ def decode_attention(query: torch.Tensor, packed: torch.Tensor, stage: torch.Ten
 
 def prefill_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, packed: torch.Tensor,
                       stage: torch.Tensor, page_table: torch.Tensor, stage_table: torch.Tensor,
-                      query_start_loc: list[int], context_lens: list[int], config: KittyConfig,
+                      spans: Sequence[tuple[int, int, int, int]], config: KittyConfig,
                       stage_layout: StageLayout, scale: float, out: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of this step's tokens of several requests over their kitty cache (module docstring).
 
-    Request r's tokens are ``query_start_loc[r]:query_start_loc[r + 1]`` of query [N, Hq, D] and of
-    key/value [N, H, D], at positions from ``context_lens[r]`` on. The cache must hold this step's sinks
-    and the pages this step completes; the ring must hold positions ``[context_lens[r] // page_size *
-    page_size, context_lens[r])`` (PagedKittyCache orders its store so). Tables as in
-    :func:`decode_attention`, one row per request. Returns ``out`` [N, Hq, D].
+    A span ``(row, first, end, context)`` is one request: tokens ``first:end`` of query [N, Hq, D] and of
+    key/value [N, H, D], at positions from ``context`` on, with row ``row`` of page_table and
+    stage_table (as in :func:`decode_attention`). The cache must hold this step's sinks and the pages
+    this step completes; the ring must hold positions ``[context // page_size * page_size, context)``
+    (PagedKittyCache orders its store so). Writes the spans' rows of ``out`` [N, Hq, D] (allocated in
+    the query's dtype if not given) and returns it.
     """
     layout = _check(query, key, value, packed, stage, page_table, stage_table, config, stage_layout, out)
     num_heads = query.shape[1]
@@ -545,12 +547,11 @@ def prefill_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     block_q = max(1, PREFILL_ROWS // group_rows)
     page = layout.page_size
     blocks = []
-    for request, context in enumerate(context_lens):
-        first, end = query_start_loc[request], query_start_loc[request + 1]
+    for row, first, end, context in spans:
         position = context
         while position < context + end - first:
             count = min(block_q, (position // page + 1) * page - position, context + end - first - position)
-            blocks.append((request, first + position - context, position, count, context))
+            blocks.append((row, first + position - context, position, count, context))
             position += count
     out = torch.empty_like(query) if out is None else out
     if not blocks:
