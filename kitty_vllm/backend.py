@@ -28,6 +28,16 @@ from kitty_vllm.paged import PagedKittyCache, Span, StorePlan
 from kitty_vllm.config import PRESETS, KittyConfig, KittyConfigError, load_config
 
 
+@dataclass(frozen=True)
+class MixedBatch:
+    """How ``Impl.forward`` splits a mixed batch: the requests with one new token (batch rows and their
+    token, on the device; none without the kernels), then the spans of every other request."""
+
+    decode_rows: torch.Tensor | None     # int64 [D]
+    decode_tokens: torch.Tensor | None   # int64 [D]
+    spans: list[Span]
+
+
 @dataclass
 class KittyMetadata:
     num_reqs: int
@@ -36,8 +46,26 @@ class KittyMetadata:
     block_table: torch.Tensor        # int32 [num_reqs, max_pages], device: packed page of each page index
     query_start_loc: list[int] | None = None   # [num_reqs + 1], host; mixed batches only
     seq_lens_host: list[int] | None = None     # [num_reqs], host; mixed batches only
-    # Mixed batches: the prefill StorePlan per cache format, built by the first layer, reused by the rest.
+    # Mixed batches, built by the first layer and reused by the rest: the split (per whether the cache
+    # runs the kernels) and the prefill StorePlan per cache format.
+    mixed: dict[bool, MixedBatch] = field(default_factory=dict)
     store_plans: dict[tuple[KittyConfig, StageLayout], StorePlan] = field(default_factory=dict)
+
+    def split(self, kernels: bool, device: torch.device) -> MixedBatch:
+        """The MixedBatch of this step: with the kernels, one-token requests are stored and attended
+        together through the decode kernels; without them (CPU), every request is a span."""
+        if kernels not in self.mixed:
+            starts, seq_lens = self.query_start_loc, self.seq_lens_host
+            if starts is None:     # decode-only batch on the CPU: one-token steps
+                starts, seq_lens = list(range(self.num_reqs + 1)), self.seq_lens.tolist()
+            decodes = [r for r in range(len(seq_lens)) if starts[r + 1] - starts[r] == 1] if kernels else []
+            batched = set(decodes)
+            spans = [Span(r, starts[r], starts[r + 1], seq_len - (starts[r + 1] - starts[r]))
+                     for r, seq_len in enumerate(seq_lens) if r not in batched and starts[r + 1] > starts[r]]
+            rows = (torch.tensor([decodes, [starts[r] for r in decodes]], device=device)
+                    if decodes else (None, None))
+            self.mixed[kernels] = MixedBatch(rows[0], rows[1], spans)
+        return self.mixed[kernels]
 
 
 class KittyMetadataBuilder(AttentionMetadataBuilder[KittyMetadata]):
@@ -165,32 +193,23 @@ class KittyAttentionImpl(AttentionImpl):
             decode_attention(query[:n], cache.packed, cache.stage, attn_metadata.block_table, stage_table[:n],
                              attn_metadata.seq_lens, self.config, cache.stage_layout, self.scale, out=output[:n])
             return output
-        starts, seq_lens = attn_metadata.query_start_loc, attn_metadata.seq_lens_host
-        if starts is None:     # decode-only batch on the CPU: one-token steps
-            starts, seq_lens = list(range(attn_metadata.num_reqs + 1)), attn_metadata.seq_lens.tolist()
-        # With the kernels, requests with one new token are stored and attended together.
-        decodes = [r for r in range(len(seq_lens)) if starts[r + 1] - starts[r] == 1] if cache.kernels else []
-        if decodes:
-            self._decode(cache, query, key, value, output, attn_metadata, stage_table, decodes, starts)
-        batched = set(decodes)
-        spans = [Span(r, starts[r], starts[r + 1], seq_len - (starts[r + 1] - starts[r]))
-                 for r, seq_len in enumerate(seq_lens) if r not in batched and starts[r + 1] > starts[r]]
-        if spans:
+        batch = attn_metadata.split(cache.kernels, query.device)
+        if batch.decode_rows is not None:
+            self._decode(cache, query, key, value, output, attn_metadata, stage_table, batch)
+        if batch.spans:
             plans, form = attn_metadata.store_plans, (cache.config, cache.stage_layout)
             if form not in plans:
-                plans[form] = cache.plan(spans, query.device)
-            cache.prefill(query, key, value, spans, attn_metadata.block_table, stage_table, self.scale, output,
-                          plans[form])
+                plans[form] = cache.plan(batch.spans, query.device, self.num_heads)
+            cache.prefill(query, key, value, batch.spans, attn_metadata.block_table, stage_table, self.scale,
+                          output, plans[form])
         return output
 
     def _decode(self, cache: PagedKittyCache, query, key, value, output, attn_metadata: KittyMetadata,
-                stage_table: torch.Tensor, decodes: list[int], starts: list[int]) -> None:
+                stage_table: torch.Tensor, batch: MixedBatch) -> None:
         """The requests of a mixed batch with one new token: store, then paged decode attention."""
-        device = query.device
-        requests = torch.tensor(decodes, device=device)
-        tokens = torch.tensor([starts[r] for r in decodes], device=device)
-        seq_lens, page_table, stage_rows = (attn_metadata.seq_lens[requests], attn_metadata.block_table[requests],
-                                            stage_table[requests])
+        rows, tokens = batch.decode_rows, batch.decode_tokens
+        seq_lens, page_table, stage_rows = (attn_metadata.seq_lens[rows], attn_metadata.block_table[rows],
+                                            stage_table[rows])
         cache.store_decode(key[tokens], value[tokens], seq_lens, page_table, stage_rows)
         output[tokens] = decode_attention(query[tokens], cache.packed, cache.stage, page_table, stage_rows,
                                           seq_lens, self.config, cache.stage_layout, self.scale).to(output.dtype)

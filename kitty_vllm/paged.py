@@ -48,7 +48,8 @@ class StorePlan:
     Staging slots are int64 ``[4, n]`` columns (table row, staging-table column, slot in the block,
     token of the batch; reads have no token); pages are ``[3, n]`` (table row, page index, first
     position); ``sources`` [num_pages * P] indexes, for every row of every page to pack, the
-    concatenation of the ring reads and the batch's tokens.
+    concatenation of the ring reads and the batch's tokens; ``query_blocks`` are step 3's
+    (kitty_vllm.kernels.prefill_blocks; empty without the kernels).
     """
 
     sink_writes: torch.Tensor
@@ -56,6 +57,7 @@ class StorePlan:
     pages: torch.Tensor
     sources: torch.Tensor
     ring_writes: torch.Tensor
+    query_blocks: torch.Tensor
 
 
 @dataclass
@@ -84,8 +86,9 @@ class PagedKittyCache:
         slot = positions % self.config.page_size
         return [torch.full_like(positions, row), s.sink_blocks + slot // s.tokens_per_block, slot % s.tokens_per_block]
 
-    def plan(self, spans: list[Span], device: torch.device) -> StorePlan:
-        """The StorePlan of ``spans``: host arithmetic on their lengths, then one copy to ``device``."""
+    def plan(self, spans: list[Span], device: torch.device, num_heads: int) -> StorePlan:
+        """The StorePlan of ``spans`` for ``num_heads`` query heads: host arithmetic on their lengths,
+        then one copy to ``device``."""
         page, sinks, block_tokens = self.config.page_size, self.config.sink_tokens, self.stage_layout.block_tokens
         sink_writes, ring_reads, pages, sources, ring_writes = [], [], [], [], []
         num_reads = 0
@@ -110,8 +113,14 @@ class PagedKittyCache:
             ring_writes.append(torch.stack([*self._ring_columns(span.row, tail), tail + token]))
         source = torch.cat(sources) if sources else torch.zeros(0, dtype=torch.int64)
         source = torch.where(source < 0, num_reads - 1 - source, source)
+        blocks = torch.zeros(0, 5, dtype=torch.int64)
+        if self.kernels:
+            from kitty_vllm.kernels import prefill_blocks
+
+            blocks = prefill_blocks([(s.row, s.first, s.end, s.context) for s in spans], page, num_heads,
+                                    self.stage_layout.num_kv_heads)
         parts = [_columns(sink_writes, 4), _columns(ring_reads, 3), _columns(pages, 3), source,
-                 _columns(ring_writes, 4)]
+                 _columns(ring_writes, 4), blocks]
         moved = torch.cat([p.flatten() for p in parts]).to(device).split([p.numel() for p in parts])
         return StorePlan(*(m.view(p.shape) for m, p in zip(moved, parts)))
 
@@ -142,7 +151,7 @@ class PagedKittyCache:
         key/value [N, H, D] hold the batch's tokens; page_table / stage_table [rows, blocks] the block
         tables of the two groups; ``plan``: :meth:`plan` of ``spans``, if the caller keeps it for other
         layers. Writes ``out[span.first:span.end]`` of every span."""
-        plan = self.plan(spans, key.device) if plan is None else plan
+        plan = self.plan(spans, key.device, query.shape[1]) if plan is None else plan
         self._write_stage(key, value, plan.sink_writes, stage_table)                       # 1.
         if plan.pages.shape[1]:                                                             # 2.
             blocks = stage_table[plan.ring_reads[0], plan.ring_reads[1]].long()
@@ -155,8 +164,8 @@ class PagedKittyCache:
             from kitty_vllm.kernels import prefill_attention
 
             prefill_attention(query, key, value, self.packed, self.stage, page_table.to(torch.int32),
-                              stage_table.to(torch.int32), [(s.row, s.first, s.end, s.context) for s in spans],
-                              self.config, self.stage_layout, scale, out=out)
+                              stage_table.to(torch.int32), plan.query_blocks, self.config, self.stage_layout,
+                              scale, out=out)
         else:
             for s in spans:
                 out[s.first:s.end] = self._reference_attend(query[s.first:s.end], key[s.first:s.end],

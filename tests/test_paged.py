@@ -114,3 +114,37 @@ def test_one_prefill_for_several_requests(kernels, kernel_device):
     assert torch.equal(out[gap:gap + 1].cpu(), torch.full((1, HEADS, DIM), 7.0))
     assert torch.equal(batched.packed, alone.packed)
     assert torch.equal(batched.stage, alone.stage)
+
+
+def test_mixed_batch_split():
+    """The backend splits a mixed batch once per step: with the kernels, one-token requests go to the
+    decode path (their batch row and token) and the rest are spans; without them, all are spans."""
+    from kitty_vllm.backend import KittyMetadata
+
+    # Rows: a 3-token prefill chunk at context 5, a decode at position 9, an empty row, a decode.
+    starts, seq_lens = [0, 3, 4, 4, 5], [8, 10, 0, 200]
+    metadata = KittyMetadata(num_reqs=4, decode_only=False, seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
+                             block_table=torch.zeros(4, 1, dtype=torch.int32), query_start_loc=starts,
+                             seq_lens_host=seq_lens)
+    batch = metadata.split(True, torch.device("cpu"))
+    assert batch.decode_rows.tolist() == [1, 3] and batch.decode_tokens.tolist() == [3, 4]
+    assert batch.spans == [Span(0, 0, 3, 5)]
+    assert metadata.split(True, torch.device("cpu")) is batch
+    every = metadata.split(False, torch.device("cpu"))
+    assert every.decode_rows is None and every.spans == [Span(0, 0, 3, 5), Span(1, 3, 4, 9), Span(3, 4, 5, 199)]
+
+
+def test_prefill_blocks_cover_every_token_once():
+    """Query blocks: each span's tokens exactly once, in order, none crossing a page or longer than a
+    block (64 query rows: 16 positions of a 4-head GQA group)."""
+    from kitty_vllm.kernels import prefill_blocks
+
+    spans = [(0, 0, 300, 5), (2, 300, 301, 77), (1, 301, 400, 128)]
+    blocks = prefill_blocks(spans, 128, 32, 8)
+    covered = []
+    for row, first, position, count, context in blocks.tolist():
+        span = next(s for s in spans if s[0] == row)
+        assert (span[1], span[3]) == (first - position + context, context) and 1 <= count <= 16
+        assert position // 128 == (position + count - 1) // 128
+        covered += range(first, first + count)
+    assert covered == list(range(400))

@@ -230,7 +230,7 @@ def _attention_kernel(
     stage_ptr,         # [num_stage_blocks, 2, tokens_per_block, H, D] model dtype, D contiguous
     page_table_ptr,    # [R, max_pages] int32: packed block of each page
     stage_table_ptr,   # [R, max_stage_blocks] int32: sink blocks, then ring blocks
-    blocks_ptr,        # [num_query_blocks, 5] int32: request, first token, first position, tokens, context (not DECODE)
+    blocks_ptr,        # [num_query_blocks, 5] int64: request, first token, first position, tokens, context (not DECODE)
     seq_lens_ptr,      # [R] int32: DECODE only, request r's query is token r at position seq_lens[r] - 1
     out_ptr,           # [N, Hq, D] D contiguous
     partial_ptr,       # [R, Hq, NUM_SPLITS, D + 2] float32: NUM_SPLITS > 1 only (accumulator, max, sum)
@@ -261,11 +261,11 @@ def _attention_kernel(
         count = 1
     else:
         desc = blocks_ptr + block_id.to(tl.int64) * 5
-        request = tl.load(desc).to(tl.int64)
-        first_token = tl.load(desc + 1).to(tl.int64)
-        first_pos = tl.load(desc + 2)
-        count = tl.load(desc + 3)
-        context = tl.load(desc + 4)
+        request = tl.load(desc)
+        first_token = tl.load(desc + 1)
+        first_pos = tl.load(desc + 2).to(tl.int32)
+        count = tl.load(desc + 3).to(tl.int32)
+        context = tl.load(desc + 4).to(tl.int32)
 
     Q: tl.constexpr = HEAD_DIM // 4
     quarter: tl.constexpr = NUM_BOOST // 4
@@ -527,37 +527,55 @@ def decode_attention(query: torch.Tensor, packed: torch.Tensor, stage: torch.Ten
     return out
 
 
+def _prefill_block_tokens(num_heads: int, num_kv_heads: int, page_size: int) -> tuple[int, int]:
+    """(query positions per prefill program, padded GQA rows per position): PREFILL_ROWS rows in all, and
+    at most one page of positions (a power of two, so blocks aligned to it never cross a page)."""
+    group_rows = triton.next_power_of_2(num_heads // num_kv_heads)
+    return min(max(1, PREFILL_ROWS // group_rows), page_size), group_rows
+
+
+def prefill_blocks(spans: Sequence[tuple[int, int, int, int]], page_size: int, num_heads: int,
+                   num_kv_heads: int) -> torch.Tensor:
+    """The query blocks of :func:`prefill_attention` for ``spans`` (row, first, end, context): int64
+    [num_blocks, 5] on the host, a row (table row, first token, first position, tokens, context) per
+    block. A block starts at each span's first position and at every multiple of the block size."""
+    block_q, _ = _prefill_block_tokens(num_heads, num_kv_heads, page_size)
+    spans = torch.tensor(spans, dtype=torch.int64).view(-1, 4)
+    lengths = spans[:, 2] - spans[:, 1]
+    span = torch.repeat_interleave(torch.arange(len(spans)), lengths)        # [tokens]: span of each token
+    offset = torch.arange(len(span)) - torch.repeat_interleave(lengths.cumsum(0) - lengths, lengths)
+    position = spans[span, 3] + offset
+    starts = torch.nonzero((offset == 0) | (position % block_q == 0)).flatten()
+    counts = torch.diff(starts, append=torch.tensor([len(span)]))
+    s = span[starts]
+    return torch.stack([spans[s, 0], spans[s, 1] + offset[starts], position[starts], counts, spans[s, 3]], dim=1)
+
+
 def prefill_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, packed: torch.Tensor,
                       stage: torch.Tensor, page_table: torch.Tensor, stage_table: torch.Tensor,
-                      spans: Sequence[tuple[int, int, int, int]], config: KittyConfig,
-                      stage_layout: StageLayout, scale: float, out: torch.Tensor | None = None) -> torch.Tensor:
+                      blocks: torch.Tensor, config: KittyConfig, stage_layout: StageLayout, scale: float,
+                      out: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of this step's tokens of several requests over their kitty cache (module docstring).
 
-    A span ``(row, first, end, context)`` is one request: tokens ``first:end`` of query [N, Hq, D] and of
-    key/value [N, H, D], at positions from ``context`` on, with row ``row`` of page_table and
-    stage_table (as in :func:`decode_attention`). The cache must hold this step's sinks and the pages
-    this step completes; the ring must hold positions ``[context // page_size * page_size, context)``
-    (PagedKittyCache orders its store so). Writes the spans' rows of ``out`` [N, Hq, D] (allocated in
-    the query's dtype if not given) and returns it.
+    ``blocks`` is :func:`prefill_blocks` of the requests' spans ``(row, first, end, context)``, on the
+    query's device: tokens ``first:end`` of query [N, Hq, D] and of key/value [N, H, D] are one request
+    at positions from ``context`` on, with row ``row`` of page_table and stage_table (as in
+    :func:`decode_attention`). The cache must hold this step's sinks and the pages this step completes;
+    the ring must hold positions ``[context // page_size * page_size, context)`` (PagedKittyCache orders
+    its store so). Writes the spans' rows of ``out`` [N, Hq, D] (allocated in the query's dtype if not
+    given) and returns it.
     """
     layout = _check(query, key, value, packed, stage, page_table, stage_table, config, stage_layout, out)
     num_heads = query.shape[1]
     num_kv_heads = packed.shape[1]
-    group_rows = triton.next_power_of_2(num_heads // num_kv_heads)
-    block_q = max(1, PREFILL_ROWS // group_rows)
-    page = layout.page_size
-    blocks = []
-    for row, first, end, context in spans:
-        position = context
-        while position < context + end - first:
-            count = min(block_q, (position // page + 1) * page - position, context + end - first - position)
-            blocks.append((row, first + position - context, position, count, context))
-            position += count
+    block_q, group_rows = _prefill_block_tokens(num_heads, num_kv_heads, layout.page_size)
+    if blocks.dtype != torch.int64 or blocks.dim() != 2 or blocks.shape[1] != 5 or not blocks.is_contiguous():
+        raise ValueError(f"blocks must be contiguous int64 [num_blocks, 5] (prefill_blocks), got {blocks.dtype} "
+                         f"{tuple(blocks.shape)}")
     out = torch.empty_like(query) if out is None else out
-    if not blocks:
+    if not len(blocks):
         return out
-    table = torch.tensor(blocks, dtype=torch.int32).to(query.device, non_blocking=True)
-    _launch(query, key, value, packed, stage, page_table, stage_table, table, table, out, out,
+    _launch(query, key, value, packed, stage, page_table, stage_table, blocks, blocks, out, out,
             config, stage_layout, layout, scale, (len(blocks), num_kv_heads, 1), False, 1,
             group_rows, max(MIN_DOT_SIZE, block_q * group_rows), 1, PREFILL_WARPS)
     return out
