@@ -218,6 +218,46 @@ def test_cache_specs_and_ablation_files():
         CacheSpec.parse("kitty2:no-such-ablation")
 
 
+def test_skip_specs_label_their_rows_and_reach_vllm():
+    """``DTYPE:skip=LAYERS`` is its own row (a label apart from plain DTYPE, the same whatever the order
+    of LAYERS) and becomes vLLM's kv_cache_dtype_skip_layers, which vLLM matches by ``str(index)``."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    from kitty_vllm.eval import CacheSpec
+
+    fp8 = CacheSpec.parse("fp8:skip=0")
+    assert fp8 == CacheSpec("fp8", skip_layers=(0,)) and fp8.label == "fp8 (layer 0 unquantized)"
+    int4 = CacheSpec.parse("int4_per_token_head:skip=1,0")
+    assert int4 == CacheSpec.parse("int4_per_token_head:skip=0,1")
+    assert int4.label == "int4_per_token_head (layers 0,1 unquantized)"
+    assert CacheSpec.parse("fp8").llm_kwargs() == {"kv_cache_dtype": "fp8"}
+    kwargs = int4.llm_kwargs()
+    assert kwargs == {"kv_cache_dtype": "int4_per_token_head", "kv_cache_dtype_skip_layers": ["0", "1"]}
+    assert EngineArgs(model="m", **kwargs).kv_cache_dtype_skip_layers == ["0", "1"]
+
+
+@pytest.mark.parametrize("text, message", [
+    ("kitty2:skip=0", "kitty cache"),
+    ("auto:skip=0", "unquantized already"),
+    ("fp8:skip=", "comma-separated layer indices"),
+    ("fp8:skip=0-1", "comma-separated layer indices"),
+])
+def test_skip_specs_refuse_what_vllm_cannot_run(text, message):
+    from kitty_vllm.eval import CacheSpec
+
+    with pytest.raises(ValueError, match=message):
+        CacheSpec.parse(text)
+
+
+def test_skip_specs_name_layers_the_model_has(monkeypatch):
+    """An index past the last layer would match none, and the row would be plain DTYPE under another name."""
+    from kitty_vllm.eval import evaluate, parse_args
+
+    monkeypatch.delenv("KITTY_CONFIG", raising=False)
+    with pytest.raises(SystemExit, match="smollm2 has layers 0 to 29"):
+        evaluate(parse_args(["--model", "smollm2", "--kv-cache-dtypes", "fp8:skip=0,30"]))
+
+
 def test_needle_prompts_fill_the_context_and_hold_the_pass_key():
     from transformers import AutoTokenizer
 
@@ -238,6 +278,7 @@ def test_needle_prompts_fill_the_context_and_hold_the_pass_key():
 
 @pytest.mark.parametrize("argv, message", [
     (["--kv-cache-dtypes", "fp8:boost-random"], "kitty dtypes only"),
+    (["--kv-cache-dtypes", "kitty2:skip=0"], "kitty cache"),
     (["--reference"], "perplexity only"),
     (["--reference", "--tasks", "perplexity", "--dtype", "bfloat16"], "float32"),
     (["--tasks", "needle", "--ablations"], "add gsm8k"),
