@@ -70,35 +70,48 @@ def bytes_read(kernel: str, config: KittyConfig, batch: int, context: int) -> in
     return batch * (cache + NUM_HEADS * HEAD_DIM * 2)
 
 
-def kitty_decode(config: KittyConfig, batch: int, context: int) -> Callable[[], object]:
+def random_kitty_cache(config: KittyConfig, batch: int, pages: int
+                       ) -> tuple[PagedKittyCache, torch.Tensor, torch.Tensor]:
+    """A kitty cache of random bytes with finite fp16 scales and minima and valid boosted channels,
+    ``pages`` packed pages and a full staging row (sinks and ring) per request, and its page and staging
+    tables (int32 [batch, ...])."""
     layout = stage_layout(config, HEAD_DIM, NUM_KV_HEADS, 2)
-    pages = context // config.page_size
     packed = torch.randint(0, 255, (batch * pages + 1, NUM_KV_HEADS, layout.page.page_bytes),
                            dtype=torch.uint8, device="cuda")
     packed.view(torch.float16).nan_to_num_(0.0).clamp_(-1, 1)   # finite scales and minima
+    # Distinct ascending channels below head_dim, as the quantizer writes them (attention indexes with them).
+    boost_index = layout.page.views(packed)["boost_index"]
+    channels = torch.rand(*boost_index.shape[:-1], HEAD_DIM, device="cuda").topk(layout.page.num_boost).indices
+    boost_index.copy_(channels.sort(-1).values)
     stage_blocks = batch * layout.blocks_per_request
     stage = torch.randn(stage_blocks, layout.block_bytes // 2, dtype=torch.bfloat16, device="cuda")
     cache = PagedKittyCache.from_raw(config, layout, packed, stage, torch.bfloat16)
     page_table = torch.arange(batch * pages, dtype=torch.int32, device="cuda").view(batch, pages)
     stage_table = torch.arange(stage_blocks, dtype=torch.int32, device="cuda").view(batch, -1)
+    return cache, page_table, stage_table
+
+
+def kitty_decode(config: KittyConfig, batch: int, context: int) -> Callable[[], object]:
+    cache, page_table, stage_table = random_kitty_cache(config, batch, context // config.page_size)
     seq_lens = torch.full((batch,), context - 1, dtype=torch.int32, device="cuda")
     query = torch.randn(batch, NUM_HEADS, HEAD_DIM, dtype=torch.bfloat16, device="cuda")
     return lambda: decode_attention(query, cache.packed, cache.stage, page_table, stage_table, seq_lens, config,
-                                    layout, HEAD_DIM ** -0.5)
+                                    cache.stage_layout, HEAD_DIM ** -0.5)
 
 
-def bf16_decode_inputs(batch: int, context: int) -> dict:
-    """The arguments vLLM's FLASH_ATTN and TRITON_ATTN backends pass for one decode step on a bf16 cache."""
-    tokens = context - 1
-    blocks = triton.cdiv(tokens, BF16_BLOCK_SIZE)
+def bf16_paged_inputs(batch: int, new_tokens: int, seq_len: int) -> dict:
+    """The arguments vLLM's FLASH_ATTN and TRITON_ATTN backends pass for one step on a bf16 cache: each
+    request holds ``seq_len`` tokens, of which the last ``new_tokens`` are the step's queries."""
+    blocks = triton.cdiv(seq_len, BF16_BLOCK_SIZE)
     # The backends' physical layout: [num_blocks, block_size, H, 2 * D], K and V split off the last dim.
     cache = torch.empty(batch * blocks, BF16_BLOCK_SIZE, NUM_KV_HEADS, 2 * HEAD_DIM, dtype=torch.bfloat16,
                         device="cuda").normal_()
     key, value = cache.split(HEAD_DIM, dim=-1)
-    query = torch.randn(batch, NUM_HEADS, HEAD_DIM, dtype=torch.bfloat16, device="cuda")
+    query = torch.randn(batch * new_tokens, NUM_HEADS, HEAD_DIM, dtype=torch.bfloat16, device="cuda")
     return dict(q=query, k=key, v=value, out=torch.empty_like(query),
-                cu_seqlens_q=torch.arange(batch + 1, dtype=torch.int32, device="cuda"), max_seqlen_q=1,
-                seqused_k=torch.full((batch,), tokens, dtype=torch.int32, device="cuda"), max_seqlen_k=tokens,
+                cu_seqlens_q=torch.arange(0, batch * new_tokens + 1, new_tokens, dtype=torch.int32, device="cuda"),
+                max_seqlen_q=new_tokens,
+                seqused_k=torch.full((batch,), seq_len, dtype=torch.int32, device="cuda"), max_seqlen_k=seq_len,
                 softmax_scale=HEAD_DIM ** -0.5, causal=True,
                 block_table=torch.arange(batch * blocks, dtype=torch.int32, device="cuda").view(batch, blocks))
 
@@ -107,7 +120,7 @@ def flash_decode(batch: int, context: int) -> Callable[[], object]:
     from vllm.v1.attention.backends.fa_utils import get_flash_attn_version
     from vllm.vllm_flash_attn import flash_attn_varlen_func
 
-    inputs = bf16_decode_inputs(batch, context)
+    inputs = bf16_paged_inputs(batch, 1, context - 1)
     fa_version = get_flash_attn_version(head_size=HEAD_DIM)
     return lambda: flash_attn_varlen_func(**inputs, fa_version=fa_version)
 
@@ -116,7 +129,7 @@ def triton_decode(batch: int, context: int) -> Callable[[], object]:
     from vllm.v1.attention.backends.triton_attn import MIN_LAUNCH_GRID_SIZE_2D, NUM_PAR_SOFTMAX_SEGMENTS
     from vllm.v1.attention.ops.triton_unified_attention import unified_attention
 
-    inputs = bf16_decode_inputs(batch, context)
+    inputs = bf16_paged_inputs(batch, 1, context - 1)
     # As TritonAttentionMetadataBuilder: batches up to this size take the 3D (split-softmax) kernel.
     threshold = MIN_LAUNCH_GRID_SIZE_2D // NUM_KV_HEADS
     segments = (threshold, NUM_HEADS, NUM_PAR_SOFTMAX_SEGMENTS)

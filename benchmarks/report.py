@@ -3,8 +3,8 @@
 Every benchmark script appends to ``<out>/<gpu>-<yyyy-mm-dd>.json``, a list of flat records such as
 ``{"benchmark": "w1", "kv_cache_dtype": "kitty2", "max_model_len": 4624, "seconds": ..., "gpu": ...,
 "vllm_version": ..., "date": ...}``. A record replaces an earlier one of the same measurement (same
-benchmark, KV-cache dtype, max_model_len, batch and context), so a benchmark can be rerun, or run in
-several calls, on the same day. A record that could not be measured carries ``"error"`` or
+benchmark, KV-cache dtype, max_model_len, batch, requests, new tokens and context), so a benchmark can be
+rerun, or run in several calls, on the same day. A record that could not be measured carries ``"error"`` or
 ``"skipped"`` with the reason instead of figures.
 """
 
@@ -23,7 +23,7 @@ DTYPE_ORDER = ("auto", "auto-flash", "auto-triton", "fp8", "int4_per_token_head"
 # The formats every serving figure is compared with, and the decode kernel every kernel is compared with.
 SERVING_BASELINES = ("auto", "fp8")
 KERNEL_BASELINE = "auto-flash"
-KEY_FIELDS = ("benchmark", "kv_cache_dtype", "max_model_len", "batch", "context")
+KEY_FIELDS = ("benchmark", "kv_cache_dtype", "max_model_len", "batch", "requests", "new_tokens", "context")
 
 
 def result_path(out_dir: str | Path, gpu: str, date: str, quick: bool = False) -> Path:
@@ -127,11 +127,36 @@ def decode_kernel_table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _prefill_cell(record: dict) -> tuple[int, int, int]:
+    return record["requests"], record["new_tokens"], record["context"]
+
+
+def prefill_kernel_table(records: list[dict]) -> str:
+    """One layer's prefill step (cache writes included), the share of it that is attention, and the speed-up
+    over FlashAttention on a bf16 cache in the same cell."""
+    rows = sorted((r for r in records if r["benchmark"] == "prefill_kernel"),
+                  key=lambda r: (*_prefill_cell(r), _dtype_rank(r["kv_cache_dtype"])))
+    if not rows:
+        return ""
+    baseline = {_prefill_cell(r): r.get("ms") for r in rows if r["kv_cache_dtype"] == KERNEL_BASELINE}
+    lines = ["| requests | new tokens | context | kernel | ms | attention ms | attention % of step | tokens/s "
+             f"| speed vs {KERNEL_BASELINE} | note |",
+             "|---" * 10 + "|"]
+    for r in rows:
+        ms, attention = r.get("ms"), r.get("attention_ms")
+        share = 100 * attention / ms if attention and ms else None
+        speed = _ratio(baseline.get(_prefill_cell(r)), ms)
+        lines.append(f"| {r['requests']} | {r['new_tokens']:,} | {r['context']:,} | {r['kv_cache_dtype']} "
+                     f"| {_number(ms, 3)} | {_number(attention, 3)} | {_number(share, 1)} "
+                     f"| {_number(r.get('tokens_per_s'))} | {speed} | {_note(r)} |")
+    return "\n".join(lines)
+
+
 def markdown_tables(records: list[dict]) -> str:
     """The tables of every benchmark present, headed by the GPU, vLLM version and date of the records."""
     sources = sorted({(r.get("gpu"), r.get("vllm_version"), r.get("date")) for r in records}, key=str)
     header = "; ".join(f"{gpu}, vLLM {version}, {date}" for gpu, version, date in sources)
-    tables = [t for t in (serving_table(records), decode_kernel_table(records)) if t]
+    tables = [t for t in (serving_table(records), decode_kernel_table(records), prefill_kernel_table(records)) if t]
     return "\n\n".join([header, *tables])
 
 

@@ -25,6 +25,11 @@ def kernel(dtype, batch, context, ms):
             "gb_s": 1000 / ms, "copy_gb_s": 3000.0, "pct_of_copy": 100 / (3 * ms), **ENVIRONMENT}
 
 
+def prefill(dtype, requests, new_tokens, context, ms, **figures):
+    return {"benchmark": "prefill_kernel", "kv_cache_dtype": dtype, "requests": requests, "new_tokens": new_tokens,
+            "context": context, "ms": ms, "tokens_per_s": requests * new_tokens / ms * 1e3, **figures, **ENVIRONMENT}
+
+
 RECORDS = [
     serving("capacity", "auto", 4624, max_concurrency=85.4, kv_tokens=394_928),
     serving("capacity", "fp8", 4624, max_concurrency=170.7, kv_tokens=789_168),
@@ -39,10 +44,14 @@ RECORDS = [
     kernel("kitty2", 64, 8192, 0.25),
     {"benchmark": "decode_kernel", "kv_cache_dtype": "auto-flash", "batch": 256, "context": 32768,
      "skipped": "needs 90.0 GiB, 70.0 GiB free", **ENVIRONMENT},
+    prefill("auto-flash", 2, 4096, 0, 2.0),
+    prefill("kitty2", 2, 4096, 0, 4.0, attention_ms=3.0),
+    {"benchmark": "prefill_kernel", "kv_cache_dtype": "kitty2", "requests": 1, "new_tokens": 2048, "context": 4096,
+     "error": "RuntimeError: boom", **ENVIRONMENT},
 ]
 
 
-@pytest.mark.parametrize("script", ["serving.py", "decode_kernel.py", "plot.py"])
+@pytest.mark.parametrize("script", ["serving.py", "decode_kernel.py", "prefill_kernel.py", "plot.py"])
 def test_help(script):
     result = subprocess.run([sys.executable, str(BENCHMARKS / script), "--help"], capture_output=True, text=True,
                             timeout=120)
@@ -66,6 +75,19 @@ def test_serving_arguments():
         assert workload.prompt_tokens + workload.output_tokens <= serving.ENGINE_MAX_MODEL_LEN
 
 
+def test_prefill_arguments():
+    import prefill_kernel
+
+    defaults = prefill_kernel.parse_args([])
+    assert defaults.kernels == ["kitty", "flash"]
+    assert [str(cell) for cell in defaults.cells] == ["2x4096@0", "1x2048@4096", "16x512@0", "1x8192@0"]
+    args = prefill_kernel.parse_args(["--cells", "3x100@50", "--kernels", "kitty"])
+    assert (args.cells, args.kernels) == ([prefill_kernel.Cell(requests=3, new_tokens=100, context=50)], ["kitty"])
+    for bad in ("3x100", "0x100@0", "2x0@0", "2x-1@0"):
+        with pytest.raises(SystemExit):
+            prefill_kernel.parse_args(["--cells", bad])
+
+
 def test_result_path():
     path = report.result_path("out", "NVIDIA H100 80GB HBM3", "2026-01-02")
     assert path == Path("out/nvidia-h100-80gb-hbm3-2026-01-02.json")
@@ -81,6 +103,16 @@ def test_write_merges_by_measurement(tmp_path):
     kernels = report.write_records(path, [kernel("kitty2", 1, 1024, 0.1), kernel("kitty2", 1, 8192, 0.2)])
     assert len(kernels) == 6
     assert not list(tmp_path.glob("*.partial"))
+
+
+def test_prefill_cells_merge_apart(tmp_path):
+    """Cells of one kernel at the same context and with as many tokens are distinct measurements."""
+    path = tmp_path / "results.json"
+    cells = [prefill("kitty2", 2, 4096, 0, 4.0), prefill("kitty2", 1, 8192, 0, 5.0),
+             prefill("kitty2", 8, 1024, 0, 3.0)]
+    assert report.write_records(path, cells) == cells
+    rerun = prefill("kitty2", 1, 8192, 0, 4.5)
+    assert report.write_records(path, [rerun]) == [cells[0], rerun, cells[2]]
 
 
 def test_load_refuses_other_json(tmp_path):
@@ -107,6 +139,10 @@ def test_tables():
     assert table_row(tables, "capacity", "32,768", "turboquant_4bit_nc")[-1].startswith("RuntimeError: turboquant")
     assert table_row(tables, "64", "8,192", "kitty2")[-2] == "2.00x"
     assert "needs 90.0 GiB" in table_row(tables, "256", "32,768", "auto-flash")[-1]
+    kitty_prefill = table_row(tables, "2", "4,096", "0", "kitty2")
+    assert kitty_prefill[4:9] == ["4.000", "3.000", "75.0", f"{8192 / 4e-3:,.0f}", "0.50x"]
+    assert table_row(tables, "2", "4,096", "0", "auto-flash")[5:7] == ["", ""]
+    assert table_row(tables, "1", "2,048", "4,096", "kitty2")[-1] == "RuntimeError: boom"
 
 
 def test_plot_script(tmp_path):
@@ -116,7 +152,9 @@ def test_plot_script(tmp_path):
                             text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "| capacity | 4,624 | kitty2 |" in result.stdout
-    assert "| capacity | 4,624 | kitty2 |" in (tmp_path / "test-gpu-2026-01-02.md").read_text()
+    markdown = (tmp_path / "test-gpu-2026-01-02.md").read_text()
+    assert "| capacity | 4,624 | kitty2 |" in markdown
+    assert "| 2 | 4,096 | 0 | kitty2 |" in markdown
     for name in ("capacity", "throughput", "decode_kernel"):
         png = tmp_path / f"test-gpu-2026-01-02-{name}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
