@@ -212,16 +212,10 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{gpu}: device-to-device copy {copy:.0f} GB/s\n", flush=True)
     environment = {"gpu": gpu, "vllm_version": version, "date": datetime.date.today().isoformat()}
     path = report.result_path(args.out, gpu, environment["date"])
-    records = []
-    for batch in args.batches:
-        for context in args.contexts:
-            for kernel in kernels:
-                records.append({**bench(kernel, args.preset, batch, context, copy), **environment})
-                report.write_records(path, records[-1:])
-                print(describe(records[-1]), flush=True)
-    print(f"\n{report.decode_kernel_table(records)}\n\nmerged into {path}")
-    for png in report.plot_records(report.load_records(path), path.with_suffix("")):
-        print(f"wrote {png}")
+    records = report.record_each(path, (lambda b=batch, c=context, k=kernel: bench(k, args.preset, b, c, copy)
+                                        for batch in args.batches for context in args.contexts
+                                        for kernel in kernels), environment, describe)
+    report.finish(path, report.decode_kernel_table(records))
 
 
 if __name__ == "__main__":

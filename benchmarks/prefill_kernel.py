@@ -172,15 +172,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{gpu}: prefill of one Qwen3-8B layer, cells {' '.join(map(str, args.cells))}\n", flush=True)
     environment = {"gpu": gpu, "vllm_version": version, "date": datetime.date.today().isoformat()}
     path = report.result_path(args.out, gpu, environment["date"])
-    records = []
-    for cell in args.cells:
-        for kernel in kernels:
-            records.append({**bench(kernel, args.preset, cell), **environment})
-            report.write_records(path, records[-1:])
-            print(describe(records[-1]), flush=True)
-    print(f"\n{report.prefill_kernel_table(records)}\n\nmerged into {path}")
-    for png in report.plot_records(report.load_records(path), path.with_suffix("")):
-        print(f"wrote {png}")
+    records = report.record_each(path, (lambda c=cell, k=kernel: bench(k, args.preset, c)
+                                        for cell in args.cells for kernel in kernels), environment, describe)
+    report.finish(path, report.prefill_kernel_table(records))
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -63,6 +64,25 @@ def write_records(path: str | Path, records: list[dict]) -> list[dict]:
     partial.write_text(json.dumps(merged, indent=1) + "\n")
     os.replace(partial, path)
     return merged
+
+
+def record_each(path: Path, measurements: Iterable[Callable[[], dict]], environment: dict,
+                describe: Callable[[dict], str]) -> list[dict]:
+    """Run each measurement (a callable returning one record), merge its record with ``environment``
+    into ``path`` at once (an interrupted run keeps what it measured) and print it. Returns the records."""
+    records = []
+    for measure in measurements:
+        records.append({**measure(), **environment})
+        write_records(path, records[-1:])
+        print(describe(records[-1]), flush=True)
+    return records
+
+
+def finish(path: Path, table: str) -> None:
+    """Print this run's table, then redraw the plots of every record in ``path``."""
+    print(f"\n{table}\n\nmerged into {path}")
+    for png in plot_records(load_records(path), path.with_suffix("")):
+        print(f"wrote {png}")
 
 
 def _dtype_rank(dtype: str) -> tuple[int, str]:
