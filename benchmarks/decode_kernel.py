@@ -187,31 +187,46 @@ def vllm_version() -> str | None:
         return None
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+def kernel_parser(doc: str, kernel_dtypes: dict[str, str]) -> argparse.ArgumentParser:
+    """The options every kernel benchmark takes (its module docstring as help): --preset, --kernels
+    (kitty's and those of ``kernel_dtypes``), --out."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="\n".join(__doc__.splitlines()[1:]))
+                                     epilog="\n".join(doc.splitlines()[1:]))
     parser.add_argument("--preset", default="kitty2")
-    parser.add_argument("--kernels", nargs="+", choices=("kitty", *KERNEL_DTYPES), default=["kitty", *KERNEL_DTYPES])
+    parser.add_argument("--kernels", nargs="+", choices=("kitty", *kernel_dtypes), default=["kitty", *kernel_dtypes])
+    parser.add_argument("--out", type=Path, default=report.RESULTS_DIR, help="folder of the results JSON")
+    return parser
+
+
+def kernel_run(args: argparse.Namespace, kernel_dtypes: dict[str, str]) -> tuple[list[str], dict, Path]:
+    """After kernel_parser's options are parsed: the kernels to time (vLLM's only if it is installed),
+    the environment fields of every record, and the results file."""
+    KittyConfig.from_preset(args.preset)   # an unknown preset fails here, before any GPU work
+    if not torch.cuda.is_available():
+        raise SystemExit("this benchmark times GPU kernels and needs a CUDA GPU; torch sees none")
+    version = vllm_version()
+    kernels = args.kernels
+    if version is None and set(kernels) & set(kernel_dtypes):
+        print("vLLM is not installed: timing the kitty kernels only")
+        kernels = [k for k in kernels if k == "kitty"]
+    environment = {"gpu": torch.cuda.get_device_name(), "vllm_version": version,
+                   "date": datetime.date.today().isoformat()}
+    return kernels, environment, report.result_path(args.out, environment["gpu"], environment["date"])
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = kernel_parser(__doc__, KERNEL_DTYPES)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64, 256])
     parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 8192, 32768])
-    parser.add_argument("--out", type=Path, default=report.RESULTS_DIR, help="folder of the results JSON")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    KittyConfig.from_preset(args.preset)   # an unknown preset fails here, before any GPU work
-    version = vllm_version()
-    kernels = args.kernels
-    if version is None and set(kernels) & set(KERNEL_DTYPES):
-        print("vLLM is not installed: timing the kitty kernel only")
-        kernels = [k for k in kernels if k == "kitty"]
-    gpu = torch.cuda.get_device_name()
+    kernels, environment, path = kernel_run(args, KERNEL_DTYPES)
     copy = copy_bandwidth()
-    print(f"{gpu}: device-to-device copy {copy:.0f} GB/s\n", flush=True)
-    environment = {"gpu": gpu, "vllm_version": version, "date": datetime.date.today().isoformat()}
-    path = report.result_path(args.out, gpu, environment["date"])
+    print(f"{environment['gpu']}: device-to-device copy {copy:.0f} GB/s\n", flush=True)
     records = report.record_each(path, (lambda b=batch, c=context, k=kernel: bench(k, args.preset, b, c, copy)
                                         for batch in args.batches for context in args.contexts
                                         for kernel in kernels), environment, describe)

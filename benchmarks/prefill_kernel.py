@@ -26,19 +26,17 @@ GPU; vLLM is needed only for flash (imported when it runs).
 from __future__ import annotations
 
 import argparse
-import datetime
 import re
 import traceback
 from collections.abc import Callable
-from pathlib import Path
 from typing import NamedTuple
 
 import torch
 import triton
 
 import report
-from decode_kernel import (BF16_BLOCK_SIZE, HEAD_DIM, NUM_HEADS, NUM_KV_HEADS, bf16_paged_inputs, random_kitty_cache,
-                           vllm_version)
+from decode_kernel import (BF16_BLOCK_SIZE, HEAD_DIM, NUM_HEADS, NUM_KV_HEADS, bf16_paged_inputs, kernel_parser,
+                           kernel_run, random_kitty_cache)
 from kitty_vllm.config import KittyConfig
 from kitty_vllm.kernels import prefill_attention
 from kitty_vllm.paged import Span
@@ -146,32 +144,18 @@ def describe(record: dict) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="\n".join(__doc__.splitlines()[1:]))
-    parser.add_argument("--preset", default="kitty2")
-    parser.add_argument("--kernels", nargs="+", choices=("kitty", *KERNEL_DTYPES), default=["kitty", *KERNEL_DTYPES])
+    parser = kernel_parser(__doc__, KERNEL_DTYPES)
     parser.add_argument("--cells", type=parse_cell, nargs="+", default=list(DEFAULT_CELLS),
                         metavar="RxN@C", help="R requests of N new tokens after C cached tokens (default: "
                         f"{' '.join(map(str, DEFAULT_CELLS))})")
-    parser.add_argument("--out", type=Path, default=report.RESULTS_DIR, help="folder of the results JSON")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    KittyConfig.from_preset(args.preset)   # an unknown preset fails here, before any GPU work
-    if not torch.cuda.is_available():
-        raise SystemExit("prefill_kernel.py times GPU kernels and needs a CUDA GPU; torch sees none")
-    version = vllm_version()
-    kernels = args.kernels
-    if version is None and set(kernels) & set(KERNEL_DTYPES):
-        print("vLLM is not installed: timing the kitty kernels only")
-        kernels = [k for k in kernels if k == "kitty"]
-    gpu = torch.cuda.get_device_name()
-    print(f"{gpu}: prefill of one Qwen3-8B layer, cells {' '.join(map(str, args.cells))}\n", flush=True)
-    environment = {"gpu": gpu, "vllm_version": version, "date": datetime.date.today().isoformat()}
-    path = report.result_path(args.out, gpu, environment["date"])
+    kernels, environment, path = kernel_run(args, KERNEL_DTYPES)
+    print(f"{environment['gpu']}: prefill of one Qwen3-8B layer, cells {' '.join(map(str, args.cells))}\n",
+          flush=True)
     records = report.record_each(path, (lambda c=cell, k=kernel: bench(k, args.preset, c)
                                         for cell in args.cells for kernel in kernels), environment, describe)
     report.finish(path, report.prefill_kernel_table(records))
