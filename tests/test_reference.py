@@ -56,7 +56,7 @@ def test_magnitude_policy_boosts_the_outlier_channels():
 
 def test_policies_choose_differently_and_random_is_fixed():
     keys = torch.randn(1, 128, 64)
-    keys[..., 5] += 30      # largest magnitude, no variance from the shift
+    keys[..., 5] = 30 + 0.1 * keys[..., 5]   # largest magnitude, smallest variance
     keys[..., 9] *= 10      # largest variance
     valid = torch.ones(128, dtype=torch.bool)
     pick = {p: R.quantize_keys_per_channel(keys, 4, p, valid).boost_index[0].tolist()
@@ -76,12 +76,27 @@ def test_sinks_stay_out_of_page_statistics():
     assert scale0.max() < 10 < scale1.max()
 
 
+SMALL = KittyConfig(page_size=16, value_window=16, sink_tokens=4)
+SMALL_EXACT = SMALL.replace(exact_prefill=True)
+
+
 def test_quantized_mask_follows_the_schedule():
-    config = KittyConfig(page_size=16, value_window=16, sink_tokens=4)
-    mask = R.quantized_mask(torch.tensor([14, 15, 40]), 41, config)
+    mask = R.quantized_mask(torch.tensor([14, 15, 40]), 41, SMALL_EXACT)
     assert not mask[0].any()                                    # page 0 still filling at 14
     assert mask[1, 4:16].all() and not mask[1, :4].any()        # page 0 full at 15; sinks stay fp
     assert mask[2, 4:32].all() and not mask[2, 32:].any()       # page 2 (32..47) unfinished at 40
+
+
+def test_default_mask_reads_the_step_in_full_precision():
+    """A step of queries 36..50: keys from 36 on are the step's own, read in full precision; before
+    it the schedule holds, and page 2 (32..47), complete at 47, is read quantized from then on."""
+    positions = torch.arange(36, 51)
+    mask = R.quantized_mask(positions, 51, SMALL)
+    assert not mask[:, 36:].any() and not mask[:, :4].any()     # the step's own keys; sinks
+    assert mask[:, 4:32].all()                                  # pages 0 and 1, complete before the step
+    assert not mask[positions < 47, 32:36].any() and mask[positions >= 47, 32:36].all()
+    exact = R.quantized_mask(positions, 51, SMALL_EXACT)
+    assert torch.equal(mask[:, :36], exact[:, :36]) and exact[positions >= 47, 36:48].all()
 
 
 def test_attention_without_full_pages_is_exact():
@@ -93,12 +108,38 @@ def test_attention_without_full_pages_is_exact():
     torch.testing.assert_close(out, expected.transpose(0, 1), rtol=1e-5, atol=1e-5)
 
 
-def test_attention_depends_only_on_positions():
-    """Prefill in one call equals prefill in chunks and decode: what makes chunked prefill and prefix
-    caching exact."""
-    config = KittyConfig(page_size=16, value_window=16, sink_tokens=4)
+def test_exact_attention_depends_only_on_positions():
+    """With exact_prefill, prefill in one call equals prefill in chunks and decode: what makes chunked
+    prefill and prefix caching exact."""
     q, k, v = torch.randn(70, 4, 32), torch.randn(70, 2, 32), torch.randn(70, 2, 32)
-    whole = R.reference_attention(q, k, v, config, query_positions=torch.arange(70))
+    whole = R.reference_attention(q, k, v, SMALL_EXACT, query_positions=torch.arange(70))
     for start, end in [(0, 13), (13, 48), (48, 69), (69, 70)]:
-        part = R.reference_attention(q[start:end], k[:end], v[:end], config)
+        part = R.reference_attention(q[start:end], k[:end], v[:end], SMALL_EXACT)
         torch.testing.assert_close(part, whole[start:end], rtol=1e-5, atol=1e-5)
+
+
+def test_default_attention_of_a_step_reads_earlier_pages_quantized():
+    """A step 32..59 (page 2 completes inside it at 47): plain causal attention over pages 0 and 1
+    quantized (sinks aside) and everything from 32 on in full precision. Under exact_prefill the
+    queries from 47 on read page 2 quantized as well, and only they differ."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(n, h, 32, generator=g) for n, h in [(28, 4), (60, 2), (60, 2)])
+    out = R.reference_attention(q, k, v, SMALL)
+    keys_q, values_q = R.quantized_sequence(k, v, SMALL)
+    earlier = (torch.arange(60) >= SMALL.sink_tokens) & (torch.arange(60) < 32)
+    mixed_k = torch.where(earlier[:, None, None], keys_q, k)
+    mixed_v = torch.where(earlier[:, None, None], values_q, v)
+    plain = KittyConfig(page_size=64, value_window=64, sink_tokens=0)   # no page fills: plain attention
+    torch.testing.assert_close(out, R.reference_attention(q, mixed_k, mixed_v, plain), rtol=1e-5, atol=1e-5)
+    exact = R.reference_attention(q, k, v, SMALL_EXACT)
+    page_2_complete = torch.arange(32, 60) >= 47
+    assert torch.equal(out[~page_2_complete], exact[~page_2_complete])
+    assert ((out - exact)[page_2_complete].abs().amax(dim=(1, 2)) > 1e-2).all()
+
+
+@pytest.mark.parametrize("position", [10, 15, 16, 47, 69])
+def test_a_decode_step_is_the_same_in_both_modes(position):
+    """One query, also where its own token completes a page (15, 47): then it reads that page packed,
+    its own token included, as vLLM's decode kernel does."""
+    q, k, v = torch.randn(1, 4, 32), torch.randn(position + 1, 2, 32), torch.randn(position + 1, 2, 32)
+    assert torch.equal(R.reference_attention(q, k, v, SMALL), R.reference_attention(q, k, v, SMALL_EXACT))
