@@ -44,6 +44,11 @@ class KittyConfig:
     key_bits, boost_bits, value_bits: code widths (2, 4 and 2).
     boost_policy: how a page picks its boosted channels: ``magnitude`` (largest mean |K| over the
         page's tokens), ``variance`` (largest variance) or ``random`` (a fixed pseudo-random set).
+    exact_prefill: how a prefill step's tokens see each other. ``false`` (the presets): in full
+        precision, as with vLLM's other quantized formats, and the cache before the step as decoding
+        would (vLLM's FlashAttention runs the step's own tokens). ``true``: every query reads the
+        cache exactly as decoding would at its position, so prompt log-probabilities equal decode-time
+        teacher forcing and a prefix-cache hit equals a miss whatever the chunking (kitty_vllm.reference).
     """
 
     page_size: int = 128
@@ -54,6 +59,7 @@ class KittyConfig:
     boost_bits: int = 4
     value_bits: int = 2
     boost_policy: str = "magnitude"
+    exact_prefill: bool = False
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -130,6 +136,12 @@ class KittyConfig:
     def replace(self, **changes: Any) -> KittyConfig:
         return dataclasses.replace(self, **changes)
 
+    def to_yaml(self, path: str | os.PathLike) -> Path:
+        """Write every field to ``path`` (a file that from_yaml and $KITTY_CONFIG read back); returns it."""
+        path = Path(path)
+        path.write_text(yaml.safe_dump(dataclasses.asdict(self), sort_keys=False))
+        return path
+
 
 def load_config(preset: str) -> KittyConfig:
     """The config for ``--kv-cache-dtype preset``: the file named by $KITTY_CONFIG if set, else the preset."""
@@ -140,7 +152,7 @@ def load_config(preset: str) -> KittyConfig:
 
 
 def _check_type(name: str, value: Any, annotation: str) -> None:
-    expected = {"int": int, "float": (int, float), "str": str}[annotation]
-    if isinstance(value, bool) or not isinstance(value, expected):
-        allowed = {"int": "an integer", "float": "a number", "str": "a string"}[annotation]
+    expected = {"int": int, "float": (int, float), "str": str, "bool": bool}[annotation]
+    if isinstance(value, bool) != (annotation == "bool") or not isinstance(value, expected):
+        allowed = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false"}[annotation]
         raise KittyConfigError(f"{name}={value!r}: must be {allowed}, got {type(value).__name__}")

@@ -4,19 +4,26 @@
         --kv-cache-dtypes auto fp8 int4_per_token_head kitty2 kitty2-lite kivi2 \\
         --tasks gsm8k perplexity needle [--ablations] [--limit N] [--json PATH]
 
-Tasks (one engine per KV-cache dtype runs all of them):
+Tasks (one engine per KV-cache dtype runs all of them, except as said for perplexity):
 
 * ``gsm8k``: the test set (``--limit`` keeps the first N problems), 8-shot chain of thought, greedy,
   exact match on the final number (kitty_vllm.gsm8k); score = accuracy.
 * ``perplexity``: ``--ppl-windows`` consecutive windows of ``--ppl-window`` tokens of Paul Graham's
   essays, each scored with vLLM's prompt log-probabilities in one prefill; score = perplexity over
-  every token after each window's first. In kitty's cache schedule (kitty_vllm.reference) the query
-  at position p reads every page complete at p dequantized, in prefill exactly as in decode, so these
-  are the log-probabilities that decoding with teacher forcing gives (tests/test_accuracy.py checks
-  that on the tiny model, prefill against decode steps through vLLM).
+  every token after each window's first. These must be the log-probabilities that decoding with
+  teacher forcing gives. By default the tokens of a kitty prefill step read each other in full
+  precision (kitty_vllm.reference), so prompt log-probabilities would see less quantization than
+  decoding does, and depend on ``--max-num-batched-tokens``. A kitty dtype therefore scores
+  perplexity in an engine of its own with ``exact_prefill`` on (KITTY_CONFIG set to a temporary copy
+  of its config), where the query at position p reads every page complete at p dequantized, in
+  prefill exactly as in decode (tests/test_accuracy.py checks that on the tiny model, prefill against
+  decode steps through vLLM). The record keeps the dtype's label.
 * ``needle``: a pass key at 5 depths of 4k, 8k, 16k and 32k-token contexts (kitty_vllm.needle);
   score = fraction retrieved, one record per context length. Lengths beyond the model's context are
   skipped.
+
+GSM8K and needle run each dtype as users get it (its config as it stands: the presets leave
+``exact_prefill`` off).
 
 ``DTYPE:FILE.yaml`` runs ``DTYPE`` with ``KITTY_CONFIG=FILE.yaml`` (kitty_vllm.config), labelled
 ``DTYPE:FILE``; plain kitty dtypes run their preset (an inherited KITTY_CONFIG is refused, since it
@@ -28,9 +35,9 @@ for the kitty dtypes. ``--ablations`` adds the GSM8K ablations of the boost: pol
 25% = kitty2, 50%), from configs/ablations/.
 
 ``--reference`` scores perplexity with the float32 decode-time simulation instead of vLLM: the
-model in transformers with every attention layer reading the cache through kitty_vllm.reference
-(tests/oracle.py, so it needs the repository checkout), on the same windows; compare it with a vLLM run
-in ``--dtype float32``.
+model in transformers with every attention layer reading the cache through kitty_vllm.reference with
+``exact_prefill`` (tests/oracle.py, so it needs the repository checkout), on the same windows; compare
+it with a vLLM run in ``--dtype float32``.
 
 Results merge into ``--json`` (default ``benchmarks/results/accuracy-<gpu>-<yyyy-mm-dd>.json``) as
 records ``{"model", "task", "kv_cache_dtype", "n", "score", "ci95"}`` (a new record replaces one with
@@ -57,7 +64,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -98,11 +105,13 @@ class Record:
 @dataclass(frozen=True)
 class CacheSpec:
     """A ``--kv-cache-dtype`` value, with the kitty config file that replaces its preset (if any) or
-    the layers that vLLM leaves unquantized (if any, sorted)."""
+    the layers that vLLM leaves unquantized (if any, sorted). ``exact_prefill``: run the kitty config
+    with exact_prefill on (the perplexity task's engine; the label stays the dtype's)."""
 
     kv_cache_dtype: str
     config_file: Path | None = None
     skip_layers: tuple[int, ...] = ()
+    exact_prefill: bool = False
 
     @classmethod
     def parse(cls, text: str) -> CacheSpec:
@@ -125,6 +134,14 @@ class CacheSpec:
             layers = ("layers " if len(self.skip_layers) > 1 else "layer ") + ",".join(map(str, self.skip_layers))
             return f"{self.kv_cache_dtype} ({layers} unquantized)"
         return self.kv_cache_dtype if self.config_file is None else f"{self.kv_cache_dtype}:{self.config_file.stem}"
+
+    def kitty_config(self) -> KittyConfig | None:
+        """The kitty config this spec runs; None for vLLM's own dtypes."""
+        if self.kv_cache_dtype not in PRESETS:
+            return None
+        config = (KittyConfig.from_yaml(self.config_file) if self.config_file
+                  else KittyConfig.from_preset(self.kv_cache_dtype))
+        return config.replace(exact_prefill=True) if self.exact_prefill else config
 
     def llm_kwargs(self) -> dict[str, Any]:
         """The cache's arguments to ``vllm.LLM``. vLLM matches skipped layers by ``str(index)``."""
@@ -203,8 +220,9 @@ def reference_window_nlls(model_dir: Path, windows: Sequence[Sequence[int]], spe
     if spec.kv_cache_dtype != "auto" and spec.kv_cache_dtype not in PRESETS:
         raise ValueError(f"the float32 simulation covers auto and the kitty dtypes, not {spec.kv_cache_dtype}")
     oracle = _load_oracle()
-    config = None if spec.kv_cache_dtype == "auto" else (
-        KittyConfig.from_yaml(spec.config_file) if spec.config_file else KittyConfig.from_preset(spec.kv_cache_dtype))
+    config = spec.kitty_config()
+    if config is not None:
+        config = config.replace(exact_prefill=True)   # decode-time, as the perplexity engine runs it
     nlls = []
     for i, window in enumerate(windows):
         start = time.perf_counter()
@@ -234,12 +252,17 @@ def score_needle(llm, trials: Sequence[needle.Trial], use_tqdm: bool = True) -> 
 
 @contextlib.contextmanager
 def kitty_config_env(spec: CacheSpec) -> Iterator[None]:
-    """KITTY_CONFIG set to ``spec``'s file (or unset) for the block; engine processes inherit it."""
+    """KITTY_CONFIG set to ``spec``'s file (or unset) for the block, or with ``spec.exact_prefill`` to
+    a temporary copy of its config with exact_prefill on; engine processes inherit it."""
     previous = os.environ.pop(CONFIG_FILE_ENV, None)
-    if spec.config_file is not None:
-        os.environ[CONFIG_FILE_ENV] = str(spec.config_file)
     try:
-        yield
+        with tempfile.TemporaryDirectory(prefix="kitty-eval-") as tmp:
+            if spec.exact_prefill:
+                path = spec.kitty_config().to_yaml(Path(tmp) / f"{spec.kv_cache_dtype}-exact-prefill.yaml")
+                os.environ[CONFIG_FILE_ENV] = str(path)
+            elif spec.config_file is not None:
+                os.environ[CONFIG_FILE_ENV] = str(spec.config_file)
+            yield
     finally:
         os.environ.pop(CONFIG_FILE_ENV, None)
         if previous is not None:
@@ -257,7 +280,8 @@ def engine(model_dir: Path, spec: CacheSpec, **kwargs) -> Iterator[Any]:
     with kitty_config_env(spec):
         start = time.perf_counter()
         llm = LLM(model=str(model_dir), **spec.llm_kwargs(), **kwargs)
-        logger.info("[%s] engine started in %.0f s", spec.label, time.perf_counter() - start)
+        logger.info("[%s] engine%s started in %.0f s", spec.label,
+                    " with exact_prefill" if spec.exact_prefill else "", time.perf_counter() - start)
         try:
             yield llm
         finally:
@@ -370,6 +394,17 @@ def run_tasks(llm, tasks: Sequence[str], problems, windows, trials, ppl_task: st
                 yield f"needle-{_tokens(length)}", score
 
 
+def engine_runs(spec: CacheSpec, tasks: Sequence[str]) -> list[tuple[CacheSpec, tuple[str, ...]]]:
+    """The engines that run ``tasks`` for ``spec``, with their tasks: one, except that a kitty dtype
+    whose config leaves exact_prefill off scores perplexity with it on (module docstring), in an engine
+    of its own if other tasks run too."""
+    config = spec.kitty_config()
+    if config is None or config.exact_prefill or "perplexity" not in tasks:
+        return [(spec, tuple(tasks))]
+    rest = tuple(t for t in tasks if t != "perplexity")
+    return [(spec, rest)] * bool(rest) + [(replace(spec, exact_prefill=True), ("perplexity",))]
+
+
 def reference_tasks(model_dir: Path, windows, spec: CacheSpec, ppl_task: str) -> Iterator[tuple[str, Score]]:
     """``run_tasks`` for the float32 simulation, which scores perplexity only."""
     yield ppl_task, perplexity(reference_window_nlls(model_dir, windows, spec))
@@ -402,7 +437,7 @@ def evaluate(args: argparse.Namespace) -> list[dict[str, Any]]:
     needed += [args.ppl_window + 1] * bool(windows) + [t.context_length for t in trials]
     max_model_len = min(max_positions, max(needed))
 
-    runs = [(spec, args.tasks) for spec in args.specs]
+    runs = [run for spec in args.specs for run in engine_runs(spec, args.tasks)]
     if args.ablations:
         runs += [(CacheSpec.parse(a), ("gsm8k",)) for a in ABLATIONS]
     path = args.json or default_json_path()

@@ -8,7 +8,9 @@ request at once (a few kernel launches per layer, however many requests the batc
    tokens, into its packed block;
 3. attention: each query reads sinks in full precision, pages complete at its position dequantized
    (pages packed in step 2 included, so a prefix-cache hit sees what a miss sees), and the rest of its
-   own page in full precision;
+   own page in full precision. Without ``exact_prefill`` (kitty_vllm.reference), only positions before
+   the step are read so; the step's own tokens attend to each other in full precision (vLLM's
+   FlashAttention, kitty_vllm.kernels.step_attention), and the kernel folds that in;
 4. the tokens of each new unfinished page are written to the ring. This comes last because they may
    take ring slots of a page packed in step 2, which step 3 still read.
 
@@ -49,7 +51,9 @@ class StorePlan:
     token of the batch; reads have no token); pages are ``[3, n]`` (table row, page index, first
     position); ``sources`` [num_pages * P] indexes, for every row of every page to pack, the
     concatenation of the ring reads and the batch's tokens; ``query_blocks`` are step 3's
-    (kitty_vllm.kernels.prefill_blocks; empty without the kernels).
+    (kitty_vllm.kernels.prefill_blocks; empty without the kernels). ``step_bounds`` int32 and
+    ``host_bounds`` (its host copy) are the sequences of step_attention: every span, and the tokens
+    between spans as others (empty without the kernels or with ``exact_prefill``).
     """
 
     sink_writes: torch.Tensor
@@ -58,6 +62,8 @@ class StorePlan:
     sources: torch.Tensor
     ring_writes: torch.Tensor
     query_blocks: torch.Tensor
+    step_bounds: torch.Tensor
+    host_bounds: tuple[int, ...] = ()
 
 
 @dataclass
@@ -113,16 +119,19 @@ class PagedKittyCache:
             ring_writes.append(torch.stack([*self._ring_columns(span.row, tail), tail + token]))
         source = torch.cat(sources) if sources else torch.zeros(0, dtype=torch.int64)
         source = torch.where(source < 0, num_reads - 1 - source, source)
-        blocks = torch.zeros(0, 5, dtype=torch.int64)
+        blocks, bounds = torch.zeros(0, 6, dtype=torch.int64), ()
         if self.kernels:
             from kitty_vllm.kernels import prefill_blocks
 
             blocks = prefill_blocks([(s.row, s.first, s.end, s.context) for s in spans], page, num_heads,
-                                    self.stage_layout.num_kv_heads)
+                                    self.stage_layout.num_kv_heads, self.config.exact_prefill)
+            if not self.config.exact_prefill:
+                bounds = tuple(sorted({t for s in spans for t in (s.first, s.end)}))
         parts = [_columns(sink_writes, 4), _columns(ring_reads, 3), _columns(pages, 3), source,
-                 _columns(ring_writes, 4), blocks]
+                 _columns(ring_writes, 4), blocks, torch.tensor(bounds, dtype=torch.int64)]
         moved = torch.cat([p.flatten() for p in parts]).to(device).split([p.numel() for p in parts])
-        return StorePlan(*(m.view(p.shape) for m, p in zip(moved, parts)))
+        *stores, step_bounds = (m.view(p.shape) for m, p in zip(moved, parts))
+        return StorePlan(*stores, step_bounds.to(torch.int32), bounds)
 
     def store_decode(self, key: torch.Tensor, value: torch.Tensor, seq_lens: torch.Tensor,
                      page_table: torch.Tensor, stage_table: torch.Tensor) -> None:
@@ -161,11 +170,13 @@ class PagedKittyCache:
             self._quantize(keys.unflatten(0, (-1, self.config.page_size)),
                            values.unflatten(0, (-1, self.config.page_size)), plan.pages[2], page_blocks)
         if self.kernels:                                                                    # 3.
-            from kitty_vllm.kernels import prefill_attention
+            from kitty_vllm.kernels import prefill_attention, step_attention
 
+            step = (None if self.config.exact_prefill
+                    else step_attention(query, key, value, plan.step_bounds, plan.host_bounds, scale))
             prefill_attention(query, key, value, self.packed, self.stage, page_table.to(torch.int32),
                               stage_table.to(torch.int32), plan.query_blocks, self.config, self.stage_layout,
-                              scale, out=out)
+                              scale, out=out, step=step)
         else:
             for s in spans:
                 out[s.first:s.end] = self._reference_attend(query[s.first:s.end], key[s.first:s.end],

@@ -12,8 +12,12 @@ position ``p`` sees Key/Value ``t`` as
 * the original otherwise (the unfinished page: Keys wait for their page, Values for their window).
 
 Sink tokens never enter page statistics: they are excluded from page 0's min/max and boost scores.
-Because the rule depends only on positions, prefill, chunked prefill, decode and prefix-cache hits all
-see the same cache.
+
+That rule alone is ``exact_prefill`` (KittyConfig): it depends only on positions, so prefill, chunked
+prefill, decode and prefix-cache hits all see the same cache. By default the queries of a step of
+several tokens (a prefill or a prefill chunk) also read every Key/Value of the step itself (positions
+from the step's first query on) in the original, as vLLM's other formats prefill; a one-token step
+(decode) follows the rule alone in both modes.
 """
 
 from __future__ import annotations
@@ -201,10 +205,14 @@ def quantized_sequence(keys: torch.Tensor, values: torch.Tensor, config: KittyCo
 
 
 def quantized_mask(query_positions: torch.Tensor, num_keys: int, config: KittyConfig) -> torch.Tensor:
-    """bool [Tq, N]: True where the query reads key ``t`` from a quantized page (the cache schedule)."""
+    """bool [Tq, N]: True where a step's queries at ``query_positions`` read key ``t`` from a quantized
+    page (the cache schedule, module docstring)."""
     t = torch.arange(num_keys)
     page_done = (t // config.page_size + 1) * config.page_size <= query_positions[:, None] + 1
-    return page_done & (t >= config.sink_tokens)
+    read_quantized = page_done & (t >= config.sink_tokens)
+    if config.exact_prefill or len(query_positions) < 2:
+        return read_quantized
+    return read_quantized & (t < query_positions.min())
 
 
 def reference_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
@@ -213,8 +221,8 @@ def reference_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.T
     """Causal attention of one sequence over its kitty cache, float32.
 
     query [Tq, Hq, D] at ``query_positions`` (default: the last Tq positions); keys/values
-    [N, Hkv, D] hold the sequence's full-precision K (after RoPE) and V for positions 0..N-1. Each
-    query sees the cache as it stands at its position (module docstring). Hq is a multiple of Hkv.
+    [N, Hkv, D] hold the sequence's full-precision K (after RoPE) and V for positions 0..N-1. The
+    queries are one step: each sees the cache as it stands at its position (module docstring). Hq is a multiple of Hkv.
     """
     num_keys = keys.shape[0]
     if query_positions is None:

@@ -23,12 +23,16 @@ lengths from 1..max_model_len - max_tokens:
 
 Then every completed request is run again alone, with a fresh ``cache_salt`` so that it recomputes
 its prompt instead of reading the pages the soak left in the prefix cache, and the two token sequences
-must be equal. Both runs return the top-2 logprobs at each position; where they first differ, the
-divergence is accepted as a near-tie, and counted as such, only if in both runs the two candidate
-tokens are within ``--tie-gap`` nats of each other. Logits come out of the model in its dtype, whose
-step at typical logit sizes (16..32) is 0.125 in bfloat16 and 0.016 in float16: the default gap is
-about two such steps (0.25, 0.05); in float32 it is 1e-3, well above the differences that a batch's
-summation order makes. ``--verify-budget-s`` bounds this phase (the requests are verified kind by
+must be equal. That needs a request's output not to depend on how its prompt was split into steps, on
+prefix hits or on recomputation after preemption, so the server runs the preset with ``exact_prefill``
+on (kitty_vllm.config; ``KITTY_CONFIG`` set to a copy of the config beside the server log, the
+``kitty_config`` of the report). Without it, a prefill step's tokens read each other in full
+precision; tests/test_vllm_e2e.py compares that mode with the oracle. Both runs return the top-2
+logprobs at each position; where they first differ, the divergence is accepted as a near-tie, and
+counted as such, only if in both runs the two candidate tokens are within ``--tie-gap`` nats of each
+other. Logits come out of the model in its dtype, whose step at typical logit sizes (16..32) is 0.125
+in bfloat16 and 0.016 in float16: the default gap is about two such steps (0.25, 0.05); in float32 it
+is 1e-3, well above the differences that a batch's summation order makes. ``--verify-budget-s`` bounds this phase (the requests are verified kind by
 kind in turn, so each kind is covered).
 
 Checks (exit status 1 if any fails): every request answered 200 (no 5xx, no error); the server stays
@@ -62,7 +66,7 @@ from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kitty_vllm.config import PRESETS, load_config
+from kitty_vllm.config import CONFIG_FILE_ENV, PRESETS, load_config
 from kitty_vllm.layout import StageLayout, stage_layout
 from kitty_vllm.metrics import last_logged
 
@@ -533,7 +537,9 @@ class SoakOptions:
 
 def run(options: SoakOptions, log_path: Path) -> dict:
     """Start the server, soak it, verify, check; the report as a JSON-ready dict."""
-    page_size = load_config(options.preset).page_size
+    config = load_config(options.preset).replace(exact_prefill=True)   # see the module docstring
+    config_file = config.to_yaml(log_path.with_suffix(".kitty.yaml"))
+    page_size = config.page_size
     pool = KVPool.for_model(Path(options.model), options.preset, options.dtype)
     kv_requests = options.kv_requests or max(1, options.concurrency // 2)
     blocks = kv_requests * pool.blocks_held(options.max_model_len) + 1   # + vLLM's null block
@@ -547,10 +553,10 @@ def run(options: SoakOptions, log_path: Path) -> dict:
             "--num-gpu-blocks-override", str(blocks), "--kv-cache-memory-bytes", str(pool.num_bytes(blocks)),
             "--served-model-name", "soak", *options.serve_args]
     report: dict = {"options": dataclasses.asdict(options), "kv_requests": kv_requests,
-                    "kv_blocks": blocks, "burst": burst, "log": str(log_path)}
+                    "kv_blocks": blocks, "burst": burst, "log": str(log_path), "kitty_config": str(config_file)}
     tie_gap = options.tie_gap if options.tie_gap is not None else DEFAULT_TIE_GAP[options.dtype]
-    server = VllmServer(options.model, args, log_path,
-                        env={"VLLM_LOG_STATS_INTERVAL": str(options.log_interval_s)})
+    server = VllmServer(options.model, args, log_path, env={
+        "VLLM_LOG_STATS_INTERVAL": str(options.log_interval_s), CONFIG_FILE_ENV: str(config_file)})
     try:
         report["phase"] = "startup"
         say(f"starting vllm serve ({log_path})")
@@ -687,7 +693,7 @@ def format_report(report: dict) -> str:
               f"1..{o['max_output']}, KV pool {report['kv_blocks']} blocks ({report['kv_requests']} "
               f"requests of max_model_len), burst {report['burst']}. Startup {report['startup_s']:.0f} s, "
               f"soak {report['soak_s']:.0f} s, verification {report['verify_s']:.0f} s. "
-              f"Server log: {report['log']}",
+              f"Server log: {report['log']}; kitty config (exact_prefill on): {report['kitty_config']}",
               *(f"vLLM: {line}" for line in report["startup_lines"]),
               "", "| kind | requests | completed | cut midway | finished before cut | failed | "
               "prompt tokens | output tokens |", "|---|---|---|---|---|---|---|---|"]

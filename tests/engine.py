@@ -6,16 +6,22 @@ tests/test_smollm2_perplexity.py).
 and a failure shows its traceback here), eager (no torch.compile), with a fixed KV-cache budget instead
 of a fraction of the machine's memory, and ``seed=0``. On exit the engine is shut down and vLLM's
 process-wide state (distributed groups, environment cache) is reset, so the next engine starts clean.
+``exact_prefill=True`` runs a kitty dtype's preset with ``exact_prefill`` on (kitty_vllm.config): what
+the tests need that compare prefill with decode, a prefix-cache hit with a miss, or vLLM's prefill
+chunks with an oracle that splits the prompt otherwise.
 """
 
 from __future__ import annotations
 
 import contextlib
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from kitty_vllm.config import CONFIG_FILE_ENV, PRESETS, KittyConfig
 
 ENGINE_DEFAULTS = dict(
     enforce_eager=True,
@@ -30,18 +36,24 @@ ENGINE_DEFAULTS = dict(
 
 
 @contextlib.contextmanager
-def vllm_engine(model: str | Path, **kwargs) -> Iterator:
-    """An in-process ``vllm.LLM`` for ``model``; ``kwargs`` override ENGINE_DEFAULTS."""
-    with pytest.MonkeyPatch.context() as mp:
+def vllm_engine(model: str | Path, exact_prefill: bool = False, **kwargs) -> Iterator:
+    """An in-process ``vllm.LLM`` for ``model``; ``kwargs`` override ENGINE_DEFAULTS. With
+    ``exact_prefill``, a kitty ``kv_cache_dtype`` runs its preset with exact_prefill on (other dtypes
+    are unaffected)."""
+    with pytest.MonkeyPatch.context() as mp, tempfile.TemporaryDirectory(prefix="kitty-engine-") as tmp:
         mp.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        dtype = kwargs.get("kv_cache_dtype")
+        if exact_prefill and dtype in PRESETS:
+            config = KittyConfig.from_preset(dtype).replace(exact_prefill=True)
+            mp.setenv(CONFIG_FILE_ENV, str(config.to_yaml(Path(tmp) / f"{dtype}-exact-prefill.yaml")))
         from vllm import LLM
 
         from kitty_vllm.eval import shutdown
 
         start = time.perf_counter()
         llm = LLM(model=str(model), **{**ENGINE_DEFAULTS, **kwargs})
-        print(f"\n[engine] {Path(model).name} kv_cache_dtype={kwargs.get('kv_cache_dtype', 'auto')} "
-              f"started in {time.perf_counter() - start:.1f} s")
+        print(f"\n[engine] {Path(model).name} kv_cache_dtype={dtype or 'auto'}"
+              f"{' (exact_prefill)' if exact_prefill else ''} started in {time.perf_counter() - start:.1f} s")
         try:
             yield llm
         finally:

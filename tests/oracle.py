@@ -3,9 +3,11 @@
 The model keeps transformers' ordinary ``DynamicCache`` (all past K after RoPE and V, full
 precision); a custom attention function, registered with ``AttentionInterface`` as
 ``"kitty_reference"``, hands the whole K/V so far to :func:`kitty_vllm.reference.reference_attention`,
-which quantizes the complete pages itself and gives each query the cache as it stands at its own
-position. So a prefill, a chunked prefill and token-by-token decoding all follow the cache schedule
-of :mod:`kitty_vllm.reference`, and their logits agree (up to float32 rounding).
+which quantizes the complete pages itself and follows the cache schedule of :mod:`kitty_vllm.reference`,
+the tokens of one forward call being one step. With ``exact_prefill`` each query sees the cache as it
+stands at its own position, so a prefill, a chunked prefill and token-by-token decoding agree (up to
+float32 rounding); without it (the presets) a step's tokens read each other in full precision, so a
+prompt must be fed in the chunks vLLM prefills it in (``chunk_size``) for the two to agree.
 
 ``config=None`` means plain attention: the same path with a config whose first page never fills
 (page_size > sequence length, no sinks), which makes ``reference_attention`` exact causal attention.
@@ -136,15 +138,15 @@ def kitty_logits(model_dir: str | Path, token_ids: list[int], config: KittyConfi
 
 @torch.no_grad()
 def kitty_greedy(model_dir: str | Path, prompts: list[list[int]], max_new_tokens: int,
-                 config: KittyConfig | None, *, return_logits: bool = False,
-                 dtype: torch.dtype = torch.float32):
+                 config: KittyConfig | None, *, chunk_size: int | None = None,
+                 return_logits: bool = False, dtype: torch.dtype = torch.float32):
     """Greedy continuations of ``prompts`` (token ids, used as given: no BOS is added) under ``config``.
 
-    Each prompt is prefilled in one step (every query sees the cache as of its own position), then
-    decoded one token at a time. Exactly ``max_new_tokens`` tokens are produced per prompt: EOS does
-    not stop generation (compare with vLLM's ``SamplingParams(ignore_eos=True)``). With
-    ``return_logits=True`` returns ``(tokens, logits)`` where ``logits[i]`` is float32
-    [max_new_tokens, V], the distribution each new token was chosen from.
+    Each prompt is prefilled in one step (``chunk_size=k``: in steps of ``k`` tokens), then decoded one
+    token at a time. Exactly ``max_new_tokens`` tokens are produced per prompt: EOS does not stop
+    generation (compare with vLLM's ``SamplingParams(ignore_eos=True)``). With ``return_logits=True``
+    returns ``(tokens, logits)`` where ``logits[i]`` is float32 [max_new_tokens, V], the distribution
+    each new token was chosen from.
     """
     from transformers import DynamicCache
 
@@ -155,19 +157,20 @@ def kitty_greedy(model_dir: str | Path, prompts: list[list[int]], max_new_tokens
             if not prompt:
                 raise ValueError("empty prompt")
             cache = DynamicCache(config=model.config)
-            ids = torch.tensor([prompt], dtype=torch.long)
-            positions = torch.arange(len(prompt)).unsqueeze(0)
-            new_tokens, step_logits = [], []
+            step = chunk_size or len(prompt)
+            steps = [prompt[start:start + step] for start in range(0, len(prompt), step)]
+            position, new_tokens, step_logits = 0, [], []
             for _ in range(max_new_tokens):
-                out = model(input_ids=ids, position_ids=positions, past_key_values=cache, use_cache=True)
-                cache = out.past_key_values
+                for tokens in steps:
+                    positions = torch.arange(position, position + len(tokens)).unsqueeze(0)
+                    out = model(input_ids=torch.tensor([tokens], dtype=torch.long), position_ids=positions,
+                                past_key_values=cache, use_cache=True)
+                    cache, position = out.past_key_values, position + len(tokens)
                 last = out.logits[0, -1].float()
                 token = int(torch.argmax(last))
                 new_tokens.append(token)
                 step_logits.append(last)
-                next_position = int(positions[0, -1]) + 1
-                ids = torch.tensor([[token]], dtype=torch.long)
-                positions = torch.tensor([[next_position]], dtype=torch.long)
+                steps = [[token]]
             results.append(new_tokens)
             all_logits.append(torch.stack(step_logits) if step_logits
                               else torch.empty(0, model.config.vocab_size))

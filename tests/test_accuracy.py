@@ -2,18 +2,22 @@
 perplexity may come from prompt log-probabilities, (2) a small GSM8K run on SmolLM2, (3) its parts.
 The perplexity part of the CPU version is tests/test_smollm2_perplexity.py.
 
-1. Why perplexity may be scored with prompt log-probabilities. Kitty's cache schedule
+1. Why perplexity may be scored with prompt log-probabilities. With ``exact_prefill``
+   (kitty_vllm.config), the eval's setting for perplexity, kitty's cache schedule
    (kitty_vllm.reference) gives the query at position p every page complete at p, dequantized, in
    prefill as in decode. So the log-probabilities of one long prefill equal those that decoding the
    same tokens one step at a time gives. Checked on the tiny model through vLLM: greedy decoding
    returns each new token's log-probability from a decode step; one prefill of prompt + those tokens
    must score them the same. The decode crosses page boundaries, so later steps read packed pages
-   (on a GPU through the paged-decode kernel, while prefill reads them dequantized in PyTorch).
+   (on a GPU through the paged-decode kernel, while prefill reads them through the prefill kernel).
+   Without exact_prefill (the presets) a prefill's tokens read each other in full precision, and its
+   prompt log-probabilities would flatter the cache.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
 
 import pytest
@@ -76,7 +80,7 @@ def tiny_logprobs(tiny_model):
     with torch_threads(1):
         for kv_cache_dtype in (*KITTY_DTYPES, "auto"):
             # No prefix caching: the prefill must compute every position, not reuse the decode's pages.
-            with vllm_engine(tiny_model, dtype="float32", kv_cache_dtype=kv_cache_dtype,
+            with vllm_engine(tiny_model, exact_prefill=True, dtype="float32", kv_cache_dtype=kv_cache_dtype,
                              max_model_len=PROMPT_TOKENS + NEW_TOKENS + 1, enable_prefix_caching=False,
                              max_num_batched_tokens=PROMPT_TOKENS + NEW_TOKENS) as llm:
                 tokens, decoded, prefilled = decode_then_prefill(llm, prompt)
@@ -216,6 +220,33 @@ def test_cache_specs_and_ablation_files():
         CacheSpec.parse("fp8:boost-random")
     with pytest.raises(KittyConfigError, match="cannot read"):
         CacheSpec.parse("kitty2:no-such-ablation")
+
+
+def test_kitty_perplexity_runs_with_exact_prefill(tmp_path, monkeypatch):
+    """Perplexity is decode-time: a kitty dtype scores it in an engine of its own, under its label, with
+    KITTY_CONFIG a copy of its config with exact_prefill on; its other tasks, vLLM's dtypes and configs
+    that are exact already run as they are, in one engine."""
+    from kitty_vllm.config import KittyConfig, load_config
+    from kitty_vllm.eval import TASKS, CacheSpec, engine_runs, kitty_config_env
+
+    monkeypatch.delenv("KITTY_CONFIG", raising=False)
+    ablation = CacheSpec.parse("kitty2:boost-random")
+    (first, rest), (second, ppl) = engine_runs(ablation, TASKS)
+    assert (first, rest, ppl) == (ablation, ("gsm8k", "needle"), ("perplexity",))
+    assert second.exact_prefill and second.label == ablation.label == "kitty2:boost-random"
+    with kitty_config_env(second):
+        assert load_config("kitty2") == KittyConfig.from_yaml(ablation.config_file).replace(exact_prefill=True)
+    with kitty_config_env(ablation):
+        assert load_config("kitty2") == KittyConfig.from_yaml(ablation.config_file)
+    assert "KITTY_CONFIG" not in os.environ
+    kitty2 = CacheSpec.parse("kitty2")
+    assert engine_runs(kitty2, ("perplexity",)) == [(CacheSpec("kitty2", exact_prefill=True), ("perplexity",))]
+    assert engine_runs(kitty2, ("gsm8k",)) == [(kitty2, ("gsm8k",))]
+    assert engine_runs(CacheSpec.parse("fp8"), TASKS) == [(CacheSpec("fp8"), TASKS)]
+    exact_file = tmp_path / "exact.yaml"
+    exact_file.write_text("exact_prefill: true\n")
+    exact = CacheSpec.parse(f"kivi2:{exact_file}")
+    assert engine_runs(exact, TASKS) == [(exact, TASKS)]
 
 
 def test_skip_specs_label_their_rows_and_reach_vllm():

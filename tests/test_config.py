@@ -12,6 +12,7 @@ def test_presets_match_the_method():
         assert (config.page_size, config.sink_tokens, config.value_window) == (128, 32, 128)
         assert (config.key_bits, config.boost_bits, config.value_bits) == (2, 4, 2)
         assert config.boost_policy == "magnitude"
+        assert config.exact_prefill is False     # a prefill's tokens read each other in full precision
 
 
 def test_config_is_frozen():
@@ -29,6 +30,8 @@ def test_unknown_preset_lists_the_valid_ones():
     ("page_size: '128'\n", "page_size='128': must be an integer"),
     ("boost_ratio: fast\n", "boost_ratio='fast': must be a number"),
     ("sink_tokens: true\n", "sink_tokens=True: must be an integer"),
+    ("exact_prefill: 1\n", "exact_prefill=1: must be true or false, got int"),
+    ("exact_prefill: 'yes'\n", "exact_prefill='yes': must be true or false, got str"),
     ("boost_ratio: 1.5\n", r"boost_ratio=1.5: must be in \[0, 1\]"),
     ("page_size: 100\nvalue_window: 100\n", "page_size=100: must be a positive multiple of 16"),
     ("value_window: 64\n", "value_window=64: must equal page_size=128"),
@@ -52,9 +55,14 @@ def test_missing_file_is_named(tmp_path):
 
 def test_partial_yaml_keeps_defaults(tmp_path):
     path = tmp_path / "mine.yaml"
-    path.write_text("boost_ratio: 0.5\nboost_policy: variance\n")
+    path.write_text("boost_ratio: 0.5\nboost_policy: variance\nexact_prefill: true\n")
     config = KittyConfig.from_yaml(path)
-    assert config == KittyConfig(boost_ratio=0.5, boost_policy="variance")
+    assert config == KittyConfig(boost_ratio=0.5, boost_policy="variance", exact_prefill=True)
+
+
+def test_to_yaml_reads_back(tmp_path):
+    config = KittyConfig.from_preset("kitty2-lite").replace(exact_prefill=True, boost_policy="random")
+    assert KittyConfig.from_yaml(config.to_yaml(tmp_path / "copy.yaml")) == config
 
 
 @pytest.mark.parametrize("head_dim, ratio, expected", [(64, 0.25, 16), (128, 0.25, 32), (256, 0.25, 64),

@@ -1,7 +1,8 @@
 """Determinism of greedy kitty2 output, and kitty's own counters (kitty_vllm.metrics).
 
 One batch (prompts shorter than, at and past page boundaries, two sharing a two-page prefix) runs twice
-in an engine with prefix caching off and twice in one with it on, in float32 on the tiny model:
+in an engine with prefix caching off and twice in one with it on, in float32 on the tiny model, with
+``exact_prefill`` (kitty_vllm.config), under which a prefix-cache hit reads what a miss does:
 
 * the same batch composition gives the same tokens and the same logprobs, bit for bit, run after run;
 * prefix caching changes nothing: with it on, the first run shares the common prefix inside the batch
@@ -24,7 +25,8 @@ PAGE = 128
 PROMPT_LENGTHS = (1, 31, 100, 127, 128, 129, 300, 520)
 SHARED_PREFIX, SHARED_SUFFIX = 2 * PAGE, 44
 NEW_TOKENS = 40
-ENGINE_ARGS = dict(kv_cache_dtype="kitty2", dtype="float32", max_model_len=1024, max_num_seqs=16)
+ENGINE_ARGS = dict(kv_cache_dtype="kitty2", exact_prefill=True, dtype="float32", max_model_len=1024,
+                   max_num_seqs=16)
 
 
 def tokens(seed: int, length: int) -> list[int]:

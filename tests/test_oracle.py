@@ -10,8 +10,10 @@ from kitty_vllm.config import KittyConfig
 from oracle import kitty_greedy, kitty_logits, load_model
 from tiny_model import build_tiny_model
 
-# Small pages so that a ~60-token prompt crosses several page boundaries.
+# Small pages so that a ~60-token prompt crosses several page boundaries; EXACT reads the cache as
+# decoding would in every step, SMALL_PAGES (the presets' mode) reads each step's own tokens in full.
 SMALL_PAGES = KittyConfig(page_size=16, sink_tokens=4, value_window=16)
+EXACT = SMALL_PAGES.replace(exact_prefill=True)
 PROMPT_LEN, NEW_TOKENS = 60, 20
 
 
@@ -74,25 +76,25 @@ def test_plain_oracle_equals_generate(model_dir, prompts):
 
 
 def test_kitty_oracle_quantizes_and_is_deterministic(model_dir, prompts):
-    tokens, logits = kitty_greedy(model_dir, prompts, NEW_TOKENS, SMALL_PAGES, return_logits=True)
+    tokens, logits = kitty_greedy(model_dir, prompts, NEW_TOKENS, EXACT, return_logits=True)
     _, plain_logits = kitty_greedy(model_dir, prompts, NEW_TOKENS, None, return_logits=True)
     for kitty_step, plain_step in zip(logits, plain_logits):
         assert (kitty_step[0] - plain_step[0]).abs().max() > 1e-2     # quantization is applied
-    tokens_again, logits_again = kitty_greedy(model_dir, prompts, NEW_TOKENS, SMALL_PAGES,
+    tokens_again, logits_again = kitty_greedy(model_dir, prompts, NEW_TOKENS, EXACT,
                                               return_logits=True)
     assert tokens_again == tokens
     assert all(torch.equal(a, b) for a, b in zip(logits, logits_again))
 
     # Before the first page fills, kitty attention is plain attention, bit for bit.
     short = [p[:SMALL_PAGES.page_size - 1] for p in prompts]
-    _, kitty_short = kitty_greedy(model_dir, short, 1, SMALL_PAGES, return_logits=True)
+    _, kitty_short = kitty_greedy(model_dir, short, 1, EXACT, return_logits=True)
     _, plain_short = kitty_greedy(model_dir, short, 1, None, return_logits=True)
     assert all(torch.equal(a, b) for a, b in zip(kitty_short, plain_short))
 
 
 @pytest.mark.parametrize("chunk_size", [1, 7, 16])
-def test_prefill_and_decode_see_the_same_cache(prompts, chunk_size):
-    """Logits of one prefill == chunked prefill == token-by-token decoding, under the schedule.
+def test_exact_prefill_and_decode_see_the_same_cache(prompts, chunk_size):
+    """With exact_prefill, logits of one prefill == chunked prefill == token-by-token decoding.
 
     One layer in float64 makes K/V bit-identical across the paths once rounded to the float32 the
     reference quantizes. (With float32 projections, or K/V that come after a quantized layer, the
@@ -101,10 +103,28 @@ def test_prefill_and_decode_see_the_same_cache(prompts, chunk_size):
     """
     one_layer = build_tiny_model(num_layers=1)
     sequence = prompts[0] + prompts[1][1:21]                      # 80 tokens: 5 pages
-    whole = kitty_logits(one_layer, sequence, SMALL_PAGES, dtype=torch.float64)
-    chunked = kitty_logits(one_layer, sequence, SMALL_PAGES, chunk_size=chunk_size,
-                           dtype=torch.float64)
+    whole = kitty_logits(one_layer, sequence, EXACT, dtype=torch.float64)
+    chunked = kitty_logits(one_layer, sequence, EXACT, chunk_size=chunk_size, dtype=torch.float64)
     torch.testing.assert_close(chunked, whole, atol=1e-4, rtol=0)
     # The schedule matters at these positions: plain attention is far away.
     plain = kitty_logits(one_layer, sequence, None, dtype=torch.float64)
     assert (plain[SMALL_PAGES.page_size:] - whole[SMALL_PAGES.page_size:]).abs().max() > 1e-2
+
+
+def test_default_mode_reads_each_step_in_full_precision(prompts):
+    """Without exact_prefill the tokens of one forward call read each other in full precision: one
+    prefill of the whole sequence is plain attention, bit for bit. Fed in page-sized steps, every query
+    reads the earlier pages quantized as under exact_prefill, except a page's last query: under
+    exact_prefill it alone reads its own page quantized too. One float64 layer, as above, so that
+    each position's logits depend on its own query's attention only.
+    """
+    one_layer = build_tiny_model(num_layers=1)
+    sequence = prompts[0] + prompts[1][1:21]
+    page = SMALL_PAGES.page_size
+    whole = kitty_logits(one_layer, sequence, SMALL_PAGES, dtype=torch.float64)
+    assert torch.equal(whole, kitty_logits(one_layer, sequence, None, dtype=torch.float64))
+    paged = kitty_logits(one_layer, sequence, SMALL_PAGES, chunk_size=page, dtype=torch.float64)
+    exact = kitty_logits(one_layer, sequence, EXACT, dtype=torch.float64)
+    last_of_page = torch.arange(len(sequence)) % page == page - 1
+    torch.testing.assert_close(paged[~last_of_page], exact[~last_of_page], atol=1e-4, rtol=0)
+    assert ((paged - exact)[last_of_page].abs().amax(dim=-1) > 1e-2).all()

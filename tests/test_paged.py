@@ -9,15 +9,17 @@ from kitty_vllm.layout import stage_layout
 from kitty_vllm.paged import PagedKittyCache, Span
 
 CONFIG = KittyConfig(page_size=16, value_window=16, sink_tokens=4)
+# Both prefill schedules (kitty_vllm.reference): the step's own tokens in full precision, and exact.
+SCHEDULES = pytest.mark.parametrize("config", [CONFIG, CONFIG.replace(exact_prefill=True)], ids=["default", "exact"])
 HEADS, KV_HEADS, DIM = 4, 2, 64
 NUM_BLOCKS = 64
 
 
-def make_cache(dtype=torch.float32, device="cpu", kernels=None):
-    layout = stage_layout(CONFIG, DIM, KV_HEADS, torch.empty((), dtype=dtype).element_size())
+def make_cache(dtype=torch.float32, device="cpu", kernels=None, config=CONFIG):
+    layout = stage_layout(config, DIM, KV_HEADS, torch.empty((), dtype=dtype).element_size())
     packed = torch.zeros(NUM_BLOCKS, KV_HEADS, layout.page.page_bytes, dtype=torch.uint8, device=device)
     stage = torch.zeros(NUM_BLOCKS, layout.block_bytes, dtype=torch.uint8, device=device)
-    return PagedKittyCache.from_raw(CONFIG, layout, packed, stage, dtype, kernels), layout
+    return PagedKittyCache.from_raw(config, layout, packed, stage, dtype, kernels), layout
 
 
 def rows(layout, seed):
@@ -27,23 +29,25 @@ def rows(layout, seed):
     return ids[:20], ids[20:20 + layout.blocks_per_request]
 
 
+@SCHEDULES
 @pytest.mark.parametrize("kernels", [False, True], ids=["reference", "kernels"])
 @pytest.mark.parametrize("chunks", [[70], [3, 13, 16, 1, 1, 36], [1] * 40 + [30]])
-def test_chunked_steps_equal_the_reference(chunks, kernels, kernel_device):
-    """Steps of any chunking (prefill, chunked prefill, decode) attend as the reference schedule does,
-    through the reference or through the quantize and prefill-attention kernels."""
+def test_chunked_steps_equal_the_reference(chunks, kernels, config, kernel_device):
+    """Steps of any chunking (prefill, chunked prefill, decode) attend as the reference schedule does
+    for those steps, through the reference or through the quantize and prefill-attention kernels."""
     device = kernel_device if kernels else "cpu"
-    cache, layout = make_cache(device=device, kernels=kernels)
+    cache, layout = make_cache(device=device, kernels=kernels, config=config)
     page_row, stage_row = (r.to(device) for r in rows(layout, 0))
     total = sum(chunks)
     q, k, v = torch.randn(total, HEADS, DIM), torch.randn(total, KV_HEADS, DIM), torch.randn(total, KV_HEADS, DIM)
-    want = reference.reference_attention(q, k, v, CONFIG, query_positions=torch.arange(total))
     start = 0
     for n in chunks:
         span = slice(start, start + n)
+        want = reference.reference_attention(q[span], k[:start + n], v[:start + n], config,
+                                             query_positions=torch.arange(start, start + n))
         got = cache.step(q[span].to(device), k[span].to(device), v[span].to(device), start, page_row, stage_row,
                          DIM ** -0.5)
-        torch.testing.assert_close(got.cpu(), want[span], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-5)
         start += n
 
 
@@ -74,13 +78,14 @@ def test_store_decode_matches_step(kernel_device):
     assert torch.equal(by_step.stage, by_decode.stage.cpu())
 
 
+@SCHEDULES
 @pytest.mark.parametrize("kernels", [False, True], ids=["reference", "kernels"])
-def test_one_prefill_for_several_requests(kernels, kernel_device):
+def test_one_prefill_for_several_requests(kernels, config, kernel_device):
     """One prefill of several requests, scattered in the batch and in every state (sinks, a page filling,
     pages filling from a ring), attends and stores exactly as one step per request."""
     device = kernel_device if kernels else "cpu"
-    batched, layout = make_cache(device=device, kernels=kernels)
-    alone, _ = make_cache(device=device, kernels=kernels)
+    batched, layout = make_cache(device=device, kernels=kernels, config=config)
+    alone, _ = make_cache(device=device, kernels=kernels, config=config)
     g = torch.Generator().manual_seed(7)
     page_table = torch.randperm(NUM_BLOCKS, generator=g)[:60].view(3, 20).to(device)
     stage_table = torch.randperm(NUM_BLOCKS, generator=g)[: 3 * layout.blocks_per_request].view(3, -1).to(device)
@@ -105,7 +110,7 @@ def test_one_prefill_for_several_requests(kernels, kernel_device):
     batched.prefill(query, key, value, spans, page_table, stage_table, DIM ** -0.5, out)
     for span in spans:
         b, end = span.row, span.context + span.end - span.first
-        want = reference.reference_attention(q[b, span.context:end], k[b, :end], v[b, :end], CONFIG,
+        want = reference.reference_attention(q[b, span.context:end], k[b, :end], v[b, :end], config,
                                              query_positions=torch.arange(span.context, end))
         torch.testing.assert_close(out[span.first:span.end].cpu(), want, rtol=1e-5, atol=1e-5)
         alone.step(*(x[span.first:span.end] for x in (query, key, value)), span.context, page_table[b],
@@ -134,17 +139,43 @@ def test_mixed_batch_split():
     assert every.decode_rows is None and every.spans == [Span(0, 0, 3, 5), Span(1, 3, 4, 9), Span(3, 4, 5, 199)]
 
 
-def test_prefill_blocks_cover_every_token_once():
+@pytest.mark.parametrize("exact", [True, False], ids=["exact", "default"])
+def test_prefill_blocks_cover_every_token_once(exact):
     """Query blocks: each span's tokens exactly once, in order, none crossing a page or longer than a
-    block (64 query rows: 16 positions of a 4-head GQA group)."""
+    block (64 query rows: 16 positions of a 4-head GQA group). A block reads the cache up to its last
+    position, or, unless exact, up to its span's context if the span has several tokens."""
     from kitty_vllm.kernels import prefill_blocks
 
     spans = [(0, 0, 300, 5), (2, 300, 301, 77), (1, 301, 400, 128)]
-    blocks = prefill_blocks(spans, 128, 32, 8)
+    blocks = prefill_blocks(spans, 128, 32, 8, exact)
     covered = []
-    for row, first, position, count, context in blocks.tolist():
+    for row, first, position, count, context, cache_end in blocks.tolist():
         span = next(s for s in spans if s[0] == row)
         assert (span[1], span[3]) == (first - position + context, context) and 1 <= count <= 16
         assert position // 128 == (position + count - 1) // 128
+        assert cache_end == (position + count if exact or span[2] - span[1] == 1 else context)
         covered += range(first, first + count)
     assert covered == list(range(400))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("chunks", [[70], [40, 30], [21, 43, 2, 50]])
+def test_bf16_prefill_with_flash_attention(chunks):
+    """On a GPU in bfloat16 the step's own tokens go through vLLM's FlashAttention (step_attention):
+    the same as the float32 path on the same bfloat16 inputs, to bfloat16 rounding."""
+    pytest.importorskip("vllm")
+    results = {}
+    for dtype in (torch.bfloat16, torch.float32):
+        cache, layout = make_cache(dtype=dtype, device="cuda", kernels=True)
+        page_row, stage_row = (r.cuda() for r in rows(layout, 0))
+        g = torch.Generator().manual_seed(3)
+        total = sum(chunks)
+        q, k, v = (torch.randn(total, h, DIM, generator=g).to(torch.bfloat16).to(dtype).cuda()
+                   for h in (HEADS, KV_HEADS, KV_HEADS))
+        outs, start = [], 0
+        for n in chunks:
+            outs.append(cache.step(q[start:start + n], k[start:start + n], v[start:start + n], start, page_row,
+                                   stage_row, DIM ** -0.5))
+            start += n
+        results[dtype] = torch.cat(outs)
+    torch.testing.assert_close(results[torch.bfloat16], results[torch.float32], rtol=2e-2, atol=2e-2)

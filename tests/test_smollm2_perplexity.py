@@ -4,8 +4,9 @@ The CPU version of ``python -m kitty_vllm.eval --tasks perplexity`` (its scoring
 windows): SmolLM2-135M-Instruct (kitty_vllm.assets, head_dim 64, 3 KV heads, 30 layers) scores WINDOWS
 windows of WINDOW tokens of Paul Graham's essays with vLLM's prompt log-probabilities, one prefill
 per window (in CHUNK-token steps): every token after a window's first is scored given all the tokens
-before it, and late tokens read up to 15 quantized pages. Under kitty's cache schedule that equals
-decoding with teacher forcing (tests/test_accuracy.py shows it).
+before it, and late tokens read up to 15 quantized pages. The kitty dtypes run with ``exact_prefill``,
+as the eval's perplexity does: then that equals decoding with teacher forcing (tests/test_accuracy.py
+shows it), where by default a step's tokens would read each other in full precision.
 
 The model runs in float32: this CPU has AVX2 but no bf16 instructions, and bf16 ran 3x slower.
 WINDOWS is 2 to keep the file near 3 minutes on a 2-core machine. Measured: auto 25.16, kitty2 +5.0%,
@@ -55,7 +56,7 @@ def ppl(model_dir, windows) -> dict[str, float]:
     with torch_threads(1):   # predictable on a loaded machine (see engine.torch_threads)
         for kv_cache_dtype in KV_CACHE_DTYPES:
             start = time.perf_counter()
-            with vllm_engine(model_dir, dtype="float32", kv_cache_dtype=kv_cache_dtype,
+            with vllm_engine(model_dir, exact_prefill=True, dtype="float32", kv_cache_dtype=kv_cache_dtype,
                              max_model_len=WINDOW + 1, max_num_batched_tokens=CHUNK,
                              max_num_seqs=WINDOWS, kv_cache_memory_bytes=1 << 29) as llm:
                 score = perplexity(window_nlls(llm, windows, use_tqdm=False))

@@ -4,15 +4,17 @@ eight 512-token requests and a burst that preempts.
 
 Every check of the runner must pass: no 5xx and no failed request, the server still up, preemptions
 during the burst, prefix-cache hits, streams cut midway, every completed output equal to its prompt run
-alone (in float32 no near-tie is expected), vLLM's KV-cache usage back at 0, kitty's log line
-(kitty_vllm.metrics) back at 0 staging blocks, and the server's RSS flat. The full size (2,000 requests,
-64 clients, outputs up to 256 tokens) runs on a GPU with ``python -m kitty_vllm.soak``.
+alone (in float32 no near-tie is expected; the runner serves kitty2 with exact_prefill, so prefix hits,
+prefill steps and preemption do not change what a query reads), vLLM's KV-cache usage back at 0,
+kitty's log line (kitty_vllm.metrics) back at 0 staging blocks, and the server's RSS flat. The full size
+(2,000 requests, 64 clients, outputs up to 256 tokens) runs on a GPU with ``python -m kitty_vllm.soak``.
 
 The rule that accepts a divergence only as a near-tie is tested on hand-made logprobs.
 """
 
 import pytest
 
+from kitty_vllm.config import KittyConfig
 from kitty_vllm.soak import Completion, SoakOptions, compare, format_report, run
 from tiny_model import build_tiny_model
 
@@ -29,6 +31,8 @@ def test_soak(tmp_path):
     assert not failed, "\n".join(failed)
     assert report["verification"]["verified"] == report["verification"]["completed"]
     assert report["verification"]["verdicts"] == {"match": report["verification"]["verified"]}
+    exact_kitty2 = KittyConfig.from_preset("kitty2").replace(exact_prefill=True)
+    assert KittyConfig.from_yaml(report["kitty_config"]) == exact_kitty2
     # kitty's log line: it appeared while requests ran, and counted the pages packed.
     held, packed = report["staging_at_end"]
     assert held == 0 and packed > 0

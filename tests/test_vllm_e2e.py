@@ -7,6 +7,12 @@ reading the cache through kitty_vllm.reference, under the same cache schedule. B
 greedy, so any difference in quantization, packing, page bookkeeping, the staging ring, prefix-cache
 reuse or chunked prefill shows up as a different token.
 
+Most engines run with ``exact_prefill`` (kitty_vllm.config), where every query reads the cache as
+decoding would, so vLLM's 512-token steps, chunks and prefix hits need not match the oracle's steps
+(one prefill, then one token at a time). One engine runs kitty2 as users get it, where a step's tokens
+read each other in full precision: one request at a time in STEP-token prefill steps, against the
+oracle fed the same steps.
+
 Prompts are real essay text (the tiny model's tokenizer) of 40, 120, 300 and 740 tokens (BOS
 first): one never completes a page (40 + 32 < 128), two complete a page while decoding (120 + 32 > 128,
 740 + 32 > 768), and two prefill across several pages. Each engine is started once per module and
@@ -47,6 +53,10 @@ MAX_MODEL_LEN = 1024
 # text ever changes.
 FIRST_WINDOW = 2
 MIN_GAP = 2e-3
+# The default mode's engine: the 300- and 740-token prompts, alone, prefilled in 80-token steps, so
+# pages complete inside steps (at 127 in 80..159) and steps start inside pages.
+ALONE = [2, 3]
+STEP = 80
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -64,7 +74,7 @@ def model_dir():
 def prompts(model_dir):
     """``batch``: BOS + essay text of PROMPT_LENS tokens, each from its own window (no shared
     prefixes); ``follow_up``: a prompt sharing SHARED_PREFIX tokens with the 740-token one, and an
-    exact repeat of the 300-token one."""
+    exact repeat of the 300-token one; ``alone``: the ALONE prompts of the batch."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
@@ -73,35 +83,39 @@ def prompts(model_dir):
     batch = [[tokenizer.bos_token_id] + windows[i][: n - 1] for i, n in enumerate(PROMPT_LENS)]
     follow_up = [batch[3][:SHARED_PREFIX] + windows[-1][:FOLLOW_UP_TAIL], list(batch[2])]
     assert [len(p) for p in batch] == list(PROMPT_LENS)
-    return {"batch": batch, "follow_up": follow_up}
+    return {"batch": batch, "follow_up": follow_up, "alone": [batch[i] for i in ALONE]}
 
 
 class Oracle:
     """The oracle's greedy tokens for ``prompts[which]`` under a preset (None: plain attention), and
-    the smallest top-1/top-2 logit gap among the choices it made; each computed once."""
+    the smallest top-1/top-2 logit gap among the choices it made; each computed once. ``step=None``:
+    the preset with exact_prefill, each prompt prefilled in one step; ``step=k``: the preset as it is,
+    each prompt prefilled in k-token steps."""
 
     def __init__(self, model_dir, prompts):
         self.model_dir, self.prompts, self.results = model_dir, prompts, {}
 
-    def _run(self, preset: str | None, which: str):
-        key = (preset, which)
+    def _run(self, preset: str | None, which: str, step: int | None):
+        key = (preset, which, step)
         if key not in self.results:
             config = None if preset is None else KittyConfig.from_preset(preset)
+            if config is not None and step is None:
+                config = config.replace(exact_prefill=True)
             start = time.perf_counter()
             tokens, logits = kitty_greedy(self.model_dir, self.prompts[which], NEW_TOKENS, config,
-                                          return_logits=True)
+                                          chunk_size=step, return_logits=True)
             gap = min(float(top[:, 0].sub(top[:, 1]).min())
-                      for top in (torch.topk(step, 2, dim=-1).values for step in logits))
+                      for top in (torch.topk(chosen, 2, dim=-1).values for chosen in logits))
             self.results[key] = tokens, gap
-            print(f"\n[oracle] {preset or 'plain'} {which}: {time.perf_counter() - start:.1f} s, "
-                  f"smallest top-2 logit gap {gap:.4f}")
+            print(f"\n[oracle] {preset or 'plain'} {which} {f'{step}-token steps' if step else 'exact_prefill'}: "
+                  f"{time.perf_counter() - start:.1f} s, smallest top-2 logit gap {gap:.4f}")
         return self.results[key]
 
-    def __call__(self, preset: str | None, which: str = "batch") -> list[list[int]]:
-        return self._run(preset, which)[0]
+    def __call__(self, preset: str | None, which: str = "batch", step: int | None = None) -> list[list[int]]:
+        return self._run(preset, which, step)[0]
 
-    def gap(self, preset: str | None, which: str = "batch") -> float:
-        return self._run(preset, which)[1]
+    def gap(self, preset: str | None, which: str = "batch", step: int | None = None) -> float:
+        return self._run(preset, which, step)[1]
 
 
 @pytest.fixture(scope="module")
@@ -118,13 +132,14 @@ def generate(llm, prompts: list[list[int]]) -> tuple[list[list[int]], list[int]]
     return [list(o.outputs[0].token_ids) for o in outputs], [o.num_cached_tokens for o in outputs]
 
 
-def run_engine(model_dir, prompt_sets: list[list[list[int]]], **engine_kwargs):
+def run_engine(model_dir, prompt_sets: list[list[list[int]]], exact_prefill: bool = True, **engine_kwargs):
     """Start one engine, run each prompt set as its own ``generate`` call (in order), shut it down."""
-    with vllm_engine(model_dir, dtype="float32", max_model_len=MAX_MODEL_LEN, **engine_kwargs) as llm:
+    with vllm_engine(model_dir, exact_prefill, dtype="float32", max_model_len=MAX_MODEL_LEN,
+                     **engine_kwargs) as llm:
         return [generate(llm, p) for p in prompt_sets]
 
 
-# Engines: one per fixture, each run once per module.
+# Engines: one per fixture, each run once per module; all but the last with exact_prefill.
 
 @pytest.fixture(scope="module")
 def kitty2_prefix_caching(model_dir, prompts):
@@ -163,6 +178,15 @@ def kivi2(model_dir, prompts):
                       max_num_batched_tokens=96, max_num_seqs=4)
 
 
+@pytest.fixture(scope="module")
+def kitty2_default(model_dir, prompts):
+    """kitty2 as users get it (exact_prefill off), one request at a time and no prefix caching, so
+    each prompt is prefilled in STEP-token steps (the last one shorter), then decoded."""
+    return run_engine(model_dir, [prompts["alone"]], exact_prefill=False,
+                      kv_cache_dtype="kitty2", enable_prefix_caching=False, max_num_batched_tokens=STEP,
+                      max_num_seqs=1)
+
+
 # Tests.
 
 def test_oracle_quantization_changes_greedy_output(oracle):
@@ -179,7 +203,16 @@ def test_oracle_choices_are_not_near_ties(oracle):
     gaps = {(preset, which): oracle.gap(preset, which)
             for preset, which in [("kitty2", "batch"), ("kitty2", "follow_up"), ("kitty2-lite", "batch"),
                                   ("kivi2", "batch")]}
+    gaps["kitty2", "alone", STEP] = oracle.gap("kitty2", "alone", STEP)
     assert min(gaps.values()) >= MIN_GAP, gaps
+
+
+def test_oracle_default_mode_differs_from_exact_prefill(oracle):
+    """The default mode's comparison below cannot pass by ignoring it: prefilled in STEP-token steps
+    whose tokens read each other in full precision, both prompts decode other tokens than under
+    exact_prefill (they part at the first token, whose logits move by 0.25 and 1.0)."""
+    default, exact = oracle("kitty2", "alone", STEP), oracle("kitty2")
+    assert all(d != exact[i] for d, i in zip(default, ALONE, strict=True))
 
 
 def test_kitty2_batch_with_prefix_caching_matches_oracle(kitty2_prefix_caching, oracle):
@@ -218,3 +251,9 @@ def test_kivi2_matches_oracle(kivi2, oracle):
     [(tokens, _)] = kivi2
     assert tokens == oracle("kivi2")
     assert tokens != oracle(None)
+
+
+def test_kitty2_default_prefill_steps_match_oracle(kitty2_default, oracle):
+    [(tokens, hits)] = kitty2_default
+    assert hits == [0] * len(ALONE)
+    assert tokens == oracle("kitty2", "alone", STEP)
