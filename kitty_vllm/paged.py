@@ -169,7 +169,15 @@ class PagedKittyCache:
             page_blocks = page_table[plan.pages[0], plan.pages[1]]
             self._quantize(keys.unflatten(0, (-1, self.config.page_size)),
                            values.unflatten(0, (-1, self.config.page_size)), plan.pages[2], page_blocks)
-        if self.kernels:                                                                    # 3.
+        self.attend(query, key, value, spans, page_table, stage_table, scale, out, plan)      # 3.
+        self._write_stage(key, value, plan.ring_writes, stage_table)                       # 4.
+
+    def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, spans: list[Span],
+               page_table: torch.Tensor, stage_table: torch.Tensor, scale: float, out: torch.Tensor,
+               plan: StorePlan) -> None:
+        """Step 3 of :meth:`prefill` alone (arguments as there), over a cache that already holds what
+        the step stores before it."""
+        if self.kernels:
             from kitty_vllm.kernels import prefill_attention, step_attention
 
             step = (None if self.config.exact_prefill
@@ -182,7 +190,6 @@ class PagedKittyCache:
                 out[s.first:s.end] = self._reference_attend(query[s.first:s.end], key[s.first:s.end],
                                                             value[s.first:s.end], s.context, page_table[s.row],
                                                             stage_table[s.row], scale)
-        self._write_stage(key, value, plan.ring_writes, stage_table)                       # 4.
 
     def _write_stage(self, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor,
                      stage_table: torch.Tensor) -> None:
