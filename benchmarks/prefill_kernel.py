@@ -1,7 +1,7 @@
 """Time one layer's prefill step, cache writes included: kitty's against vLLM's FlashAttention on bf16.
 
     export PYTHONPATH=/opt/vsite:$PWD
-    python benchmarks/prefill_kernel.py [--preset kitty2] [--kernels kitty flash]
+    python benchmarks/prefill_kernel.py [--preset kitty2] [--exact-prefill] [--kernels kitty flash]
                                         [--cells 2x4096@0 1x2048@4096 16x512@0 1x8192@0]
                                         [--out benchmarks/results]
 
@@ -10,8 +10,11 @@ tokens each, after C tokens already in their cache (C > 0: a chunk of chunked pr
 - kitty: ``PagedKittyCache.prefill``, the whole step of kitty's backend for the batch (sink writes, the
   quantization of the pages the step completes, prefill attention, ring writes) over random packed pages
   and staging blocks, with the StorePlan built once outside the timed call, as the backend builds it once
-  per step for every layer; then ``kitty_vllm.kernels.prefill_attention`` alone on the same cache
-  ("attention_ms"), so that the table shows the share of the step that is attention;
+  per step for every layer; then the step's attention alone on the same cache
+  (``PagedKittyCache.attend``, "attention_ms": the step's own tokens through ``step_attention``,
+  FlashAttention, and the cache before them through ``prefill_attention``; with ``--exact-prefill``,
+  ``prefill_attention`` reads everything from the cache), so that the table shows the share of the
+  step that is attention;
 - flash: vLLM's FLASH_ATTN step on a bf16 paged cache (16-token blocks, K and V side by side in each
   token's row): ``reshape_and_cache_flash`` as its ``do_kv_cache_update`` calls it, then
   ``flash_attn_varlen_func`` as its ``forward`` calls it (causal, the version vLLM picks for the GPU; as in
@@ -38,7 +41,6 @@ import report
 from decode_kernel import (BF16_BLOCK_SIZE, HEAD_DIM, NUM_HEADS, NUM_KV_HEADS, bf16_paged_inputs, kernel_parser,
                            kernel_run, random_kitty_cache)
 from kitty_vllm.config import KittyConfig
-from kitty_vllm.kernels import prefill_attention
 from kitty_vllm.paged import Span
 
 KERNEL_DTYPES = {"flash": "auto-flash"}   # kitty's is its preset name
@@ -84,9 +86,7 @@ def kitty_prefill(config: KittyConfig, cell: Cell) -> tuple[Callable[[], object]
     spans = [Span(r, r * new, (r + 1) * new, context) for r in range(requests)]
     plan = cache.plan(spans, query.device, NUM_HEADS)
     return (lambda: cache.prefill(query, key, value, spans, page_table, stage_table, SCALE, out, plan),
-            # plan.query_blocks: kitty_vllm.kernels.prefill_blocks of the spans, already on the GPU.
-            lambda: prefill_attention(query, key, value, cache.packed, cache.stage, page_table, stage_table,
-                                      plan.query_blocks, config, cache.stage_layout, SCALE, out=out))
+            lambda: cache.attend(query, key, value, spans, page_table, stage_table, SCALE, out, plan))
 
 
 def flash_prefill(cell: Cell) -> Callable[[], object]:
@@ -118,10 +118,11 @@ def time_kernel(kernel: str, config: KittyConfig, cell: Cell) -> dict:
     return {"ms": ms, "attention_ms": triton.testing.do_bench(attention)}
 
 
-def bench(kernel: str, preset: str, cell: Cell) -> dict:
+def bench(kernel: str, preset: str, exact: bool, cell: Cell) -> dict:
     """One record: the kernel's times for the cell, or why it has none."""
-    config = KittyConfig.from_preset(preset)
-    record = {"benchmark": "prefill_kernel", "kv_cache_dtype": KERNEL_DTYPES.get(kernel, preset),
+    config = KittyConfig.from_preset(preset).replace(exact_prefill=exact)
+    label = f"{preset} (exact prefill)" if exact else preset
+    record = {"benchmark": "prefill_kernel", "kv_cache_dtype": KERNEL_DTYPES.get(kernel, label),
               "requests": cell.requests, "new_tokens": cell.new_tokens, "context": cell.context}
     torch.cuda.empty_cache()   # the previous cell's cache back to the device
     try:
@@ -148,6 +149,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cells", type=parse_cell, nargs="+", default=list(DEFAULT_CELLS),
                         metavar="RxN@C", help="R requests of N new tokens after C cached tokens (default: "
                         f"{' '.join(map(str, DEFAULT_CELLS))})")
+    parser.add_argument("--exact-prefill", action="store_true",
+                        help="run kitty with exact_prefill (kitty_vllm.config): the step's own tokens read from the "
+                        "cache as decoding would, instead of in full precision")
     return parser.parse_args(argv)
 
 
@@ -156,7 +160,7 @@ def main(argv: list[str] | None = None) -> None:
     kernels, environment, path = kernel_run(args, KERNEL_DTYPES)
     print(f"{environment['gpu']}: prefill of one Qwen3-8B layer, cells {' '.join(map(str, args.cells))}\n",
           flush=True)
-    records = report.record_each(path, (lambda c=cell, k=kernel: bench(k, args.preset, c)
+    records = report.record_each(path, (lambda c=cell, k=kernel: bench(k, args.preset, args.exact_prefill, c)
                                         for cell in args.cells for kernel in kernels), environment, describe)
     report.finish(path, report.prefill_kernel_table(records))
 
