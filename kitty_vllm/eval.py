@@ -496,11 +496,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dtype", default="auto", help="model dtype (auto: the checkpoint's bf16)")
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048,
-                        help="prefill step; kitty's prefill holds float32 scores of step x context per head")
+                        help="tokens per engine step (the prefill chunk)")
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.5,
-                        help="vLLM's share of the GPU; the rest holds kitty's prefill scores (about 16 GB "
-                             "for a 2048-token step at 32k context with 12 query heads), which vLLM's "
-                             "memory profiling does not see")
+                        help="vLLM's share of the GPU, for each engine (one per dtype, in turn)")
     parser.add_argument("--kv-cache-gib", type=float, default=None,
                         help=f"fixed KV-cache size (default on the CPU: {CPU_KV_CACHE_GIB})")
     parser.add_argument("--compile", action="store_true", help="torch.compile and CUDA graphs (default: eager)")
