@@ -2,6 +2,7 @@
 the tables and plots drawn from a small synthetic results file. Benchmarks themselves need a GPU."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -158,3 +159,19 @@ def test_plot_script(tmp_path):
     for name in ("capacity", "throughput", "decode_kernel"):
         png = tmp_path / f"test-gpu-2026-01-02-{name}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_kernel_sass_decode_page_loop_on_an_h100():
+    """The decode kernel compiled for an H100 (sm_90) on this CPU, for the benchmarks' Qwen3-8B shape:
+    its page loop multiplies the packed codes on bfloat16 tensor cores and keeps every value in registers
+    (a spill there would put local-memory traffic in every page). kernel_sass compiles for the GPU, so it
+    runs without the interpreter that conftest turns on here."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = ("import kernel_sass as K; r = K.analyze('kitty2', 128, 32, 8); page, tiles = K.page_loops(r['loops']); "
+            "print(page.count('HMMA.16816.F32.BF16'), sum(loop.mix()['spill'] for loop in [page, *tiles]), "
+            "r['page_loop_per_token'])")
+    result = subprocess.run([sys.executable, "-c", code], cwd=BENCHMARKS, env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr
+    tensor_ops, spills, per_token = result.stdout.split()
+    assert int(tensor_ops) > 0 and int(spills) == 0 and float(per_token) > 0

@@ -55,7 +55,7 @@ import triton.language as tl
 
 from kitty_vllm.config import KittyConfig
 from kitty_vllm.kernels.common import check_cache, kernel_layout, section_offsets
-from kitty_vllm.layout import StageLayout
+from kitty_vllm.layout import PageLayout, StageLayout
 
 LOG2E = 1.4426950408889634
 _LOG2E = tl.constexpr(LOG2E)
@@ -490,12 +490,30 @@ def _check(query, new_key, new_value, packed, stage, page_table, stage_table, co
     return layout
 
 
+def kernel_constants(layout: PageLayout, num_heads: int, num_kv_heads: int, decode: bool, num_splits: int = 1,
+                     chunk: bool = False) -> dict[str, int | bool]:
+    """The constexpr arguments of _attention_kernel for a decode launch (``num_splits`` programs per
+    request and KV head) or a prefill launch (``chunk``: with the step's own attention, step_attention)."""
+    group = num_heads // num_kv_heads
+    if decode:
+        group_rows = triton.next_power_of_2(group)
+        slots = PART_SLOTS if PART_SLOTS * group_rows <= MAX_STACKED_ROWS else 1
+        rows = max(MIN_DOT_SIZE, slots * group_rows)
+    else:
+        block_q, group_rows = _prefill_block_tokens(num_heads, num_kv_heads, layout.page_size)
+        slots, rows = 1, max(MIN_DOT_SIZE, block_q * group_rows)
+    head_dim = layout.head_dim
+    return dict(
+        DECODE=decode, CHUNK=chunk, NUM_SPLITS=num_splits, GROUP=group, GROUP_ROWS=group_rows, ROWS=rows,
+        SLOTS=slots, PARTS=1 if slots > 1 else 3, PAGE_SIZE=layout.page_size, HEAD_DIM=head_dim,
+        NUM_BOOST=layout.num_boost, BOOST_ROWS=max(MIN_DOT_SIZE, layout.num_boost),
+        TILE=max(MIN_DOT_SIZE, min(layout.page_size, TILE_CODES // head_dim)),
+        STAGE_TILE=max(MIN_DOT_SIZE, min(layout.page_size, TILE_CODES // 4 // head_dim)),
+        INTERPRETED=os.environ.get("TRITON_INTERPRET") == "1", **section_offsets(layout))
+
+
 def _launch(query, new_key, new_value, packed, stage, page_table, stage_table, blocks, seq_lens, out,
-            partial, config, stage_layout, layout, scale, grid, decode, num_splits, group_rows, rows, slots, num_warps,
-            step=None):
-    head_dim = query.shape[-1]
-    num_kv_heads = packed.shape[1]
-    group = query.shape[1] // num_kv_heads
+            partial, config, stage_layout, layout, scale, grid, decode, num_splits, num_warps, step=None):
     new_key = query if new_key is None else new_key        # not read: every position is in the cache
     new_value = query if new_value is None else new_value
     chunk, lse, chunk_first = (out, out, 0) if step is None else step    # not read without a step
@@ -510,13 +528,7 @@ def _launch(query, new_key, new_value, packed, stage, page_table, stage_table, b
         out.stride(0), out.stride(1), chunk.stride(0), chunk.stride(1), lse.stride(0), lse.stride(1),
         scale * LOG2E,
         config.sink_tokens, stage_layout.block_tokens, stage_layout.sink_blocks, stage_layout.tokens_per_block,
-        DECODE=decode, CHUNK=step is not None, NUM_SPLITS=num_splits, GROUP=group, GROUP_ROWS=group_rows,
-        ROWS=rows, SLOTS=slots, PARTS=1 if slots > 1 else 3,
-        PAGE_SIZE=layout.page_size, HEAD_DIM=head_dim, NUM_BOOST=layout.num_boost,
-        BOOST_ROWS=max(MIN_DOT_SIZE, layout.num_boost),
-        TILE=max(MIN_DOT_SIZE, min(layout.page_size, TILE_CODES // head_dim)),
-        STAGE_TILE=max(MIN_DOT_SIZE, min(layout.page_size, TILE_CODES // 4 // head_dim)),
-        INTERPRETED=os.environ.get("TRITON_INTERPRET") == "1", **section_offsets(layout),
+        **kernel_constants(layout, query.shape[1], packed.shape[1], decode, num_splits, step is not None),
         num_warps=num_warps,
     )
 
@@ -547,14 +559,11 @@ def decode_attention(query: torch.Tensor, packed: torch.Tensor, stage: torch.Ten
     if num_requests == 0:
         return out
     num_kv_heads = packed.shape[1]
-    group_rows = triton.next_power_of_2(num_heads // num_kv_heads)
     splits = _num_splits(num_requests, num_kv_heads, max(1, page_table.shape[1]), query.device)
-    slots = PART_SLOTS if PART_SLOTS * group_rows <= MAX_STACKED_ROWS else 1
     partial = (torch.empty(num_requests, num_heads, splits, head_dim + 2, dtype=torch.float32,
                            device=query.device) if splits > 1 else out)
     _launch(query, None, None, packed, stage, page_table, stage_table, seq_lens, seq_lens, out, partial,
-            config, stage_layout, layout, scale, (num_requests, num_kv_heads, splits), True, splits,
-            group_rows, max(MIN_DOT_SIZE, slots * group_rows), slots, DECODE_WARPS)
+            config, stage_layout, layout, scale, (num_requests, num_kv_heads, splits), True, splits, DECODE_WARPS)
     if splits > 1:
         _merge_splits_kernel[(num_requests, num_heads)](
             partial, out, out.stride(0), out.stride(1),
@@ -612,9 +621,6 @@ def prefill_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     from ``step`` (kitty_vllm.reference's default schedule).
     """
     layout = _check(query, key, value, packed, stage, page_table, stage_table, config, stage_layout, out)
-    num_heads = query.shape[1]
-    num_kv_heads = packed.shape[1]
-    block_q, group_rows = _prefill_block_tokens(num_heads, num_kv_heads, layout.page_size)
     if blocks.dtype != torch.int64 or blocks.dim() != 2 or blocks.shape[1] != 6 or not blocks.is_contiguous():
         raise ValueError(f"blocks must be contiguous int64 [num_blocks, 6] (prefill_blocks), got {blocks.dtype} "
                          f"{tuple(blocks.shape)}")
@@ -622,8 +628,7 @@ def prefill_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     if not len(blocks):
         return out
     _launch(query, key, value, packed, stage, page_table, stage_table, blocks, blocks, out, out,
-            config, stage_layout, layout, scale, (len(blocks), num_kv_heads, 1), False, 1,
-            group_rows, max(MIN_DOT_SIZE, block_q * group_rows), 1, PREFILL_WARPS, step)
+            config, stage_layout, layout, scale, (len(blocks), packed.shape[1], 1), False, 1, PREFILL_WARPS, step)
     return out
 
 
