@@ -1,6 +1,6 @@
-"""What the kitty decode kernel compiles to on a GPU architecture, from any machine (no GPU needed).
+"""What the kitty attention kernel compiles to on a GPU architecture, from any machine (no GPU needed).
 
-Runs ``decode_attention`` on small CPU tensors of the chosen shape with its kernel launch intercepted,
+Runs ``decode_attention`` (or ``prefill_attention``, ``--prefill``) on small CPU tensors of the chosen shape with its kernel launch intercepted,
 compiles that launch for ``sm_<arch>`` exactly as Triton's JIT would (the same arguments, the same
 specialization of pointer alignment and integer divisibility), with Triton's own ptxas, and reads the
 cubin back with the nvdisasm and cuobjdump that ship in Triton's wheel. Prints registers, spills and
@@ -43,7 +43,7 @@ from kitty_vllm.layout import stage_layout  # noqa: E402
 
 TOOLS = Path(triton.backends.nvidia.__file__).parent / "bin"
 # Instruction classes of the loop table: SASS opcode prefixes.
-CLASSES = {"tensor": ("HMMA",), "exp": ("MUFU",), "global": ("LDG", "STG", "LDGSTS"),
+CLASSES = {"tensor": ("HMMA", "HGMMA"), "exp": ("MUFU",), "global": ("LDG", "STG", "LDGSTS"),
            "shared": ("LDS", "STS", "LDSM", "STSM"), "sync": ("BAR", "DEPBAR", "LDGDEPBAR"),
            "shuffle": ("SHFL",), "move": ("MOV", "IMAD.MOV"), "spill": ("LDL", "STL")}
 
@@ -68,22 +68,36 @@ class Loop:
             counts[name] += 1
         return {c: counts[c] for c in (*CLASSES, "other")}
 
-    def count(self, opcode: str) -> int:
-        return sum(op.startswith(opcode) for op in self.opcodes)
+    def bf16_tensor_ops(self) -> int:
+        return sum(op.startswith(CLASSES["tensor"]) and op.endswith(".BF16") for op in self.opcodes)
 
 
 def intercepted_launch(config: KittyConfig, head_dim: int, num_heads: int, num_kv_heads: int,
-                       batch: int, pages: int) -> tuple[tuple, dict]:
-    """The (args, kwargs) decode_attention passes to _attention_kernel for ``batch`` requests of ``pages``
-    packed pages each, on CPU tensors (nothing runs)."""
+                       batch: int, pages: int, new_tokens: int = 0) -> tuple[tuple, dict]:
+    """The (args, kwargs) that decode_attention (``new_tokens`` 0: ``batch`` requests of ``pages`` packed
+    pages each) or prefill_attention in its default schedule (``new_tokens`` of one request after
+    ``pages`` packed pages) passes to _attention_kernel, on CPU tensors (nothing runs)."""
     layout = stage_layout(config, head_dim, num_kv_heads, 2)
+    context = pages * config.page_size
+    if new_tokens:
+        batch, pages = 1, -(-(context + new_tokens) // config.page_size)
     packed = torch.zeros(batch * pages, num_kv_heads, layout.page.page_bytes, dtype=torch.uint8)
     stage = torch.zeros(batch * layout.blocks_per_request, 2, layout.tokens_per_block, num_kv_heads, head_dim,
                         dtype=torch.bfloat16)
     page_table = torch.arange(batch * pages, dtype=torch.int32).view(batch, pages)
     stage_table = torch.arange(len(stage), dtype=torch.int32).view(batch, -1)
-    seq_lens = torch.full((batch,), pages * config.page_size, dtype=torch.int32)
-    query = torch.zeros(batch, num_heads, head_dim, dtype=torch.bfloat16)
+    query = torch.zeros(max(batch, new_tokens), num_heads, head_dim, dtype=torch.bfloat16)
+    if new_tokens:
+        key = torch.zeros(new_tokens, num_kv_heads, head_dim, dtype=torch.bfloat16)
+        blocks = attention.prefill_blocks([(0, 0, new_tokens, context)], config.page_size, num_heads, num_kv_heads,
+                                          exact=False)
+        step = (torch.zeros_like(query), torch.zeros(num_heads, new_tokens), 0)
+        call = lambda: attention.prefill_attention(query, key, key, packed, stage, page_table, stage_table,  # noqa: E731
+                                                   blocks, config, layout, head_dim ** -0.5, step=step)
+    else:
+        seq_lens = torch.full((batch,), context, dtype=torch.int32)
+        call = lambda: attention.decode_attention(query, packed, stage, page_table, stage_table, seq_lens,  # noqa: E731
+                                                  config, layout, head_dim ** -0.5)
     launches = []
 
     class Recorder:
@@ -93,8 +107,7 @@ def intercepted_launch(config: KittyConfig, head_dim: int, num_heads: int, num_k
     kernels = attention._attention_kernel, attention._merge_splits_kernel
     attention._attention_kernel = attention._merge_splits_kernel = Recorder()
     try:
-        attention.decode_attention(query, packed, stage, page_table, stage_table, seq_lens, config, layout,
-                                   head_dim ** -0.5)
+        call()
     finally:
         attention._attention_kernel, attention._merge_splits_kernel = kernels
     return launches[0]
@@ -136,8 +149,9 @@ def loops(cubin: Path) -> list[Loop]:
 
 
 def page_loops(found: list[Loop]) -> tuple[Loop, list[Loop]] | None:
-    """The decode page loop (the outermost loop with bfloat16 tensor-core ops) and its tile loops."""
-    packed = [loop for loop in found if loop.count("HMMA.16816.F32.BF16")]
+    """The page loop (the outermost loop with bfloat16 tensor-core ops: mma or, for a warp group on
+    Hopper, wgmma) and its tile loops."""
+    packed = [loop for loop in found if loop.bf16_tensor_ops()]
     outer = [loop for loop in packed if not any(other.contains(loop) for other in packed)]
     if len(outer) != 1:
         return None
@@ -156,11 +170,11 @@ def page_loop_cost(found: list[Loop], constants: dict, num_warps: int) -> float 
 
 
 def analyze(preset: str = "kitty2", head_dim: int = 128, num_heads: int = 32, num_kv_heads: int = 8,
-            batch: int = 64, pages: int = 64, arch: int = 90) -> dict:
+            batch: int = 64, pages: int = 64, arch: int = 90, new_tokens: int = 0) -> dict:
     config = KittyConfig.from_preset(preset)
-    args, kwargs = intercepted_launch(config, head_dim, num_heads, num_kv_heads, batch, pages)
+    args, kwargs = intercepted_launch(config, head_dim, num_heads, num_kv_heads, batch, pages, new_tokens)
     with tempfile.TemporaryDirectory() as tmp:
-        cubin = Path(tmp) / "decode.cubin"
+        cubin = Path(tmp) / "attention.cubin"
         cubin.write_bytes(compile_launch(args, kwargs, arch))
         usage, found = resources(cubin), loops(cubin)
     constants = {k: v for k, v in kwargs.items() if k.isupper()}
@@ -175,14 +189,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--preset", default="kitty2", choices=PRESETS)
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--heads", type=int, nargs=2, default=[32, 8], metavar=("QUERY", "KV"))
-    parser.add_argument("--batch", type=int, default=64, help="requests (sets the split-K count)")
+    parser.add_argument("--batch", type=int, default=64, help="decode requests (small batches split their pages)")
+    parser.add_argument("--pages", type=int, default=64, help="packed pages of each request before the step")
+    parser.add_argument("--prefill", type=int, default=0, metavar="TOKENS",
+                        help="compile the prefill launch of one request's TOKENS new tokens instead of decode")
     parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 for H100/H200")
     args = parser.parse_args(argv)
-    result = analyze(args.preset, args.head_dim, *args.heads, args.batch, arch=args.arch)
+    result = analyze(args.preset, args.head_dim, *args.heads, args.batch, args.pages, args.arch, args.prefill)
     c = result["constants"]
-    print(f"decode kernel, {args.preset}, head_dim {args.head_dim}, {args.heads[0]}/{args.heads[1]} heads, "
-          f"sm_{args.arch}: {result['num_warps']} warps, {c['ROWS']} rows, tile {c['TILE']} of page {c['PAGE_SIZE']}, "
-          f"{c['NUM_SPLITS']} split(s)")
+    launch = (f"prefill kernel ({c['ROWS'] // c['GROUP_ROWS']} positions x {c['GROUP_ROWS']} heads per program)"
+              if args.prefill else "decode kernel, " + ("split-K" if c["NUM_SPLITS"] > 1 else "one program per request"))
+    print(f"{launch}, {args.preset}, head_dim {args.head_dim}, {args.heads[0]}/{args.heads[1]} heads, "
+          f"sm_{args.arch}: {result['num_warps']} warps, {c['ROWS']} rows, tile {c['TILE']} of page {c['PAGE_SIZE']}")
     print(" ".join(f"{k} {v}" for k, v in result["resources"].items()))
     page_and_tiles = page_loops(result["loops"])
     page, tiles = page_and_tiles if page_and_tiles else (None, [])
@@ -193,7 +211,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"| {n}{role} | {loop.size} | " + " | ".join(str(v) for v in loop.mix().values()) + " |")
     cost = result["page_loop_per_token"]
     if cost is not None:
-        print(f"\npage loop: {cost:.1f} warp instructions per token and KV head")
+        print(f"\npage loop: {cost:.1f} warp instructions per cached token and KV head"
+              + (", for one program's positions" if args.prefill else ""))
 
 
 if __name__ == "__main__":

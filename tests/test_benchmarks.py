@@ -168,7 +168,7 @@ def test_kernel_sass_decode_page_loop_on_an_h100():
     runs without the interpreter that conftest turns on here."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     code = ("import kernel_sass as K; r = K.analyze('kitty2', 128, 32, 8); page, tiles = K.page_loops(r['loops']); "
-            "print(page.count('HMMA.16816.F32.BF16'), sum(loop.mix()['spill'] for loop in [page, *tiles]), "
+            "print(page.bf16_tensor_ops(), sum(loop.mix()['spill'] for loop in [page, *tiles]), "
             "r['page_loop_per_token'])")
     result = subprocess.run([sys.executable, "-c", code], cwd=BENCHMARKS, env=env, capture_output=True, text=True,
                             timeout=600)
