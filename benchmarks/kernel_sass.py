@@ -1,11 +1,12 @@
 """What the kitty attention kernel compiles to on a GPU architecture, from any machine (no GPU needed).
 
-Runs ``decode_attention`` (or ``prefill_attention``, ``--prefill``) on small CPU tensors of the chosen shape with its kernel launch intercepted,
-compiles that launch for ``sm_<arch>`` exactly as Triton's JIT would (the same arguments, the same
-specialization of pointer alignment and integer divisibility), with Triton's own ptxas, and reads the
-cubin back with the nvdisasm and cuobjdump that ship in Triton's wheel. Prints registers, spills and
-shared memory, then every loop of the machine code (a backward branch) with its instruction mix, and
-the decode page loop's instructions per token and KV head, summed over the program's warps.
+Runs ``decode_attention`` (or ``prefill_attention``, ``--prefill``) on small CPU tensors of the chosen
+shape with its kernel launch intercepted, compiles that launch for ``sm_<arch>`` exactly as Triton's JIT
+would (the same arguments, the same specialization of pointer alignment and integer divisibility), with
+Triton's own ptxas, and reads the cubin back with the nvdisasm and cuobjdump that ship in Triton's
+wheel. Prints registers, spills and shared memory, then every loop of the machine code (a backward
+branch) with its instruction mix, and the page loop's instructions per token and KV head, summed over
+the program's warps.
 
 That count is what a decode step issues: an H100 issues about 132 x 4 x 1.75e9 warp instructions per
 second, so a kernel that must stream a page's bytes at a given bandwidth has a matching instruction
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import os
 import re
 import subprocess
@@ -92,12 +94,12 @@ def intercepted_launch(config: KittyConfig, head_dim: int, num_heads: int, num_k
         blocks = attention.prefill_blocks([(0, 0, new_tokens, context)], config.page_size, num_heads, num_kv_heads,
                                           exact=False)
         step = (torch.zeros_like(query), torch.zeros(num_heads, new_tokens), 0)
-        call = lambda: attention.prefill_attention(query, key, key, packed, stage, page_table, stage_table,  # noqa: E731
-                                                   blocks, config, layout, head_dim ** -0.5, step=step)
+        call = functools.partial(attention.prefill_attention, query, key, key, packed, stage, page_table,
+                                 stage_table, blocks, config, layout, head_dim ** -0.5, step=step)
     else:
         seq_lens = torch.full((batch,), context, dtype=torch.int32)
-        call = lambda: attention.decode_attention(query, packed, stage, page_table, stage_table, seq_lens,  # noqa: E731
-                                                  config, layout, head_dim ** -0.5)
+        call = functools.partial(attention.decode_attention, query, packed, stage, page_table, stage_table,
+                                 seq_lens, config, layout, head_dim ** -0.5)
     launches = []
 
     class Recorder:
@@ -198,7 +200,8 @@ def main(argv: list[str] | None = None) -> None:
     result = analyze(args.preset, args.head_dim, *args.heads, args.batch, args.pages, args.arch, args.prefill)
     c = result["constants"]
     launch = (f"prefill kernel ({c['ROWS'] // c['GROUP_ROWS']} positions x {c['GROUP_ROWS']} heads per program)"
-              if args.prefill else "decode kernel, " + ("split-K" if c["NUM_SPLITS"] > 1 else "one program per request"))
+              if args.prefill else
+              "decode kernel, " + ("split-K" if c["NUM_SPLITS"] > 1 else "one program per request"))
     print(f"{launch}, {args.preset}, head_dim {args.head_dim}, {args.heads[0]}/{args.heads[1]} heads, "
           f"sm_{args.arch}: {result['num_warps']} warps, {c['ROWS']} rows, tile {c['TILE']} of page {c['PAGE_SIZE']}")
     print(" ".join(f"{k} {v}" for k, v in result["resources"].items()))
