@@ -92,21 +92,34 @@ def _bf16_dot(a, b, acc, INTERPRETED: tl.constexpr):
 
 
 @triton.jit
+def _truncate_bf16(x):
+    """float32 x with its low 16 bits cleared: x rounded toward zero to bfloat16 precision, as float32."""
+    return (x.to(tl.uint32, bitcast=True) & 0xFFFF0000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _as_bf16(x):
+    """float32 x whose low 16 bits are zero (a bfloat16 value) as bfloat16, exactly, by taking its high
+    16 bits (no rounding conversion)."""
+    return (x.to(tl.uint32, bitcast=True) >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
 def _bf16_parts(a, slot, PARTS: tl.constexpr):
-    """float32 a [ROWS, K] as bfloat16 dot operands whose products add up to a's to about 2^-24. a is
-    the sum of three bfloat16 parts of 8 mantissa bits each (high, middle, low): PARTS 3 returns the
-    three (low first); PARTS 1 returns one operand that holds, in each row, the part ``slot`` [ROWS, 1]
-    of that row (0 high, 1 middle, 2 low, 3 zero), so that one dot gives every part in its own rows
-    (the rows of one slot; _sum_slots adds them up)."""
-    high = a.to(tl.bfloat16)
-    a = a - high.to(tl.float32)
-    middle = a.to(tl.bfloat16)
-    low = (a - middle.to(tl.float32)).to(tl.bfloat16)
+    """float32 a [ROWS, K] as bfloat16 dot operands whose products add up to a's exactly. a is the sum
+    of three bfloat16 parts of at most 8 significant bits each, cut from its bits (high, middle, low: each
+    part is what the ones before leave, truncated to bfloat16): PARTS 3 returns the three (low first);
+    PARTS 1 returns one operand that holds, in each row, the part ``slot`` [ROWS, 1] of that row (0 high,
+    1 middle, 2 low, 3 zero), so that one dot gives every part in its own rows (the rows of one slot;
+    _sum_slots adds them up)."""
+    high = _truncate_bf16(a)
+    rest = a - high
+    middle = _truncate_bf16(rest)
+    low = rest - middle
     if PARTS == 3:
-        return low, middle, high
+        return _as_bf16(low), _as_bf16(middle), _as_bf16(high)
     else:
-        zero = tl.zeros_like(low)
-        return (tl.where(slot == 0, high, tl.where(slot == 1, middle, tl.where(slot == 2, low, zero))),)
+        return (_as_bf16(tl.where(slot == 0, high, tl.where(slot == 1, middle, tl.where(slot == 2, low, 0.0)))),)
 
 
 @triton.jit
@@ -132,11 +145,12 @@ def _sum_slots(x, SLOTS: tl.constexpr):
 
 @triton.jit
 def _code_values(packed, shift):
-    """uint8 packed codes (any shape) to bfloat16 ``(code - 1.5) / 4`` for the 2-bit code at bit
-    ``shift`` (a scalar, or a tensor that broadcasts with ``packed``): centered, so dots with them add
-    no large terms, and exact in bfloat16. ``sum(a * code) = (4 a) . values + 1.5 sum(a)``."""
+    """uint8 packed codes (any shape) to bfloat16 ``1 + code / 4`` for the 2-bit code at bit ``shift``
+    (a scalar, or a tensor that broadcasts with ``packed``): exact in bfloat16, and between 1 and 1.75,
+    so the dots' float32 sums add no term much larger than the code's. ``sum(a * code) = (4 a) . values
+    - 4 sum(a)``."""
     code = (packed.to(tl.int32) >> shift) & 3
-    return ((code.to(tl.float32) - 1.5) * 0.25).to(tl.bfloat16)
+    return (1.0 + code.to(tl.float32) * 0.25).to(tl.bfloat16)
 
 
 @triton.jit
@@ -144,7 +158,7 @@ def _plane_values(packed, PLANE: tl.constexpr, INTERPRETED: tl.constexpr):
     """_code_values of 2-bit plane PLANE (bits 2 PLANE and 2 PLANE + 1) of every byte, four bytes at a
     time and with no integer-to-float conversion: move the plane's bits to bits 5-6 of each byte and set
     bit 7 (a shift and a LOP3); interleave the bytes with 0x3F into two bfloat16 pairs ``1 + code / 4``
-    (two PRMT); subtract 1.375 from both pairs (two bfloat16x2 subtractions, exact)."""
+    (two PRMT)."""
     if INTERPRETED:   # the interpreter runs no PTX
         return _code_values(packed, 2 * PLANE)
     if PLANE == 0:
@@ -156,9 +170,8 @@ def _plane_values(packed, PLANE: tl.constexpr, INTERPRETED: tl.constexpr):
     else:
         move: tl.constexpr = "shr.b32 t, $2, 1;"
     return tl.inline_asm_elementwise(
-        "{ .reg .b32 t, c; " + move + " lop3.b32 t, t, 0x60606060, 0x80808080, 0xEA;"
-        " prmt.b32 $0, t, 0x3F, 0x4140; prmt.b32 $1, t, 0x3F, 0x4342; mov.b32 c, 0x3FB03FB0;"
-        " sub.rn.bf16x2 $0, $0, c; sub.rn.bf16x2 $1, $1, c; }",
+        "{ .reg .b32 t; " + move + " lop3.b32 t, t, 0x60606060, 0x80808080, 0xEA;"
+        " prmt.b32 $0, t, 0x3F, 0x4140; prmt.b32 $1, t, 0x3F, 0x4342; }",
         "=r,=r,r", [packed], dtype=tl.bfloat16, is_pure=True, pack=4)
 
 
@@ -337,7 +350,7 @@ def _attention_kernel(
     for page in range(split * per_split, tl.minimum(split * per_split + per_split, pages)):
         block = tl.load(page_row_ptr + page)
         page_ptr = packed_ptr + block.to(tl.int64) * stride_pb + head.to(tl.int64) * stride_ph
-        # Keys: q . (min + scale * code) = (4 q scale) . values + q . min + 1.5 sum(q scale) (_code_values).
+        # Keys: q . (min + scale * code) = (4 q scale) . values + q . min - 4 sum(q scale) (_code_values).
         key_scale_ptr = (page_ptr + KEY_SCALE_OFFSET).to(tl.pointer_type(tl.float16))
         key_min_ptr = (page_ptr + KEY_MIN_OFFSET).to(tl.pointer_type(tl.float16))
         key_bias = tl.zeros((ROWS,), tl.float32)
@@ -345,10 +358,10 @@ def _attention_kernel(
         for j in tl.static_range(4):
             scaled = query[j] * (4.0 * tl.load(key_scale_ptr + j * Q + i).to(tl.float32))[None, :]    # [ROWS, Q]
             key_min = tl.load(key_min_ptr + j * Q + i).to(tl.float32)
-            key_bias += tl.sum(query[j] * key_min[None, :] + 0.375 * scaled, axis=1)
+            key_bias += tl.sum(query[j] * key_min[None, :] - scaled, axis=1)
             key_parts = key_parts + _bf16_parts(scaled, part_slot, PARTS)
         if NUM_BOOST > 0:
-            # A boosted channel adds (4 q scale) . high = (16 q scale) . values + 6 sum(q scale).
+            # A boosted channel adds (4 q scale) . high = (16 q scale) . values - 16 sum(q scale).
             rank = tl.arange(0, BOOST_ROWS)
             boosted = rank < NUM_BOOST
             index = tl.load(page_ptr + BOOST_INDEX_OFFSET + rank, mask=boosted, other=0).to(tl.int32)
@@ -357,7 +370,7 @@ def _attention_kernel(
             boost_query = tl.load(query_ptr + q_rows[:, None] + index[None, :],
                                   mask=row_valid[:, None] & boosted[None, :], other=0.0).to(tl.float32)
             boost_query = boost_query * (scale_log2 * 16.0) * boost_scale[None, :]        # [ROWS, BOOST_ROWS]
-            key_bias += 0.375 * tl.sum(boost_query, axis=1)
+            key_bias -= tl.sum(boost_query, axis=1)
             boost_parts = _bf16_parts(boost_query, part_slot, PARTS)
             high_shift = (2 * (rank // quarter))[:, None]
         # Page 0 starts with the sinks, read above in full precision: skip their whole tiles here.
@@ -378,11 +391,11 @@ def _attention_kernel(
                 seen = seen & (page * PAGE_SIZE + tt < key_end)[None, :]
             probs, running_max, running_sum, correction = _softmax_step(
                 tl.where(seen, scores, float("-inf")), running_max, running_sum)
-            # Values: p . (min + scale * code) = (4 p scale) . values + p . (min + 1.5 scale).
+            # Values: p . (min + scale * code) = (4 p scale) . values + p . (min - 4 scale).
             value_bytes = tl.load(page_ptr + VALUE_CODES_OFFSET + tt[:, None] * Q + i[None, :])  # [T, Q]
             value_scale = tl.load((page_ptr + VALUE_SCALE_OFFSET).to(tl.pointer_type(tl.float16)) + tt).to(tl.float32)
             value_min = tl.load((page_ptr + VALUE_MIN_OFFSET).to(tl.pointer_type(tl.float16)) + tt).to(tl.float32)
-            value_bias = tl.where(own, tl.sum(probs * (value_min + 1.5 * value_scale)[None, :], axis=1), 0.0)
+            value_bias = tl.where(own, tl.sum(probs * (value_min - 4.0 * value_scale)[None, :], axis=1), 0.0)
             value_parts = _bf16_parts(probs * (4.0 * value_scale)[None, :], part_slot, PARTS)
             updated = ()
             for j in tl.static_range(4):
