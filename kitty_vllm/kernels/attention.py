@@ -20,9 +20,9 @@ small batches at long context still fill the GPU.
 **No dequantized copy.** A page's Key ``min[c] + code[t, c] * scale[c]`` gives scores
 ``(q * scale) . code + q . min``, and a Value ``vmin[t] + vcode[t, c] * vscale[t]`` gives
 ``(p * vscale) . vcode + p . vmin``: the dot products run on the raw codes, on tensor cores, as
-bfloat16 ``(code - 1.5) / 4`` (centered, so the float32 sums add no large terms; the offset goes into
-the bias). The float32 side is split into three bfloat16 parts (8 mantissa bits each), so the products
-match float32 math to about 2^-24. Prefill multiplies each part in its own dot. Decode has few query
+bfloat16 ``1 + code / 4`` (exact, and no larger than 1.75, so the float32 sums add no large terms;
+the offset goes into the bias). The float32 side is split exactly into three bfloat16 parts (cut from
+its bits, 8 significant bits each), so the products match float32 math to float32's own rounding. Prefill multiplies each part in its own dot. Decode has few query
 rows (a GQA group) but a tensor-core dot takes at least 16, so it *stacks* the parts instead: its
 ``ROWS`` are SLOTS = 4 slots of the same ``ROWS / SLOTS`` query rows, slot k's operand rows hold part k
 (slot 3 is zero), one dot multiplies all three parts, and the slots' rows are added up (_sum_slots)
@@ -32,7 +32,8 @@ full-precision values go to slot 0 only.
 The planar 2-bit layout makes the four 2-bit planes of a row four contiguous quarters of the channels:
 a tile's bytes give plane j's codes, channels ``j * D / 4 + i``, with one shift and mask per four codes
 (_plane_values), and every dot is per plane, so codes are never reordered. The sparse high plane of the
-boosted channels adds ``(4 q[idx] * scale[idx]) . high``. Full-precision tokens (sinks, own page) use
+boosted channels adds ``(4 q[idx] * scale[idx]) . high``, its four planes stacked in one dot
+(_high_values). Full-precision tokens (sinks, own page) use
 tf32x3 dots (three TF32 products: float32 accuracy to about 1e-6 on tensor cores; IEEE float32 on CUDA
 cores took a third of a 4k-token prefill's attention time on an H100).
 
@@ -144,23 +145,16 @@ def _sum_slots(x, SLOTS: tl.constexpr):
 
 
 @triton.jit
-def _code_values(packed, shift):
-    """uint8 packed codes (any shape) to bfloat16 ``1 + code / 4`` for the 2-bit code at bit ``shift``
-    (a scalar, or a tensor that broadcasts with ``packed``): exact in bfloat16, and between 1 and 1.75,
-    so the dots' float32 sums add no term much larger than the code's. ``sum(a * code) = (4 a) . values
-    - 4 sum(a)``."""
-    code = (packed.to(tl.int32) >> shift) & 3
-    return (1.0 + code.to(tl.float32) * 0.25).to(tl.bfloat16)
-
-
-@triton.jit
 def _plane_values(packed, PLANE: tl.constexpr, INTERPRETED: tl.constexpr):
-    """_code_values of 2-bit plane PLANE (bits 2 PLANE and 2 PLANE + 1) of every byte, four bytes at a
-    time and with no integer-to-float conversion: move the plane's bits to bits 5-6 of each byte and set
-    bit 7 (a shift and a LOP3); interleave the bytes with 0x3F into two bfloat16 pairs ``1 + code / 4``
+    """uint8 packed codes (any shape) to bfloat16 ``1 + code / 4`` for the 2-bit code of plane PLANE
+    (bits 2 PLANE and 2 PLANE + 1) of every byte: exact, and between 1 and 1.75, so the dots' float32 sums
+    add no term much larger than the codes' own (``sum(a * code) = (4 a) . values - 4 sum(a)``). Four
+    bytes at a time and with no integer-to-float conversion: move the plane's bits to bits 5-6 of each
+    byte and set bit 7 (a shift and a LOP3); interleave the bytes with 0x3F into two bfloat16 pairs
     (two PRMT)."""
     if INTERPRETED:   # the interpreter runs no PTX
-        return _code_values(packed, 2 * PLANE)
+        code = (packed.to(tl.int32) >> (2 * PLANE)) & 3
+        return (1.0 + code.to(tl.float32) * 0.25).to(tl.bfloat16)
     if PLANE == 0:
         move: tl.constexpr = "shl.b32 t, $2, 5;"
     elif PLANE == 1:
@@ -173,6 +167,16 @@ def _plane_values(packed, PLANE: tl.constexpr, INTERPRETED: tl.constexpr):
         "{ .reg .b32 t; " + move + " lop3.b32 t, t, 0x60606060, 0x80808080, 0xEA;"
         " prmt.b32 $0, t, 0x3F, 0x4140; prmt.b32 $1, t, 0x3F, 0x4342; }",
         "=r,=r,r", [packed], dtype=tl.bfloat16, is_pure=True, pack=4)
+
+
+@triton.jit
+def _high_values(packed, INTERPRETED: tl.constexpr):
+    """uint8 packed [B, T] to the _plane_values of its four planes stacked: [4 B, T], row j * B + b holding
+    plane j of row b."""
+    low = tl.join(_plane_values(packed, 0, INTERPRETED), _plane_values(packed, 1, INTERPRETED))    # [B, T, 2]
+    high = tl.join(_plane_values(packed, 2, INTERPRETED), _plane_values(packed, 3, INTERPRETED))
+    planes = tl.permute(tl.join(low, high), (3, 2, 0, 1))                                         # [2, 2, B, T]
+    return tl.reshape(planes, (4 * packed.shape[0], packed.shape[1]))
 
 
 @triton.jit
@@ -350,7 +354,7 @@ def _attention_kernel(
     for page in range(split * per_split, tl.minimum(split * per_split + per_split, pages)):
         block = tl.load(page_row_ptr + page)
         page_ptr = packed_ptr + block.to(tl.int64) * stride_pb + head.to(tl.int64) * stride_ph
-        # Keys: q . (min + scale * code) = (4 q scale) . values + q . min - 4 sum(q scale) (_code_values).
+        # Keys: q . (min + scale * code) = (4 q scale) . values + q . min - 4 sum(q scale) (_plane_values).
         key_scale_ptr = (page_ptr + KEY_SCALE_OFFSET).to(tl.pointer_type(tl.float16))
         key_min_ptr = (page_ptr + KEY_MIN_OFFSET).to(tl.pointer_type(tl.float16))
         key_bias = tl.zeros((ROWS,), tl.float32)
@@ -361,9 +365,13 @@ def _attention_kernel(
             key_bias += tl.sum(query[j] * key_min[None, :] - scaled, axis=1)
             key_parts = key_parts + _bf16_parts(scaled, part_slot, PARTS)
         if NUM_BOOST > 0:
-            # A boosted channel adds (4 q scale) . high = (16 q scale) . values - 16 sum(q scale).
-            rank = tl.arange(0, BOOST_ROWS)
-            boosted = rank < NUM_BOOST
+            # A boosted channel adds (4 q scale) . high = (16 q scale) . values - 16 sum(q scale). Row
+            # j * BOOST_ROWS / 4 + b of the high codes is plane j of the page's high byte b (_high_values):
+            # boosted channel j * quarter + b where b < quarter (the other rows repeat bytes, with zero
+            # operands: a dot needs 16 rows).
+            byte = tl.arange(0, BOOST_ROWS) % (BOOST_ROWS // 4)
+            boosted = byte < quarter
+            rank = tl.arange(0, BOOST_ROWS) // (BOOST_ROWS // 4) * quarter + byte
             index = tl.load(page_ptr + BOOST_INDEX_OFFSET + rank, mask=boosted, other=0).to(tl.int32)
             boost_scale = tl.load(key_scale_ptr + index,
                                   mask=boosted, other=0.0).to(tl.float32)
@@ -372,7 +380,7 @@ def _attention_kernel(
             boost_query = boost_query * (scale_log2 * 16.0) * boost_scale[None, :]        # [ROWS, BOOST_ROWS]
             key_bias -= tl.sum(boost_query, axis=1)
             boost_parts = _bf16_parts(boost_query, part_slot, PARTS)
-            high_shift = (2 * (rank // quarter))[:, None]
+            high_bytes = KEY_HIGH_OFFSET + (tl.arange(0, BOOST_ROWS // 4) % quarter)[:, None]
         # Page 0 starts with the sinks, read above in full precision: skip their whole tiles here.
         for start in range(tl.maximum(sink_tokens - page * PAGE_SIZE, 0) // TILE * TILE, PAGE_SIZE, TILE):
             tt = start + t
@@ -382,9 +390,8 @@ def _attention_kernel(
                 scores = _dot_parts(key_parts, PARTS * j, _plane_values(key_bytes, j, INTERPRETED), scores,
                                     PARTS, INTERPRETED)
             if NUM_BOOST > 0:
-                high = tl.load(page_ptr + KEY_HIGH_OFFSET + tt[None, :] * quarter + (rank % quarter)[:, None],
-                               mask=boosted[:, None], other=0)                                # [BOOST_ROWS, T]
-                scores = _dot_parts(boost_parts, 0, _code_values(high, high_shift), scores, PARTS, INTERPRETED)
+                high = _high_values(tl.load(page_ptr + high_bytes + tt[None, :] * quarter), INTERPRETED)
+                scores = _dot_parts(boost_parts, 0, high, scores, PARTS, INTERPRETED)
             scores = _sum_slots(scores, SLOTS) + key_bias[:, None]
             seen = (page * PAGE_SIZE + tt >= sink_tokens)[None, :] & (page < full)[:, None]
             if CHUNK:
