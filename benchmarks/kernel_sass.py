@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> None:
     c = result["constants"]
     launch = (f"prefill kernel ({c['ROWS'] // c['GROUP_ROWS']} positions x {c['GROUP_ROWS']} heads per program)"
               if args.prefill else
-              "decode kernel, " + ("split-K" if c["NUM_SPLITS"] > 1 else "one program per request"))
+              "decode kernel, " + ("split-K" if c["SPLIT"] else "one program per request"))
     print(f"{launch}, {args.preset}, head_dim {args.head_dim}, {args.heads[0]}/{args.heads[1]} heads, "
           f"sm_{args.arch}: {result['num_warps']} warps, {c['ROWS']} rows, tile {c['TILE']} of page {c['PAGE_SIZE']}")
     print(" ".join(f"{k} {v}" for k, v in result["resources"].items()))

@@ -14,7 +14,7 @@ completes (PagedKittyCache stores them before attention; kitty_vllm.kernels.stor
 **One program** attends one *query block* (up to BLOCK_Q consecutive positions of one request inside one
 page) for all GROUP query heads of one KV head, so every packed page is read once for the whole GQA
 group and block: ``ROWS = BLOCK_Q * GROUP_ROWS`` query rows. Decode uses BLOCK_Q = 1 and splits each
-request's pages over NUM_SPLITS programs (split-K) whose partial softmaxes a second kernel merges, so
+request's pages over several programs (split-K) whose partial softmaxes a second kernel merges, so
 small batches at long context still fill the GPU.
 
 **No dequantized copy.** A page's Key ``min[c] + code[t, c] * scale[c]`` gives scores
@@ -263,7 +263,7 @@ def _attention_kernel(
     chunk_ptr,         # [M, Hq, D] CHUNK only: token chunk_first + m's attention over the step's own tokens
     lse_ptr,           # [Hq, M] float32, CHUNK only: its log-sum-exp (natural log of sum exp(scale * score))
     chunk_first,       # CHUNK only: the batch token of chunk row 0
-    partial_ptr,       # [R, Hq, NUM_SPLITS, D + 2] float32: NUM_SPLITS > 1 only (accumulator, max, sum)
+    partial_ptr,       # [R, Hq, splits, D + 2] float32: SPLIT only (accumulator, max, sum)
     stride_qt, stride_qh, stride_nt, stride_nh, stride_nvt, stride_nvh,
     stride_pb, stride_ph,
     stride_sb, stride_skv, stride_st, stride_sh,
@@ -271,7 +271,7 @@ def _attention_kernel(
     stride_ot, stride_oh, stride_ct, stride_ch, stride_lh, stride_lt,
     scale_log2,        # softmax scale times log2(e)
     sink_tokens, sink_block_tokens, sink_blocks, ring_tokens_per_block,
-    DECODE: tl.constexpr, CHUNK: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    DECODE: tl.constexpr, CHUNK: tl.constexpr, SPLIT: tl.constexpr,
     GROUP: tl.constexpr, GROUP_ROWS: tl.constexpr, ROWS: tl.constexpr, SLOTS: tl.constexpr, PARTS: tl.constexpr,
     PAGE_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, NUM_BOOST: tl.constexpr, BOOST_ROWS: tl.constexpr,
     TILE: tl.constexpr, STAGE_TILE: tl.constexpr, INTERPRETED: tl.constexpr,
@@ -279,7 +279,8 @@ def _attention_kernel(
     KEY_SCALE_OFFSET: tl.constexpr, KEY_MIN_OFFSET: tl.constexpr, VALUE_CODES_OFFSET: tl.constexpr,
     VALUE_SCALE_OFFSET: tl.constexpr, VALUE_MIN_OFFSET: tl.constexpr,
 ):
-    """Grid (query blocks, H, NUM_SPLITS); decode: one query block per request. A block whose cache
+    """Grid (query blocks, H, splits); decode: one query block per request, whose pages SPLIT over
+    several programs (partial softmaxes for _merge_splits_kernel) or not. A block whose cache
     end is at most its first position (CHUNK launches only) starts from the softmax state of the step's
     own tokens, chunk_ptr and lse_ptr."""
     block_id = tl.program_id(0)
@@ -348,7 +349,8 @@ def _attention_kernel(
             tl.zeros((ROWS,), tl.int32), row_last, 0, sink_block_tokens, head,
             stride_sb, stride_skv, stride_st, stride_sh, stride_nt, stride_nvt, PAGE_SIZE, HEAD_DIM, STAGE_TILE)
 
-    per_split = tl.cdiv(pages, NUM_SPLITS)
+    num_splits = tl.num_programs(2)
+    per_split = tl.cdiv(pages, num_splits)
     t = tl.arange(0, TILE)
     page_row_ptr = page_table_ptr + request * stride_page_table
     for page in range(split * per_split, tl.minimum(split * per_split + per_split, pages)):
@@ -411,7 +413,7 @@ def _attention_kernel(
                                                 INTERPRETED),)
             acc = updated
 
-    if split == NUM_SPLITS - 1:
+    if split == num_splits - 1:
         own_first = tl.maximum(full * PAGE_SIZE, sink_tokens)                            # [ROWS]
         running_max, running_sum, acc = _attend_full_precision(
             query, running_max, running_sum, acc, own, stage_ptr, stage_row_ptr, new_key, new_value,
@@ -424,7 +426,7 @@ def _attention_kernel(
         summed = summed + (_sum_slots(acc[j], SLOTS),)
     acc = summed
     row_valid = row_valid & own
-    if NUM_SPLITS == 1:
+    if not SPLIT:
         # An empty row (e.g. batch padding) gets zeros rather than 0 / 0.
         total = tl.where(running_sum > 0, running_sum, 1.0)[:, None]
         out_rows = (first_token + token).to(tl.int64) * stride_ot + q_head * stride_oh
@@ -433,7 +435,7 @@ def _attention_kernel(
                      mask=row_valid[:, None])
     else:
         num_q_heads = tl.num_programs(1) * GROUP
-        base = ((request * num_q_heads + q_head) * NUM_SPLITS + split) * (HEAD_DIM + 2)   # [ROWS]
+        base = ((request * num_q_heads + q_head) * num_splits + split) * (HEAD_DIM + 2)   # [ROWS]
         for j in tl.static_range(4):
             tl.store(partial_ptr + base[:, None] + j * Q + i[None, :], acc[j], mask=row_valid[:, None])
         tl.store(partial_ptr + base + HEAD_DIM, running_max, mask=row_valid)
@@ -510,10 +512,11 @@ def _check(query, new_key, new_value, packed, stage, page_table, stage_table, co
     return layout
 
 
-def kernel_constants(layout: PageLayout, num_heads: int, num_kv_heads: int, decode: bool, num_splits: int = 1,
+def kernel_constants(layout: PageLayout, num_heads: int, num_kv_heads: int, decode: bool, split: bool = False,
                      chunk: bool = False) -> dict[str, int | bool]:
-    """The constexpr arguments of _attention_kernel for a decode launch (``num_splits`` programs per
-    request and KV head) or a prefill launch (``chunk``: with the step's own attention, step_attention)."""
+    """The constexpr arguments of _attention_kernel for a decode launch (``split``: several programs per
+    request and KV head) or a prefill launch (``chunk``: with the step's own attention, step_attention).
+    The number of splits is the grid's, not a constant, so one compiled kernel serves every batch size."""
     group = num_heads // num_kv_heads
     if decode:
         group_rows = triton.next_power_of_2(group)
@@ -524,7 +527,7 @@ def kernel_constants(layout: PageLayout, num_heads: int, num_kv_heads: int, deco
         slots, rows = 1, max(MIN_DOT_SIZE, block_q * group_rows)
     head_dim = layout.head_dim
     return dict(
-        DECODE=decode, CHUNK=chunk, NUM_SPLITS=num_splits, GROUP=group, GROUP_ROWS=group_rows, ROWS=rows,
+        DECODE=decode, CHUNK=chunk, SPLIT=split, GROUP=group, GROUP_ROWS=group_rows, ROWS=rows,
         SLOTS=slots, PARTS=1 if slots > 1 else 3, PAGE_SIZE=layout.page_size, HEAD_DIM=head_dim,
         NUM_BOOST=layout.num_boost, BOOST_ROWS=max(MIN_DOT_SIZE, layout.num_boost),
         TILE=max(MIN_DOT_SIZE, min(layout.page_size, TILE_CODES // head_dim)),
@@ -533,7 +536,7 @@ def kernel_constants(layout: PageLayout, num_heads: int, num_kv_heads: int, deco
 
 
 def _launch(query, new_key, new_value, packed, stage, page_table, stage_table, blocks, seq_lens, out,
-            partial, config, stage_layout, layout, scale, grid, decode, num_splits, num_warps, step=None):
+            partial, config, stage_layout, layout, scale, grid, decode, num_warps, step=None):
     new_key = query if new_key is None else new_key        # not read: every position is in the cache
     new_value = query if new_value is None else new_value
     chunk, lse, chunk_first = (out, out, 0) if step is None else step    # not read without a step
@@ -548,7 +551,7 @@ def _launch(query, new_key, new_value, packed, stage, page_table, stage_table, b
         out.stride(0), out.stride(1), chunk.stride(0), chunk.stride(1), lse.stride(0), lse.stride(1),
         scale * LOG2E,
         config.sink_tokens, stage_layout.block_tokens, stage_layout.sink_blocks, stage_layout.tokens_per_block,
-        **kernel_constants(layout, query.shape[1], packed.shape[1], decode, num_splits, step is not None),
+        **kernel_constants(layout, query.shape[1], packed.shape[1], decode, grid[2] > 1, step is not None),
         num_warps=num_warps,
     )
 
@@ -583,7 +586,7 @@ def decode_attention(query: torch.Tensor, packed: torch.Tensor, stage: torch.Ten
     partial = (torch.empty(num_requests, num_heads, splits, head_dim + 2, dtype=torch.float32,
                            device=query.device) if splits > 1 else out)
     _launch(query, None, None, packed, stage, page_table, stage_table, seq_lens, seq_lens, out, partial,
-            config, stage_layout, layout, scale, (num_requests, num_kv_heads, splits), True, splits, DECODE_WARPS)
+            config, stage_layout, layout, scale, (num_requests, num_kv_heads, splits), True, DECODE_WARPS)
     if splits > 1:
         _merge_splits_kernel[(num_requests, num_heads)](
             partial, out, out.stride(0), out.stride(1),
@@ -648,7 +651,7 @@ def prefill_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     if not len(blocks):
         return out
     _launch(query, key, value, packed, stage, page_table, stage_table, blocks, blocks, out, out,
-            config, stage_layout, layout, scale, (len(blocks), packed.shape[1], 1), False, 1, PREFILL_WARPS, step)
+            config, stage_layout, layout, scale, (len(blocks), packed.shape[1], 1), False, PREFILL_WARPS, step)
     return out
 
 
