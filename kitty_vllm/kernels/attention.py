@@ -22,12 +22,13 @@ small batches at long context still fill the GPU.
 ``(p * vscale) . vcode + p . vmin``: the dot products run on the raw codes, on tensor cores, as
 bfloat16 ``1 + code / 4`` (exact, and no larger than 1.75, so the float32 sums add no large terms;
 the offset goes into the bias). The float32 side is split exactly into three bfloat16 parts (cut from
-its bits, 8 significant bits each), so the products match float32 math to float32's own rounding. Prefill multiplies each part in its own dot. Decode has few query
-rows (a GQA group) but a tensor-core dot takes at least 16, so it *stacks* the parts instead: its
-``ROWS`` are SLOTS = 4 slots of the same ``ROWS / SLOTS`` query rows, slot k's operand rows hold part k
-(slot 3 is zero), one dot multiplies all three parts, and the slots' rows are added up (_sum_slots)
-before the softmax and at the end. Softmax state is kept, the same, in every slot; bias terms and
-full-precision values go to slot 0 only.
+its bits, 8 significant bits each), so the products match float32 math to float32's own rounding.
+Prefill multiplies each part in its own dot. Decode has few query rows (a GQA group) but a
+tensor-core dot takes at least 16, so it *stacks* the parts instead: its ``ROWS`` are SLOTS = 4 slots
+of the same ``ROWS / SLOTS`` query rows, slot k's operand rows hold part k (slot 3 is zero), one dot
+multiplies all three parts, and the slots' rows are added up (_sum_slots) before the softmax and at the
+end. Softmax state is kept, the same, in every slot; bias terms and full-precision values go to slot 0
+only.
 
 The planar 2-bit layout makes the four 2-bit planes of a row four contiguous quarters of the channels:
 a tile's bytes give plane j's codes, channels ``j * D / 4 + i``, with one shift and mask per four codes
