@@ -27,8 +27,8 @@ Prefill multiplies each part in its own dot. Decode has few query rows (a GQA gr
 tensor-core dot takes at least 16, so it *stacks* the parts instead: its ``ROWS`` are SLOTS = 4 slots
 of the same ``ROWS / SLOTS`` query rows, slot k's operand rows hold part k (slot 3 is zero), one dot
 multiplies all three parts, and the slots' rows are added up (_sum_slots) before the softmax and at the
-end. Softmax state is kept, the same, in every slot; bias terms and full-precision values go to slot 0
-only.
+end. The packed pages' softmax runs once per query row, on the slots' sum; elsewhere its state is kept,
+the same, in every slot. Bias terms and full-precision values go to slot 0 only.
 
 The planar 2-bit layout makes the four 2-bit planes of a row four contiguous quarters of the channels:
 a tile's bytes give plane j's codes, channels ``j * D / 4 + i``, with one shift and mask per four codes
@@ -133,16 +133,41 @@ def _dot_parts(parts, first: tl.constexpr, values, acc, PARTS: tl.constexpr, INT
 
 
 @triton.jit
-def _sum_slots(x, SLOTS: tl.constexpr):
-    """x [ROWS, N] whose rows ``slot * ROWS / SLOTS + b`` hold partial sums of row b: their sum over the
-    slots, repeated in every slot's rows."""
+def _slot_sum(x, SLOTS: tl.constexpr):
+    """x [ROWS, N] whose rows ``slot * ROWS / SLOTS + b`` hold partial sums of row b: their sum,
+    [ROWS / SLOTS, N]."""
     if SLOTS == 1:
         return x
     else:
-        ROWS: tl.constexpr = x.shape[0]
-        N: tl.constexpr = x.shape[1]
-        total = tl.sum(tl.reshape(x, (SLOTS, ROWS // SLOTS, N)), axis=0)
-        return tl.reshape(tl.broadcast_to(total[None, :, :], (SLOTS, ROWS // SLOTS, N)), (ROWS, N))
+        return tl.sum(tl.reshape(x, (SLOTS, x.shape[0] // SLOTS, x.shape[1])), axis=0)
+
+
+@triton.jit
+def _first_slot(x, SLOTS: tl.constexpr):
+    """x [ROWS] the same in every slot (rows ``slot * ROWS / SLOTS + b``): its [ROWS / SLOTS] values."""
+    if SLOTS == 1:
+        return x
+    else:
+        return tl.max(tl.reshape(x, (SLOTS, x.shape[0] // SLOTS)), axis=0)
+
+
+@triton.jit
+def _to_slots(x, SLOTS: tl.constexpr):
+    """x [B] or [B, N] repeated in every slot: [SLOTS * B] or [SLOTS * B, N] (the inverse of _first_slot)."""
+    if SLOTS == 1:
+        return x
+    elif len(x.shape) == 1:
+        return tl.reshape(tl.broadcast_to(x[None, :], (SLOTS, x.shape[0])), (SLOTS * x.shape[0],))
+    else:
+        return tl.reshape(tl.broadcast_to(x[None, :, :], (SLOTS, x.shape[0], x.shape[1])),
+                          (SLOTS * x.shape[0], x.shape[1]))
+
+
+@triton.jit
+def _sum_slots(x, SLOTS: tl.constexpr):
+    """x [ROWS, N] whose rows ``slot * ROWS / SLOTS + b`` hold partial sums of row b: their sum over the
+    slots, repeated in every slot's rows."""
+    return _to_slots(_slot_sum(x, SLOTS), SLOTS)
 
 
 @triton.jit
@@ -352,6 +377,10 @@ def _attention_kernel(
 
     num_splits = tl.num_programs(2)
     per_split = tl.cdiv(pages, num_splits)
+    # The packed pages' softmax runs once per query row: on the slots' sum, [ROWS / SLOTS, T].
+    page_max = _first_slot(running_max, SLOTS)
+    page_sum = _first_slot(running_sum, SLOTS)
+    page_full = _first_slot(full, SLOTS)
     t = tl.arange(0, TILE)
     page_row_ptr = page_table_ptr + request * stride_page_table
     for page in range(split * per_split, tl.minimum(split * per_split + per_split, pages)):
@@ -384,6 +413,7 @@ def _attention_kernel(
             key_bias -= tl.sum(boost_query, axis=1)
             boost_parts = _bf16_parts(boost_query, part_slot, PARTS)
             high_bytes = KEY_HIGH_OFFSET + (tl.arange(0, BOOST_ROWS // 4) % quarter)[:, None]
+        page_bias = _first_slot(key_bias, SLOTS)
         # Page 0 starts with the sinks, read above in full precision: skip their whole tiles here.
         for start in range(tl.maximum(sink_tokens - page * PAGE_SIZE, 0) // TILE * TILE, PAGE_SIZE, TILE):
             tt = start + t
@@ -395,18 +425,20 @@ def _attention_kernel(
             if NUM_BOOST > 0:
                 high = _high_values(tl.load(page_ptr + high_bytes + tt[None, :] * quarter), INTERPRETED)
                 scores = _dot_parts(boost_parts, 0, high, scores, PARTS, INTERPRETED)
-            scores = _sum_slots(scores, SLOTS) + key_bias[:, None]
-            seen = (page * PAGE_SIZE + tt >= sink_tokens)[None, :] & (page < full)[:, None]
+            scores = _slot_sum(scores, SLOTS) + page_bias[:, None]                              # [ROWS / SLOTS, T]
+            seen = (page * PAGE_SIZE + tt >= sink_tokens)[None, :] & (page < page_full)[:, None]
             if CHUNK:
                 seen = seen & (page * PAGE_SIZE + tt < key_end)[None, :]
-            probs, running_max, running_sum, correction = _softmax_step(
-                tl.where(seen, scores, float("-inf")), running_max, running_sum)
+            probs, page_max, page_sum, correction = _softmax_step(
+                tl.where(seen, scores, float("-inf")), page_max, page_sum)
+            correction = _to_slots(correction, SLOTS)
             # Values: p . (min + scale * code) = (4 p scale) . values + p . (min - 4 scale).
             value_bytes = tl.load(page_ptr + VALUE_CODES_OFFSET + tt[:, None] * Q + i[None, :])  # [T, Q]
             value_scale = tl.load((page_ptr + VALUE_SCALE_OFFSET).to(tl.pointer_type(tl.float16)) + tt).to(tl.float32)
             value_min = tl.load((page_ptr + VALUE_MIN_OFFSET).to(tl.pointer_type(tl.float16)) + tt).to(tl.float32)
-            value_bias = tl.where(own, tl.sum(probs * (value_min - 4.0 * value_scale)[None, :], axis=1), 0.0)
-            value_parts = _bf16_parts(probs * (4.0 * value_scale)[None, :], part_slot, PARTS)
+            value_bias = tl.where(own, _to_slots(tl.sum(probs * (value_min - 4.0 * value_scale)[None, :], axis=1),
+                                                 SLOTS), 0.0)
+            value_parts = _bf16_parts(_to_slots(probs * (4.0 * value_scale)[None, :], SLOTS), part_slot, PARTS)
             updated = ()
             for j in tl.static_range(4):
                 updated = updated + (_dot_parts(value_parts, 0, _plane_values(value_bytes, j, INTERPRETED),
@@ -414,6 +446,8 @@ def _attention_kernel(
                                                 INTERPRETED),)
             acc = updated
 
+    running_max = _to_slots(page_max, SLOTS)
+    running_sum = _to_slots(page_sum, SLOTS)
     if split == num_splits - 1:
         own_first = tl.maximum(full * PAGE_SIZE, sink_tokens)                            # [ROWS]
         running_max, running_sum, acc = _attend_full_precision(
