@@ -63,6 +63,10 @@ LOG2E = 1.4426950408889634
 _LOG2E = tl.constexpr(LOG2E)
 # tl.dot needs at least 16 rows and 16 columns: the query rows are padded to this many.
 MIN_DOT_SIZE = 16
+# Rows of the boosted channels' high codes (four planes of BOOST_ROWS / 4 bytes, _high_values) are at
+# least this many: with 4 bytes per plane (16 rows) Triton 3.6 miscompiled the stacked planes' dot on
+# H100 and H200 (wrong scores; the interpreter and the same planes stored, not dotted, were right).
+MIN_BOOST_ROWS = 32
 # Query rows (positions x heads of a GQA group) per prefill program.
 PREFILL_ROWS = 64
 # 2-bit codes of one [tokens, head_dim] tile of Keys or Values: bounds the registers per tile.
@@ -564,7 +568,7 @@ def kernel_constants(layout: PageLayout, num_heads: int, num_kv_heads: int, deco
     return dict(
         DECODE=decode, CHUNK=chunk, SPLIT=split, GROUP=group, GROUP_ROWS=group_rows, ROWS=rows,
         SLOTS=slots, PARTS=1 if slots > 1 else 3, PAGE_SIZE=layout.page_size, HEAD_DIM=head_dim,
-        NUM_BOOST=layout.num_boost, BOOST_ROWS=max(MIN_DOT_SIZE, layout.num_boost),
+        NUM_BOOST=layout.num_boost, BOOST_ROWS=max(MIN_BOOST_ROWS, layout.num_boost),
         TILE=max(MIN_DOT_SIZE, min(layout.page_size, TILE_CODES // head_dim)),
         STAGE_TILE=max(MIN_DOT_SIZE, min(layout.page_size, TILE_CODES // 4 // head_dim)),
         INTERPRETED=os.environ.get("TRITON_INTERPRET") == "1", **section_offsets(layout))
