@@ -404,7 +404,7 @@ def _attention_kernel(
             # A boosted channel adds (4 q scale) . high = (16 q scale) . values - 16 sum(q scale). Row
             # j * BOOST_ROWS / 4 + b of the high codes is plane j of the page's high byte b (_high_values):
             # boosted channel j * quarter + b where b < quarter (the other rows repeat bytes, with zero
-            # operands: a dot needs 16 rows).
+            # operands: BOOST_ROWS is at least MIN_BOOST_ROWS).
             byte = tl.arange(0, BOOST_ROWS) % (BOOST_ROWS // 4)
             boosted = byte < quarter
             rank = tl.arange(0, BOOST_ROWS) // (BOOST_ROWS // 4) * quarter + byte
