@@ -56,7 +56,7 @@ class StorePlan:
     ``query_blocks`` (kitty_vllm.kernels.prefill_blocks) of the spans the attention kernel reads, all
     with ``exact_prefill`` and one-token spans without; the other spans' sequences for context_attention,
     positions from 0, one after another: ``context_pages`` [2, n] (table row, page index) of the pages
-    complete before the step, ``context_rows`` [n * P] their rows' places in the sequences,
+    complete before the step, ``context_rows`` [n] the place of each one's first row,
     ``context_stage`` [4, m] (table row, staging-table column, slot, place) of the sinks and ring before
     the step, ``context_tokens`` [2, k] (batch token, place) of the step's tokens (the queries, in
     order), and ``cu_seqlens`` int32 [2, spans + 1] the bounds of their queries and of their sequences
@@ -156,7 +156,7 @@ class PagedKittyCache:
             start, ring_start = bounds_k[-1], span.context // page * page
             j = torch.arange(ring_start // page)
             pages.append(torch.stack([torch.full_like(j, span.row), j]))
-            rows.append(start + torch.arange(ring_start))
+            rows.append(start + j * page)
             stored_sinks = torch.arange(min(sinks, ring_start))
             ring = torch.arange(ring_start, span.context)
             stage += [torch.stack([torch.full_like(stored_sinks, span.row), stored_sinks // block_tokens,
@@ -234,12 +234,11 @@ class PagedKittyCache:
                            stage_table: torch.Tensor, plan: StorePlan) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and Values [L, H, D] of the sequences of ``plan`` (StorePlan), in the model dtype: the
         pages complete before the step dequantized, then the sinks and ring, then the step's tokens."""
+        from kitty_vllm.kernels import dequantize_pages
+
         sequences = torch.empty(2, plan.host_seqlens[1][-1], *key.shape[1:], dtype=key.dtype, device=key.device)
-        if plan.context_pages.shape[1]:
-            blocks = page_table[plan.context_pages[0], plan.context_pages[1]].long()
-            page_keys, page_values = reference.dequantize_pages(self.packed[blocks], self.config, key.shape[-1])
-            sequences[0, plan.context_rows] = page_keys.flatten(0, 1).to(key.dtype)
-            sequences[1, plan.context_rows] = page_values.flatten(0, 1).to(key.dtype)
+        dequantize_pages(self.packed, page_table[plan.context_pages[0], plan.context_pages[1]].to(torch.int32),
+                         plan.context_rows, sequences[0], sequences[1], self.config)
         row, column, slot, place = plan.context_stage
         sequences[:, place] = self.stage[stage_table[row, column].long(), :, slot].transpose(0, 1)
         tokens, places = plan.context_tokens
