@@ -60,7 +60,6 @@ from kitty_vllm.kernels.common import check_cache, kernel_layout, section_offset
 from kitty_vllm.layout import PageLayout, StageLayout
 
 LOG2E = 1.4426950408889634
-_LOG2E = tl.constexpr(LOG2E)
 # tl.dot needs at least 16 rows and 16 columns: the query rows are padded to this many.
 MIN_DOT_SIZE = 16
 # Rows of the boosted channels' high codes (four planes of BOOST_ROWS / 4 bytes, _high_values) are at
