@@ -60,7 +60,8 @@ class StorePlan:
     ``context_stage`` [4, m] (table row, staging-table column, slot, place) of the sinks and ring before
     the step, ``context_tokens`` [2, k] (batch token, place) of the step's tokens (the queries, in
     order), and ``cu_seqlens`` int32 [2, spans + 1] the bounds of their queries and of their sequences
-    (``host_seqlens`` on the host).
+    (``host_seqlens`` on the host); ``host_tokens``: those tokens' range of the batch, first and end,
+    where they follow one another (else None).
     """
 
     sink_writes: torch.Tensor
@@ -75,6 +76,7 @@ class StorePlan:
     context_tokens: torch.Tensor
     cu_seqlens: torch.Tensor
     host_seqlens: tuple[tuple[int, ...], tuple[int, ...]] = ((), ())
+    host_tokens: tuple[int, int] | None = None
 
 
 @dataclass
@@ -140,11 +142,13 @@ class PagedKittyCache:
             blocks = prefill_blocks([(s.row, s.first, s.end, s.context) for s in exact], page, num_heads,
                                     self.stage_layout.num_kv_heads)
         context, seqlens = self._context_plan(sequences)
+        follow = all(a.end == b.first for a, b in zip(sequences, sequences[1:]))
+        host_tokens = (sequences[0].first, sequences[-1].end) if sequences and follow else None
         parts = [_columns(sink_writes, 4), _columns(ring_reads, 3), _columns(pages, 3), source,
                  _columns(ring_writes, 4), blocks, *context, torch.tensor(seqlens, dtype=torch.int64).view(2, -1)]
         moved = torch.cat([p.flatten() for p in parts]).to(device).split([p.numel() for p in parts])
         *stores, cu_seqlens = (m.view(p.shape) for m, p in zip(moved, parts))
-        return StorePlan(*stores, cu_seqlens.to(torch.int32), seqlens)
+        return StorePlan(*stores, cu_seqlens.to(torch.int32), seqlens, host_tokens)
 
     def _context_plan(self, spans: list[Span]) -> tuple[list[torch.Tensor], tuple[tuple[int, ...], ...]]:
         """StorePlan's context_pages, context_rows, context_stage and context_tokens for ``spans`` (host
@@ -220,8 +224,11 @@ class PagedKittyCache:
                               stage_table.to(torch.int32), plan.query_blocks, self.config, self.stage_layout,
                               scale, out=out)
             if plan.context_tokens.shape[1]:
-                tokens = plan.context_tokens[0]
-                keys, values = self._context_sequences(key, value, page_table, stage_table, plan)
+                tokens = plan.context_tokens[0] if plan.host_tokens is None else slice(*plan.host_tokens)
+                if plan.host_tokens is not None and plan.host_seqlens[0] == plan.host_seqlens[1]:
+                    keys, values = key[tokens], value[tokens]   # nothing cached before: the step's own tokens
+                else:
+                    keys, values = self._context_sequences(key, value, page_table, stage_table, plan)
                 out[tokens] = context_attention(query[tokens], keys, values, plan.cu_seqlens[0], plan.cu_seqlens[1],
                                                 *plan.host_seqlens, scale).to(out.dtype)
         else:
