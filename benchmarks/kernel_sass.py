@@ -77,8 +77,8 @@ class Loop:
 def intercepted_launch(config: KittyConfig, head_dim: int, num_heads: int, num_kv_heads: int,
                        batch: int, pages: int, new_tokens: int = 0) -> tuple[tuple, dict]:
     """The (args, kwargs) that decode_attention (``new_tokens`` 0: ``batch`` requests of ``pages`` packed
-    pages each) or prefill_attention in its default schedule (``new_tokens`` of one request after
-    ``pages`` packed pages) passes to _attention_kernel, on CPU tensors (nothing runs)."""
+    pages each) or prefill_attention (``new_tokens`` of one request after ``pages`` packed pages, as
+    ``exact_prefill`` runs it) passes to _attention_kernel, on CPU tensors (nothing runs)."""
     layout = stage_layout(config, head_dim, num_kv_heads, 2)
     context = pages * config.page_size
     if new_tokens:
@@ -91,11 +91,9 @@ def intercepted_launch(config: KittyConfig, head_dim: int, num_heads: int, num_k
     query = torch.zeros(max(batch, new_tokens), num_heads, head_dim, dtype=torch.bfloat16)
     if new_tokens:
         key = torch.zeros(new_tokens, num_kv_heads, head_dim, dtype=torch.bfloat16)
-        blocks = attention.prefill_blocks([(0, 0, new_tokens, context)], config.page_size, num_heads, num_kv_heads,
-                                          exact=False)
-        step = (torch.zeros_like(query), torch.zeros(num_heads, new_tokens), 0)
+        blocks = attention.prefill_blocks([(0, 0, new_tokens, context)], config.page_size, num_heads, num_kv_heads)
         call = functools.partial(attention.prefill_attention, query, key, key, packed, stage, page_table,
-                                 stage_table, blocks, config, layout, head_dim ** -0.5, step=step)
+                                 stage_table, blocks, config, layout, head_dim ** -0.5)
     else:
         seq_lens = torch.full((batch,), context, dtype=torch.int32)
         call = functools.partial(attention.decode_attention, query, packed, stage, page_table, stage_table,

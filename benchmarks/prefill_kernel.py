@@ -11,10 +11,10 @@ tokens each, after C tokens already in their cache (C > 0: a chunk of chunked pr
   quantization of the pages the step completes, prefill attention, ring writes) over random packed pages
   and staging blocks, with the StorePlan built once outside the timed call, as the backend builds it once
   per step for every layer; then the step's attention alone on the same cache
-  (``PagedKittyCache.attend``, "attention_ms": the step's own tokens through ``step_attention``,
-  FlashAttention, and the cache before them through ``prefill_attention``; with ``--exact-prefill``,
-  ``prefill_attention`` reads everything from the cache), so that the table shows the share of the
-  step that is attention;
+  (``PagedKittyCache.attend``, "attention_ms": the pages before the step dequantized into one bf16
+  sequence with the sinks, ring and new tokens, and FlashAttention over it, ``context_attention``; with
+  ``--exact-prefill``, ``prefill_attention`` reads everything from the cache), so that the table shows
+  the share of the step that is attention;
 - flash: vLLM's FLASH_ATTN step on a bf16 paged cache (16-token blocks, K and V side by side in each
   token's row): ``reshape_and_cache_flash`` as its ``do_kv_cache_update`` calls it, then
   ``flash_attn_varlen_func`` as its ``forward`` calls it (causal, the version vLLM picks for the GPU; as in

@@ -45,8 +45,9 @@ class KittyConfig:
     boost_policy: how a page picks its boosted channels: ``magnitude`` (largest mean |K| over the
         page's tokens), ``variance`` (largest variance) or ``random`` (a fixed pseudo-random set).
     exact_prefill: how a prefill step's tokens see each other. ``false`` (the presets): in full
-        precision, as with vLLM's other quantized formats, and the cache before the step as decoding
-        would (vLLM's FlashAttention runs the step's own tokens). ``true``: every query reads the
+        precision, as with vLLM's other quantized formats, and so the unfinished page before the step;
+        the pages complete before it quantized (vLLM's FlashAttention runs over all of it, those pages
+        dequantized). ``true``: every query reads the
         cache exactly as decoding would at its position, so prompt log-probabilities equal decode-time
         teacher forcing and a prefix-cache hit equals a miss whatever the chunking (kitty_vllm.reference).
     """

@@ -8,9 +8,11 @@ request at once (a few kernel launches per layer, however many requests the batc
    tokens, into its packed block;
 3. attention: each query reads sinks in full precision, pages complete at its position dequantized
    (pages packed in step 2 included, so a prefix-cache hit sees what a miss sees), and the rest of its
-   own page in full precision. Without ``exact_prefill`` (kitty_vllm.reference), only positions before
-   the step are read so; the step's own tokens attend to each other in full precision (vLLM's
-   FlashAttention, kitty_vllm.kernels.step_attention), and the kernel folds that in;
+   own page in full precision (kitty_vllm.kernels.prefill_attention). Without ``exact_prefill``
+   (kitty_vllm.reference) a request's step of several tokens reads only the pages complete before it
+   dequantized: those pages, dequantized into the model dtype, the sinks and ring before the step and
+   the step's tokens are copied into one sequence, over which vLLM's FlashAttention runs
+   (kitty_vllm.kernels.context_attention);
 4. the tokens of each new unfinished page are written to the ring. This comes last because they may
    take ring slots of a page packed in step 2, which step 3 still read.
 
@@ -50,10 +52,16 @@ class StorePlan:
     Staging slots are int64 ``[4, n]`` columns (table row, staging-table column, slot in the block,
     token of the batch; reads have no token); pages are ``[3, n]`` (table row, page index, first
     position); ``sources`` [num_pages * P] indexes, for every row of every page to pack, the
-    concatenation of the ring reads and the batch's tokens; ``query_blocks`` are step 3's
-    (kitty_vllm.kernels.prefill_blocks; empty without the kernels). ``step_bounds`` int32 and
-    ``host_bounds`` (its host copy) are the sequences of step_attention: every span, and the tokens
-    between spans as others (empty without the kernels or with ``exact_prefill``).
+    concatenation of the ring reads and the batch's tokens. Step 3, with the kernels (else all empty):
+    ``query_blocks`` (kitty_vllm.kernels.prefill_blocks) of the spans the attention kernel reads, all
+    with ``exact_prefill`` and one-token spans without; the other spans' sequences for context_attention,
+    positions from 0, one after another: ``context_pages`` [2, n] (table row, page index) of the pages
+    complete before the step, ``context_rows`` [n] the place of each one's first row,
+    ``context_stage`` [4, m] (table row, staging-table column, slot, place) of the sinks and ring before
+    the step, ``context_tokens`` [2, k] (batch token, place) of the step's tokens (the queries, in
+    order), and ``cu_seqlens`` int32 [2, spans + 1] the bounds of their queries and of their sequences
+    (``host_seqlens`` on the host); ``host_tokens``: those tokens' range of the batch, first and end,
+    where they follow one another (else None).
     """
 
     sink_writes: torch.Tensor
@@ -62,8 +70,13 @@ class StorePlan:
     sources: torch.Tensor
     ring_writes: torch.Tensor
     query_blocks: torch.Tensor
-    step_bounds: torch.Tensor
-    host_bounds: tuple[int, ...] = ()
+    context_pages: torch.Tensor
+    context_rows: torch.Tensor
+    context_stage: torch.Tensor
+    context_tokens: torch.Tensor
+    cu_seqlens: torch.Tensor
+    host_seqlens: tuple[tuple[int, ...], tuple[int, ...]] = ((), ())
+    host_tokens: tuple[int, int] | None = None
 
 
 @dataclass
@@ -119,19 +132,46 @@ class PagedKittyCache:
             ring_writes.append(torch.stack([*self._ring_columns(span.row, tail), tail + token]))
         source = torch.cat(sources) if sources else torch.zeros(0, dtype=torch.int64)
         source = torch.where(source < 0, num_reads - 1 - source, source)
-        blocks, bounds = torch.zeros(0, 6, dtype=torch.int64), ()
-        if self.kernels:
+        blocks = torch.zeros(0, 5, dtype=torch.int64)
+        exact, sequences = [], []
+        for s in spans if self.kernels else ():
+            (exact if self.config.exact_prefill or s.end - s.first == 1 else sequences).append(s)
+        if exact:
             from kitty_vllm.kernels import prefill_blocks
 
-            blocks = prefill_blocks([(s.row, s.first, s.end, s.context) for s in spans], page, num_heads,
-                                    self.stage_layout.num_kv_heads, self.config.exact_prefill)
-            if not self.config.exact_prefill:
-                bounds = tuple(sorted({t for s in spans for t in (s.first, s.end)}))
+            blocks = prefill_blocks([(s.row, s.first, s.end, s.context) for s in exact], page, num_heads,
+                                    self.stage_layout.num_kv_heads)
+        context, seqlens = self._context_plan(sequences)
+        follow = all(a.end == b.first for a, b in zip(sequences, sequences[1:]))
+        host_tokens = (sequences[0].first, sequences[-1].end) if sequences and follow else None
         parts = [_columns(sink_writes, 4), _columns(ring_reads, 3), _columns(pages, 3), source,
-                 _columns(ring_writes, 4), blocks, torch.tensor(bounds, dtype=torch.int64)]
+                 _columns(ring_writes, 4), blocks, *context, torch.tensor(seqlens, dtype=torch.int64).view(2, -1)]
         moved = torch.cat([p.flatten() for p in parts]).to(device).split([p.numel() for p in parts])
-        *stores, step_bounds = (m.view(p.shape) for m, p in zip(moved, parts))
-        return StorePlan(*stores, step_bounds.to(torch.int32), bounds)
+        *stores, cu_seqlens = (m.view(p.shape) for m, p in zip(moved, parts))
+        return StorePlan(*stores, cu_seqlens.to(torch.int32), seqlens, host_tokens)
+
+    def _context_plan(self, spans: list[Span]) -> tuple[list[torch.Tensor], tuple[tuple[int, ...], ...]]:
+        """StorePlan's context_pages, context_rows, context_stage and context_tokens for ``spans`` (host
+        int64), and the host bounds of their queries and sequences."""
+        page, sinks, block_tokens = self.config.page_size, self.config.sink_tokens, self.stage_layout.block_tokens
+        pages, rows, stage, tokens = [], [], [], []
+        bounds_q, bounds_k = [0], [0]
+        for span in spans:
+            start, ring_start = bounds_k[-1], span.context // page * page
+            j = torch.arange(ring_start // page)
+            pages.append(torch.stack([torch.full_like(j, span.row), j]))
+            rows.append(start + j * page)
+            stored_sinks = torch.arange(min(sinks, ring_start))
+            ring = torch.arange(ring_start, span.context)
+            stage += [torch.stack([torch.full_like(stored_sinks, span.row), stored_sinks // block_tokens,
+                                   stored_sinks % block_tokens, start + stored_sinks]),
+                      torch.stack([*self._ring_columns(span.row, ring), start + ring])]
+            tokens.append(torch.stack([torch.arange(span.first, span.end),
+                                       start + torch.arange(span.context, span.context + span.end - span.first)]))
+            bounds_q.append(bounds_q[-1] + span.end - span.first)
+            bounds_k.append(start + span.context + span.end - span.first)
+        rows = torch.cat(rows) if rows else torch.zeros(0, dtype=torch.int64)
+        return [_columns(pages, 2), rows, _columns(stage, 4), _columns(tokens, 2)], (tuple(bounds_q), tuple(bounds_k))
 
     def store_decode(self, key: torch.Tensor, value: torch.Tensor, seq_lens: torch.Tensor,
                      page_table: torch.Tensor, stage_table: torch.Tensor) -> None:
@@ -178,18 +218,39 @@ class PagedKittyCache:
         """Step 3 of :meth:`prefill` alone (arguments as there), over a cache that already holds what
         the step stores before it."""
         if self.kernels:
-            from kitty_vllm.kernels import prefill_attention, step_attention
+            from kitty_vllm.kernels import context_attention, prefill_attention
 
-            step = (None if self.config.exact_prefill
-                    else step_attention(query, key, value, plan.step_bounds, plan.host_bounds, scale))
             prefill_attention(query, key, value, self.packed, self.stage, page_table.to(torch.int32),
                               stage_table.to(torch.int32), plan.query_blocks, self.config, self.stage_layout,
-                              scale, out=out, step=step)
+                              scale, out=out)
+            if plan.context_tokens.shape[1]:
+                tokens = plan.context_tokens[0] if plan.host_tokens is None else slice(*plan.host_tokens)
+                if plan.host_tokens is not None and plan.host_seqlens[0] == plan.host_seqlens[1]:
+                    keys, values = key[tokens], value[tokens]   # nothing cached before: the step's own tokens
+                else:
+                    keys, values = self._context_sequences(key, value, page_table, stage_table, plan)
+                out[tokens] = context_attention(query[tokens], keys, values, plan.cu_seqlens[0], plan.cu_seqlens[1],
+                                                *plan.host_seqlens, scale).to(out.dtype)
         else:
             for s in spans:
                 out[s.first:s.end] = self._reference_attend(query[s.first:s.end], key[s.first:s.end],
                                                             value[s.first:s.end], s.context, page_table[s.row],
                                                             stage_table[s.row], scale)
+
+    def _context_sequences(self, key: torch.Tensor, value: torch.Tensor, page_table: torch.Tensor,
+                           stage_table: torch.Tensor, plan: StorePlan) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and Values [L, H, D] of the sequences of ``plan`` (StorePlan), in the model dtype: the
+        pages complete before the step dequantized, then the sinks and ring, then the step's tokens."""
+        from kitty_vllm.kernels import dequantize_pages
+
+        sequences = torch.empty(2, plan.host_seqlens[1][-1], *key.shape[1:], dtype=key.dtype, device=key.device)
+        dequantize_pages(self.packed, page_table[plan.context_pages[0], plan.context_pages[1]].to(torch.int32),
+                         plan.context_rows, sequences[0], sequences[1], self.config)
+        row, column, slot, place = plan.context_stage
+        sequences[:, place] = self.stage[stage_table[row, column].long(), :, slot].transpose(0, 1)
+        tokens, places = plan.context_tokens
+        sequences[0, places], sequences[1, places] = key[tokens], value[tokens]
+        return sequences[0], sequences[1]
 
     def _write_stage(self, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor,
                      stage_table: torch.Tensor) -> None:

@@ -15,9 +15,10 @@ Sink tokens never enter page statistics: they are excluded from page 0's min/max
 
 That rule alone is ``exact_prefill`` (KittyConfig): it depends only on positions, so prefill, chunked
 prefill, decode and prefix-cache hits all see the same cache. By default the queries of a step of
-several tokens (a prefill or a prefill chunk) also read every Key/Value of the step itself (positions
-from the step's first query on) in the original, as vLLM's other formats prefill; a one-token step
-(decode) follows the rule alone in both modes.
+several tokens (a prefill or a prefill chunk) read only the pages complete before the step, ``(t // P +
+1) * P <= c`` for the step's first position ``c``, dequantized (sinks excepted), and everything else in
+the original: the unfinished page before the step and the step's own tokens, as vLLM's other formats
+prefill. A one-token step (decode) follows the rule alone in both modes.
 """
 
 from __future__ import annotations
@@ -132,7 +133,7 @@ def pack_2bit(codes: torch.Tensor) -> torch.Tensor:
 
 def unpack_2bit(packed: torch.Tensor) -> torch.Tensor:
     """Inverse of :func:`pack_2bit`: uint8 ``[..., C / 4]`` to uint8 codes ``[..., C]``."""
-    shifts = (2 * torch.arange(CODES_PER_BYTE, dtype=torch.uint8)).view(CODES_PER_BYTE, 1)
+    shifts = (2 * torch.arange(CODES_PER_BYTE, dtype=torch.uint8, device=packed.device)).view(CODES_PER_BYTE, 1)
     planes = (packed.unsqueeze(-2) >> shifts) & 3
     return planes.reshape(*packed.shape[:-1], -1)
 
@@ -208,11 +209,12 @@ def quantized_mask(query_positions: torch.Tensor, num_keys: int, config: KittyCo
     """bool [Tq, N]: True where a step's queries at ``query_positions`` read key ``t`` from a quantized
     page (the cache schedule, module docstring)."""
     t = torch.arange(num_keys)
-    page_done = (t // config.page_size + 1) * config.page_size <= query_positions[:, None] + 1
-    read_quantized = page_done & (t >= config.sink_tokens)
+    page_end = (t // config.page_size + 1) * config.page_size
     if config.exact_prefill or len(query_positions) < 2:
-        return read_quantized
-    return read_quantized & (t < query_positions.min())
+        page_done = page_end <= query_positions[:, None] + 1
+    else:
+        page_done = (page_end <= query_positions.min()).expand(len(query_positions), -1)
+    return page_done & (t >= config.sink_tokens)
 
 
 def reference_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,

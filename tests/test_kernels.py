@@ -8,7 +8,7 @@ import torch
 
 from kitty_vllm import reference as R
 from kitty_vllm.config import KittyConfig
-from kitty_vllm.kernels import quantize_pages
+from kitty_vllm.kernels import dequantize_pages, quantize_pages
 from kitty_vllm.layout import page_layout
 
 HEAD_DIMS = [64, 128, 256]
@@ -91,6 +91,28 @@ def test_quantize_matches_reference(kernel_device, head_dim, preset, dtype):
 def test_quantize_policies_match_reference(kernel_device, head_dim, policy):
     config = KittyConfig.from_preset("kitty2").replace(boost_policy=policy)
     run_and_compare(config, head_dim, torch.float16, kernel_device, seed=1)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("preset", PRESETS)
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+def test_dequantize_matches_reference(kernel_device, head_dim, preset, dtype):
+    """Pages dequantized into rows out of order: the reference's float32 values in the output dtype,
+    and no other row written."""
+    config = KittyConfig.from_preset(preset)
+    keys, values = make_pages(head_dim, torch.float16, "cpu")
+    pages = torch.stack([R.quantize_page(keys[i], values[i], config, pos) for i, pos in enumerate(FIRST_POSITIONS)])
+    cache = torch.zeros(NUM_BLOCKS, NUM_KV_HEADS, pages.shape[-1], dtype=torch.uint8)
+    cache[BLOCK_IDS] = pages
+    rows = [300, 0, 140]
+    got_keys, got_values = torch.zeros(2, 450, NUM_KV_HEADS, head_dim, dtype=dtype, device=kernel_device)
+    dequantize_pages(cache.to(kernel_device), torch.tensor(BLOCK_IDS, dtype=torch.int32, device=kernel_device),
+                     torch.tensor(rows, device=kernel_device), got_keys, got_values, config)
+    for got, want_pages in zip((got_keys, got_values), R.dequantize_pages(pages, config, head_dim)):
+        want = torch.zeros(450, NUM_KV_HEADS, head_dim, dtype=dtype)
+        for page, row in zip(want_pages, rows):
+            want[row:row + 128] = page.to(dtype)
+        torch.testing.assert_close(got.cpu(), want)
 
 
 def test_launchers_reject_bad_shapes(kernel_device):

@@ -139,21 +139,18 @@ def test_mixed_batch_split():
     assert every.decode_rows is None and every.spans == [Span(0, 0, 3, 5), Span(1, 3, 4, 9), Span(3, 4, 5, 199)]
 
 
-@pytest.mark.parametrize("exact", [True, False], ids=["exact", "default"])
-def test_prefill_blocks_cover_every_token_once(exact):
+def test_prefill_blocks_cover_every_token_once():
     """Query blocks: each span's tokens exactly once, in order, none crossing a page or longer than a
-    block (64 query rows: 16 positions of a 4-head GQA group). A block reads the cache up to its last
-    position, or, unless exact, up to its span's context if the span has several tokens."""
+    block (64 query rows: 16 positions of a 4-head GQA group)."""
     from kitty_vllm.kernels import prefill_blocks
 
     spans = [(0, 0, 300, 5), (2, 300, 301, 77), (1, 301, 400, 128)]
-    blocks = prefill_blocks(spans, 128, 32, 8, exact)
+    blocks = prefill_blocks(spans, 128, 32, 8)
     covered = []
-    for row, first, position, count, context, cache_end in blocks.tolist():
+    for row, first, position, count, context in blocks.tolist():
         span = next(s for s in spans if s[0] == row)
         assert (span[1], span[3]) == (first - position + context, context) and 1 <= count <= 16
         assert position // 128 == (position + count - 1) // 128
-        assert cache_end == (position + count if exact or span[2] - span[1] == 1 else context)
         covered += range(first, first + count)
     assert covered == list(range(400))
 
@@ -161,8 +158,9 @@ def test_prefill_blocks_cover_every_token_once(exact):
 @pytest.mark.cuda
 @pytest.mark.parametrize("chunks", [[70], [40, 30], [21, 43, 2, 50]])
 def test_bf16_prefill_with_flash_attention(chunks):
-    """On a GPU in bfloat16 the step's own tokens go through vLLM's FlashAttention (step_attention):
-    the same as the float32 path on the same bfloat16 inputs, to bfloat16 rounding."""
+    """On a GPU in bfloat16 a step of several tokens goes through vLLM's FlashAttention over its
+    context dequantized to bfloat16 (context_attention): the same as the float32 path on the same
+    bfloat16 inputs, to bfloat16 rounding."""
     pytest.importorskip("vllm")
     results = {}
     for dtype in (torch.bfloat16, torch.float32):

@@ -88,15 +88,16 @@ def test_quantized_mask_follows_the_schedule():
 
 
 def test_default_mask_reads_the_step_in_full_precision():
-    """A step of queries 36..50: keys from 36 on are the step's own, read in full precision; before
-    it the schedule holds, and page 2 (32..47), complete at 47, is read quantized from then on."""
+    """A step of queries 36..50: keys from 36 on are the step's own, read in full precision, and so is
+    the rest of page 2 (32..35), unfinished before the step, though the step completes it at 47 (exact:
+    quantized from then on); pages complete before the step are read quantized."""
     positions = torch.arange(36, 51)
     mask = R.quantized_mask(positions, 51, SMALL)
-    assert not mask[:, 36:].any() and not mask[:, :4].any()     # the step's own keys; sinks
+    assert not mask[:, 32:].any() and not mask[:, :4].any()     # page 2 and the step's own keys; sinks
     assert mask[:, 4:32].all()                                  # pages 0 and 1, complete before the step
-    assert not mask[positions < 47, 32:36].any() and mask[positions >= 47, 32:36].all()
     exact = R.quantized_mask(positions, 51, SMALL_EXACT)
-    assert torch.equal(mask[:, :36], exact[:, :36]) and exact[positions >= 47, 36:48].all()
+    assert torch.equal(mask[:, :32], exact[:, :32]) and exact[positions >= 47, 32:48].all()
+    assert not exact[positions < 47, 32:].any()
 
 
 def test_attention_without_full_pages_is_exact():

@@ -38,11 +38,11 @@ boosted channels adds ``(4 q[idx] * scale[idx]) . high``, its four planes stacke
 tf32x3 dots (three TF32 products: float32 accuracy to about 1e-6 on tensor cores; IEEE float32 on CUDA
 cores took a third of a 4k-token prefill's attention time on an H100).
 
-**Prefill schedules** (kitty_vllm.reference). With ``exact_prefill`` every query reads the whole cache
-as above. By default a step of several tokens attends to its own tokens in full precision through
-vLLM's FlashAttention (:func:`step_attention`); its query blocks then read only positions before the
-step's context here, starting from FlashAttention's softmax state (output and log-sum-exp) as one
-term, so a chunk with no context costs one FlashAttention call and a copy.
+**Prefill schedules** (kitty_vllm.reference). With ``exact_prefill`` every query of a prefill reads
+the cache as above, here. By default a step of several tokens reads only the pages complete before it
+dequantized and everything else in full precision: PagedKittyCache copies those into one sequence in the
+model dtype and runs :func:`context_attention` (vLLM's FlashAttention) over it, and only its one-token
+steps come here.
 """
 
 from __future__ import annotations
@@ -60,7 +60,6 @@ from kitty_vllm.kernels.common import check_cache, kernel_layout, section_offset
 from kitty_vllm.layout import PageLayout, StageLayout
 
 LOG2E = 1.4426950408889634
-_LOG2E = tl.constexpr(LOG2E)
 # tl.dot needs at least 16 rows and 16 columns: the query rows are padded to this many.
 MIN_DOT_SIZE = 16
 # Rows of the boosted channels' high codes (four planes of BOOST_ROWS / 4 bytes, _high_values) are at
@@ -286,22 +285,19 @@ def _attention_kernel(
     stage_ptr,         # [num_stage_blocks, 2, tokens_per_block, H, D] model dtype, D contiguous
     page_table_ptr,    # [R, max_pages] int32: packed block of each page
     stage_table_ptr,   # [R, max_stage_blocks] int32: sink blocks, then ring blocks
-    blocks_ptr,        # [num_query_blocks, 6] int64 (not DECODE): request, first token, first position, tokens,
-                       # context, end of the positions read from the cache (prefill_blocks)
+    blocks_ptr,        # [num_query_blocks, 5] int64 (not DECODE): request, first token, first position, tokens,
+                       # context (prefill_blocks)
     seq_lens_ptr,      # [R] int32: DECODE only, request r's query is token r at position seq_lens[r] - 1
     out_ptr,           # [N, Hq, D] D contiguous
-    chunk_ptr,         # [M, Hq, D] CHUNK only: token chunk_first + m's attention over the step's own tokens
-    lse_ptr,           # [Hq, M] float32, CHUNK only: its log-sum-exp (natural log of sum exp(scale * score))
-    chunk_first,       # CHUNK only: the batch token of chunk row 0
     partial_ptr,       # [R, Hq, splits, D + 2] float32: SPLIT only (accumulator, max, sum)
     stride_qt, stride_qh, stride_nt, stride_nh, stride_nvt, stride_nvh,
     stride_pb, stride_ph,
     stride_sb, stride_skv, stride_st, stride_sh,
     stride_page_table, stride_stage_table,
-    stride_ot, stride_oh, stride_ct, stride_ch, stride_lh, stride_lt,
+    stride_ot, stride_oh,
     scale_log2,        # softmax scale times log2(e)
     sink_tokens, sink_block_tokens, sink_blocks, ring_tokens_per_block,
-    DECODE: tl.constexpr, CHUNK: tl.constexpr, SPLIT: tl.constexpr,
+    DECODE: tl.constexpr, SPLIT: tl.constexpr,
     GROUP: tl.constexpr, GROUP_ROWS: tl.constexpr, ROWS: tl.constexpr, SLOTS: tl.constexpr, PARTS: tl.constexpr,
     PAGE_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, NUM_BOOST: tl.constexpr, BOOST_ROWS: tl.constexpr,
     TILE: tl.constexpr, STAGE_TILE: tl.constexpr, INTERPRETED: tl.constexpr,
@@ -310,9 +306,7 @@ def _attention_kernel(
     VALUE_SCALE_OFFSET: tl.constexpr, VALUE_MIN_OFFSET: tl.constexpr,
 ):
     """Grid (query blocks, H, splits); decode: one query block per request, whose pages SPLIT over
-    several programs (partial softmaxes for _merge_splits_kernel) or not. A block whose cache
-    end is at most its first position (CHUNK launches only) starts from the softmax state of the step's
-    own tokens, chunk_ptr and lse_ptr."""
+    several programs (partial softmaxes for _merge_splits_kernel) or not."""
     block_id = tl.program_id(0)
     head = tl.program_id(1)
     split = tl.program_id(2)
@@ -322,15 +316,13 @@ def _attention_kernel(
         first_token = request
         first_pos = context - 1      # -1 for an empty row: it reads nothing and gets zeros
         count = 1
-        key_end = context
     else:
-        desc = blocks_ptr + block_id.to(tl.int64) * 6
+        desc = blocks_ptr + block_id.to(tl.int64) * 5
         request = tl.load(desc)
         first_token = tl.load(desc + 1)
         first_pos = tl.load(desc + 2).to(tl.int32)
         count = tl.load(desc + 3).to(tl.int32)
         context = tl.load(desc + 4).to(tl.int32)
-        key_end = tl.load(desc + 5).to(tl.int32)
 
     Q: tl.constexpr = HEAD_DIM // 4
     quarter: tl.constexpr = NUM_BOOST // 4
@@ -346,28 +338,15 @@ def _attention_kernel(
     q_head = head * GROUP + g
     full = (position + 1) // PAGE_SIZE                                                   # [ROWS]
     last_pos = first_pos + count - 1
-    row_last = tl.minimum(position, key_end - 1)                                         # [ROWS]
-    pages = tl.minimum((last_pos + 1) // PAGE_SIZE, tl.cdiv(key_end, PAGE_SIZE))
+    pages = (last_pos + 1) // PAGE_SIZE
 
     q_rows = (first_token + token).to(tl.int64) * stride_qt + q_head * stride_qh          # [ROWS]
     query = _load_quarters(query_ptr + q_rows, row_valid, scale_log2, Q)                 # 4 x [ROWS, Q]
+    running_max = tl.full((ROWS,), SCORE_FLOOR, tl.float32)
+    running_sum = tl.zeros((ROWS,), tl.float32)
     acc = ()
-    if CHUNK:
-        # The step's own tokens as one softmax term: max = log-sum-exp (log2 units), sum 1.
-        from_step = row_valid & (key_end <= first_pos)
-        chunk_row = (first_token - chunk_first + token).to(tl.int64)
-        lse = tl.load(lse_ptr + q_head * stride_lh + chunk_row * stride_lt, mask=from_step, other=0.0)
-        running_max = tl.where(from_step, lse * _LOG2E, SCORE_FLOOR)
-        running_sum = tl.where(from_step, 1.0, 0.0)
-        chunk_rows = chunk_row * stride_ct + q_head * stride_ch
-        for j in tl.static_range(4):
-            acc = acc + (tl.load(chunk_ptr + chunk_rows[:, None] + j * Q + i[None, :], mask=from_step[:, None],
-                                 other=0.0).to(tl.float32),)
-    else:
-        running_max = tl.full((ROWS,), SCORE_FLOOR, tl.float32)
-        running_sum = tl.zeros((ROWS,), tl.float32)
-        for j in tl.static_range(4):
-            acc = acc + (tl.zeros((ROWS, Q), tl.float32),)
+    for j in tl.static_range(4):
+        acc = acc + (tl.zeros((ROWS, Q), tl.float32),)
 
     stage_row_ptr = stage_table_ptr + request * stride_stage_table
     new_key = new_key_ptr + first_token * stride_nt + head * stride_nh
@@ -375,8 +354,8 @@ def _attention_kernel(
     if split == 0:
         running_max, running_sum, acc = _attend_full_precision(
             query, running_max, running_sum, acc, own, stage_ptr, stage_row_ptr, new_key, new_value,
-            0, tl.minimum(key_end, sink_tokens), last_pos + 1, first_pos,
-            tl.zeros((ROWS,), tl.int32), row_last, 0, sink_block_tokens, head,
+            0, tl.minimum(last_pos + 1, sink_tokens), last_pos + 1, first_pos,
+            tl.zeros((ROWS,), tl.int32), position, 0, sink_block_tokens, head,
             stride_sb, stride_skv, stride_st, stride_sh, stride_nt, stride_nvt, PAGE_SIZE, HEAD_DIM, STAGE_TILE)
 
     num_splits = tl.num_programs(2)
@@ -431,8 +410,6 @@ def _attention_kernel(
                 scores = _dot_parts(boost_parts, 0, high, scores, PARTS, INTERPRETED)
             scores = _slot_sum(scores, SLOTS) + page_bias[:, None]                              # [ROWS / SLOTS, T]
             seen = (page * PAGE_SIZE + tt >= sink_tokens)[None, :] & (page < page_full)[:, None]
-            if CHUNK:
-                seen = seen & (page * PAGE_SIZE + tt < key_end)[None, :]
             probs, page_max, page_sum, correction = _softmax_step(
                 tl.where(seen, scores, float("-inf")), page_max, page_sum)
             correction = _to_slots(correction, SLOTS)
@@ -456,8 +433,8 @@ def _attention_kernel(
         own_first = tl.maximum(full * PAGE_SIZE, sink_tokens)                            # [ROWS]
         running_max, running_sum, acc = _attend_full_precision(
             query, running_max, running_sum, acc, own, stage_ptr, stage_row_ptr, new_key, new_value,
-            tl.maximum(sink_tokens, (first_pos + 1) // PAGE_SIZE * PAGE_SIZE), key_end, context, first_pos,
-            own_first, row_last, sink_blocks, ring_tokens_per_block, head,
+            tl.maximum(sink_tokens, (first_pos + 1) // PAGE_SIZE * PAGE_SIZE), last_pos + 1, context, first_pos,
+            own_first, position, sink_blocks, ring_tokens_per_block, head,
             stride_sb, stride_skv, stride_st, stride_sh, stride_nt, stride_nvt, PAGE_SIZE, HEAD_DIM, STAGE_TILE)
 
     summed = ()
@@ -551,10 +528,10 @@ def _check(query, new_key, new_value, packed, stage, page_table, stage_table, co
     return layout
 
 
-def kernel_constants(layout: PageLayout, num_heads: int, num_kv_heads: int, decode: bool, split: bool = False,
-                     chunk: bool = False) -> dict[str, int | bool]:
+def kernel_constants(layout: PageLayout, num_heads: int, num_kv_heads: int, decode: bool,
+                     split: bool = False) -> dict[str, int | bool]:
     """The constexpr arguments of _attention_kernel for a decode launch (``split``: several programs per
-    request and KV head) or a prefill launch (``chunk``: with the step's own attention, step_attention).
+    request and KV head) or a prefill launch.
     The number of splits is the grid's, not a constant, so one compiled kernel serves every batch size."""
     group = num_heads // num_kv_heads
     if decode:
@@ -566,7 +543,7 @@ def kernel_constants(layout: PageLayout, num_heads: int, num_kv_heads: int, deco
         slots, rows = 1, max(MIN_DOT_SIZE, block_q * group_rows)
     head_dim = layout.head_dim
     return dict(
-        DECODE=decode, CHUNK=chunk, SPLIT=split, GROUP=group, GROUP_ROWS=group_rows, ROWS=rows,
+        DECODE=decode, SPLIT=split, GROUP=group, GROUP_ROWS=group_rows, ROWS=rows,
         SLOTS=slots, PARTS=1 if slots > 1 else 3, PAGE_SIZE=layout.page_size, HEAD_DIM=head_dim,
         NUM_BOOST=layout.num_boost, BOOST_ROWS=max(MIN_BOOST_ROWS, layout.num_boost),
         TILE=max(MIN_DOT_SIZE, min(layout.page_size, TILE_CODES // head_dim)),
@@ -575,22 +552,20 @@ def kernel_constants(layout: PageLayout, num_heads: int, num_kv_heads: int, deco
 
 
 def _launch(query, new_key, new_value, packed, stage, page_table, stage_table, blocks, seq_lens, out,
-            partial, config, stage_layout, layout, scale, grid, decode, num_warps, step=None):
+            partial, config, stage_layout, layout, scale, grid, decode, num_warps):
     new_key = query if new_key is None else new_key        # not read: every position is in the cache
     new_value = query if new_value is None else new_value
-    chunk, lse, chunk_first = (out, out, 0) if step is None else step    # not read without a step
     _attention_kernel[grid](
-        query, new_key, new_value, packed, stage, page_table, stage_table, blocks, seq_lens, out,
-        chunk, lse, chunk_first, partial,
+        query, new_key, new_value, packed, stage, page_table, stage_table, blocks, seq_lens, out, partial,
         query.stride(0), query.stride(1), new_key.stride(0), new_key.stride(1),
         new_value.stride(0), new_value.stride(1),
         packed.stride(0), packed.stride(1),
         stage.stride(0), stage.stride(1), stage.stride(2), stage.stride(3),
         page_table.stride(0), stage_table.stride(0),
-        out.stride(0), out.stride(1), chunk.stride(0), chunk.stride(1), lse.stride(0), lse.stride(1),
+        out.stride(0), out.stride(1),
         scale * LOG2E,
         config.sink_tokens, stage_layout.block_tokens, stage_layout.sink_blocks, stage_layout.tokens_per_block,
-        **kernel_constants(layout, query.shape[1], packed.shape[1], decode, grid[2] > 1, step is not None),
+        **kernel_constants(layout, query.shape[1], packed.shape[1], decode, grid[2] > 1),
         num_warps=num_warps,
     )
 
@@ -641,12 +616,10 @@ def _prefill_block_tokens(num_heads: int, num_kv_heads: int, page_size: int) -> 
 
 
 def prefill_blocks(spans: Sequence[tuple[int, int, int, int]], page_size: int, num_heads: int,
-                   num_kv_heads: int, exact: bool = True) -> torch.Tensor:
+                   num_kv_heads: int) -> torch.Tensor:
     """The query blocks of :func:`prefill_attention` for ``spans`` (row, first, end, context): int64
-    [num_blocks, 6] on the host, a row (table row, first token, first position, tokens, context, cache
-    end) per block. A block starts at each span's first position and at every multiple of the block
-    size. It reads positions before its cache end from the cache: its last position + 1, or, unless
-    ``exact``, a span of several tokens' context (its own tokens come from step_attention)."""
+    [num_blocks, 5] on the host, a row (table row, first token, first position, tokens, context) per
+    block. A block starts at each span's first position and at every multiple of the block size."""
     block_q, _ = _prefill_block_tokens(num_heads, num_kv_heads, page_size)
     spans = torch.tensor(spans, dtype=torch.int64).view(-1, 4)
     lengths = spans[:, 2] - spans[:, 1]
@@ -656,18 +629,13 @@ def prefill_blocks(spans: Sequence[tuple[int, int, int, int]], page_size: int, n
     starts = torch.nonzero((offset == 0) | (position % block_q == 0)).flatten()
     counts = torch.diff(starts, append=torch.tensor([len(span)]))
     s = span[starts]
-    cache_end = position[starts] + counts
-    if not exact:
-        cache_end = torch.where(lengths[s] > 1, spans[s, 3], cache_end)
-    return torch.stack([spans[s, 0], spans[s, 1] + offset[starts], position[starts], counts, spans[s, 3], cache_end],
-                       dim=1)
+    return torch.stack([spans[s, 0], spans[s, 1] + offset[starts], position[starts], counts, spans[s, 3]], dim=1)
 
 
 def prefill_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, packed: torch.Tensor,
                       stage: torch.Tensor, page_table: torch.Tensor, stage_table: torch.Tensor,
                       blocks: torch.Tensor, config: KittyConfig, stage_layout: StageLayout, scale: float,
-                      out: torch.Tensor | None = None,
-                      step: tuple[torch.Tensor, torch.Tensor, int] | None = None) -> torch.Tensor:
+                      out: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of this step's tokens of several requests over their kitty cache (module docstring).
 
     ``blocks`` is :func:`prefill_blocks` of the requests' spans ``(row, first, end, context)``, on the
@@ -677,20 +645,16 @@ def prefill_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     the ring must hold positions ``[context // page_size * page_size, context)`` (PagedKittyCache orders
     its store so). Writes the spans' rows of ``out`` [N, Hq, D] (allocated in the query's dtype if not
     given) and returns it.
-
-    ``step`` is :func:`step_attention` of this step's tokens, for blocks built without ``exact``: a
-    block whose cache end is its context reads the cache only before it and adds the step's own tokens
-    from ``step`` (kitty_vllm.reference's default schedule).
     """
     layout = _check(query, key, value, packed, stage, page_table, stage_table, config, stage_layout, out)
-    if blocks.dtype != torch.int64 or blocks.dim() != 2 or blocks.shape[1] != 6 or not blocks.is_contiguous():
-        raise ValueError(f"blocks must be contiguous int64 [num_blocks, 6] (prefill_blocks), got {blocks.dtype} "
+    if blocks.dtype != torch.int64 or blocks.dim() != 2 or blocks.shape[1] != 5 or not blocks.is_contiguous():
+        raise ValueError(f"blocks must be contiguous int64 [num_blocks, 5] (prefill_blocks), got {blocks.dtype} "
                          f"{tuple(blocks.shape)}")
     out = torch.empty_like(query) if out is None else out
     if not len(blocks):
         return out
     _launch(query, key, value, packed, stage, page_table, stage_table, blocks, blocks, out, out,
-            config, stage_layout, layout, scale, (len(blocks), packed.shape[1], 1), False, PREFILL_WARPS, step)
+            config, stage_layout, layout, scale, (len(blocks), packed.shape[1], 1), False, PREFILL_WARPS)
     return out
 
 
@@ -704,33 +668,28 @@ def _flash_version(head_dim: int) -> int | None:
     return get_flash_attn_version(head_size=head_dim) if is_flash_attn_varlen_func_available() else None
 
 
-def step_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bounds: torch.Tensor,
-                   host_bounds: Sequence[int], scale: float) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Causal attention of each sequence of a step over its own tokens, in full precision: tokens
-    ``host_bounds[i]:host_bounds[i + 1]`` (ascending) of query [N, Hq, D] and key/value [N, H, D] are
-    one sequence; ``bounds`` is the same, int32 on the query's device. Returns the ``step`` of
-    :func:`prefill_attention`: out [M, Hq, D] in the query's dtype and its log-sum-exp float32 [Hq, M]
-    for the M tokens from ``host_bounds[0]``, and that first token. vLLM's FlashAttention where the
-    GPU has it, else float32 PyTorch."""
-    first, last = host_bounds[0], host_bounds[-1]
+def context_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                      cu_seqlens_k: torch.Tensor, host_q: Sequence[int], host_k: Sequence[int],
+                      scale: float) -> torch.Tensor:
+    """Causal attention in full precision of sequences whose queries are their last positions: sequence
+    i has queries ``host_q[i]:host_q[i + 1]`` of query [M, Hq, D] and keys ``host_k[i]:host_k[i + 1]`` of
+    key/value [L, H, D] (positions from 0; query k of n reads keys up to position ``keys - n + k``);
+    ``cu_seqlens_q`` / ``cu_seqlens_k`` are the same bounds, int32 on the query's device. Returns out
+    [M, Hq, D] in the query's dtype. vLLM's FlashAttention where the GPU has it, else float32 PyTorch."""
     version = _flash_version(query.shape[-1]) if query.is_cuda and query.dtype != torch.float32 else None
     if version is not None:
         from vllm.v1.attention.backends.fa_utils import flash_attn_varlen_func
 
-        longest = max(b - a for a, b in zip(host_bounds, host_bounds[1:]))
-        cu_seqlens = bounds - first
-        out, lse = flash_attn_varlen_func(query[first:last], key[first:last], value[first:last], longest, cu_seqlens,
-                                          longest, cu_seqlens_k=cu_seqlens, softmax_scale=scale, causal=True,
-                                          return_softmax_lse=True, fa_version=version)
-        return out, lse, first
-    out = torch.empty_like(query[first:last])
-    lse = torch.empty(query.shape[1], last - first, dtype=torch.float32, device=query.device)
+        longest_q = max(b - a for a, b in zip(host_q, host_q[1:]))
+        longest_k = max(b - a for a, b in zip(host_k, host_k[1:]))
+        return flash_attn_varlen_func(query, key, value, longest_q, cu_seqlens_q, longest_k, cu_seqlens_k=cu_seqlens_k,
+                                      softmax_scale=scale, causal=True, fa_version=version)
+    out = torch.empty_like(query)
     group = query.shape[1] // key.shape[1]
-    for a, b in zip(host_bounds, host_bounds[1:]):
-        q = query[a:b].float().transpose(0, 1)                                       # [Hq, T, D]
-        k, v = (x[a:b].float().transpose(0, 1).repeat_interleave(group, 0) for x in (key, value))
-        scores = (q @ k.transpose(1, 2) * scale).masked_fill(
-            torch.ones(b - a, b - a, dtype=torch.bool, device=q.device).triu(1), -torch.inf)
-        lse[:, a - first:b - first] = torch.logsumexp(scores, dim=-1)
-        out[a - first:b - first] = (torch.softmax(scores, dim=-1) @ v).transpose(0, 1).to(out.dtype)
-    return out, lse, first
+    for a, b, c, d in zip(host_q, host_q[1:], host_k, host_k[1:]):
+        q = query[a:b].float().transpose(0, 1)                                       # [Hq, n, D]
+        k, v = (x[c:d].float().transpose(0, 1).repeat_interleave(group, 0) for x in (key, value))
+        hidden = torch.ones(b - a, d - c, dtype=torch.bool, device=q.device).triu(d - c - (b - a) + 1)
+        scores = (q @ k.transpose(1, 2) * scale).masked_fill(hidden, -torch.inf)
+        out[a:b] = (torch.softmax(scores, dim=-1) @ v).transpose(0, 1).to(out.dtype)
+    return out
