@@ -333,9 +333,11 @@ def merge_records(path: Path, new: Sequence[Record]) -> list[dict[str, Any]]:
 
 
 def markdown_table(records: Sequence[dict[str, Any]]) -> str:
-    """One row per (model, task), one column per KV-cache dtype. Accuracies in percent; perplexities
+    """One row per (model, task), one column per KV-cache dtype: KV_CACHE_DTYPES' first, in that order,
+    then the others (ablations, mitigated formats) as they come. Accuracies in percent; perplexities
     with their change against ``auto`` of the same row."""
-    dtypes = list(dict.fromkeys(r["kv_cache_dtype"] for r in records))
+    seen = dict.fromkeys(r["kv_cache_dtype"] for r in records)
+    dtypes = [d for d in KV_CACHE_DTYPES if d in seen] + [d for d in seen if d not in KV_CACHE_DTYPES]
     rows: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
     for r in records:
         rows.setdefault((r["model"], r["task"]), {})[r["kv_cache_dtype"]] = r

@@ -192,14 +192,18 @@ def test_results_merge_and_print_as_a_table(tmp_path):
 
     path = tmp_path / "results" / "accuracy.json"
     merge_records(path, [Record("m", "gsm8k", "auto", 10, 0.5, 0.3), Record("m", "perplexity-8k", "auto", 2, 20.0, 1.0)])
-    records = merge_records(path, [Record("m", "perplexity-8k", "kitty2", 2, 21.0, None),
+    records = merge_records(path, [Record("m", "perplexity-8k", "kitty2:boost-random", 2, 22.0, None),
+                                   Record("m", "perplexity-8k", "kitty2", 2, 21.0, None),
                                    Record("m", "gsm8k", "auto", 10, 0.6, 0.3)])
     assert records == json.loads(path.read_text())
     assert sorted((r["task"], r["kv_cache_dtype"], r["score"]) for r in records) == [
-        ("gsm8k", "auto", 0.6), ("perplexity-8k", "auto", 20.0), ("perplexity-8k", "kitty2", 21.0)]
+        ("gsm8k", "auto", 0.6), ("perplexity-8k", "auto", 20.0), ("perplexity-8k", "kitty2", 21.0),
+        ("perplexity-8k", "kitty2:boost-random", 22.0)]
     table = markdown_table(records)
-    assert "| m | perplexity-8k | 2 | 20.000 ± 1.000 | 21.000 (+5.0%) |" in table
-    assert "| m | gsm8k | 10 | 60.0 ± 30.0 |  |" in table
+    # auto first (though it came second), the presets before the ablations
+    assert table.startswith("| model | task | n | auto | kitty2 | kitty2:boost-random |")
+    assert "| m | perplexity-8k | 2 | 20.000 ± 1.000 | 21.000 (+5.0%) | 22.000 (+10.0%) |" in table
+    assert "| m | gsm8k | 10 | 60.0 ± 30.0 |  |  |" in table
 
 
 def test_cache_specs_and_ablation_files():
