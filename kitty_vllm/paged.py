@@ -220,9 +220,10 @@ class PagedKittyCache:
         if self.kernels:
             from kitty_vllm.kernels import context_attention, prefill_attention
 
-            prefill_attention(query, key, value, self.packed, self.stage, page_table.to(torch.int32),
-                              stage_table.to(torch.int32), plan.query_blocks, self.config, self.stage_layout,
-                              scale, out=out)
+            if plan.query_blocks.shape[0]:
+                prefill_attention(query, key, value, self.packed, self.stage, page_table.to(torch.int32),
+                                  stage_table.to(torch.int32), plan.query_blocks, self.config, self.stage_layout,
+                                  scale, out=out)
             if plan.context_tokens.shape[1]:
                 tokens = plan.context_tokens[0] if plan.host_tokens is None else slice(*plan.host_tokens)
                 if plan.host_tokens is not None and plan.host_seqlens[0] == plan.host_seqlens[1]:
