@@ -47,9 +47,9 @@ class KittyConfig:
     exact_prefill: how a prefill step's tokens see each other. ``false`` (the presets): in full
         precision, as with vLLM's other quantized formats, and so the unfinished page before the step;
         the pages complete before it quantized (vLLM's FlashAttention runs over all of it, those pages
-        dequantized). ``true``: every query reads the
-        cache exactly as decoding would at its position, so prompt log-probabilities equal decode-time
-        teacher forcing and a prefix-cache hit equals a miss whatever the chunking (kitty_vllm.reference).
+        dequantized). ``true``: every query reads the cache exactly as decoding would at its position,
+        so prompt log-probabilities equal decode-time teacher forcing and a prefix-cache hit equals a
+        miss whatever the chunking (kitty_vllm.reference).
     """
 
     page_size: int = 128
