@@ -24,7 +24,6 @@ use needs, so nothing goes through shared memory:
 """
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -44,6 +43,7 @@ GROUP_ROWS = gl.constexpr(4)      # query heads of a GQA group, padded
 SLOTS = gl.constexpr(4)           # three bfloat16 parts and an empty slot
 
 
+@gluon.constexpr_function
 def stacked_layout(n: int) -> gl.DistributedLinearLayout:
     """[SLOTS, GROUP_ROWS, n] with the mma layout of [16, n] (row = slot * 4 + head): reshaping it to
     [16, n] is free (the mma accumulator and A operand layouts of one warp are the same)."""
@@ -52,10 +52,12 @@ def stacked_layout(n: int) -> gl.DistributedLinearLayout:
     return gl.DistributedLinearLayout(regs, lanes, [], [], [SLOTS, GROUP_ROWS, n])
 
 
+@gluon.constexpr_function
 def _log2(n: int) -> int:
     return n.bit_length() - 1
 
 
+@gluon.constexpr_function
 def key_load_layout(t: int, q: int):
     """Physical [t, q] Key bytes: each thread reads q / 4 consecutive bytes of a token."""
     m = _log2(q // 4)
@@ -64,6 +66,7 @@ def key_load_layout(t: int, q: int):
     return gl.DistributedLinearLayout(regs, lanes, [], [], [t, q])
 
 
+@gluon.constexpr_function
 def key_relabel(t: int, q: int):
     """(shape, order, out shape) turning the physical [t, q] Key bytes into the B operand [q, t] whose
     row k is byte column kp(k) (page_decode_kernel)."""
@@ -73,6 +76,7 @@ def key_relabel(t: int, q: int):
     return (tuple([t] + [2] * n), tuple([dim(kc[b]) for b in reversed(range(n))] + [0]), (q, t))
 
 
+@gluon.constexpr_function
 def value_load_layout(t: int, q: int):
     """Physical [t, q] Value bytes: each thread reads q / 8 consecutive bytes of a token."""
     r = _log2(q // 8)
@@ -81,6 +85,7 @@ def value_load_layout(t: int, q: int):
     return gl.DistributedLinearLayout(regs, lanes, [], [], [t, q])
 
 
+@gluon.constexpr_function
 def value_lv_layout(t: int, q: int):
     """The relabeled Value bytes [t, q] as unpacked: the B operand's layout with the next token's register
     bit first and then the columns', so that four consecutive elements are two columns of two
@@ -91,6 +96,7 @@ def value_lv_layout(t: int, q: int):
     return gl.DistributedLinearLayout([[1, 0]] + col_regs + tok_regs, lanes, [], [], [t, q])
 
 
+@gluon.constexpr_function
 def value_relabel(t: int, q: int):
     n, r = _log2(q), _log2(q // 8)
     nc = {**{x: r + x for x in range(3)}, **{3 + b: b for b in range(r)}}
@@ -98,6 +104,7 @@ def value_relabel(t: int, q: int):
     return (tuple([t] + [2] * n), tuple([0] + [dim(nc[b]) for b in reversed(range(n))]), (t, q))
 
 
+@gluon.constexpr_function
 def boost_load_layout(t: int, quarter: int):
     """Physical [t, 4, quarter] high bytes, the plane axis on lanes (each of 4 threads reads a token's
     bytes and takes its own plane)."""
@@ -106,6 +113,7 @@ def boost_load_layout(t: int, quarter: int):
     return gl.DistributedLinearLayout(regs, lanes, [], [], [t, 4, quarter])
 
 
+@gluon.constexpr_function
 def boost_relabel(t: int, quarter: int):
     nb = _log2(quarter)
     nk = nb + 2
@@ -188,16 +196,26 @@ def page_decode_kernel(
     stride_qt, stride_qh, stride_pb, stride_ph, stride_page_table,
     scale_log2, sink_tokens,
     GROUP: gl.constexpr, PAGE_SIZE: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_BOOST: gl.constexpr,
-    BOOST_K: gl.constexpr, TILE: gl.constexpr,
+    TILE: gl.constexpr,
     KEY_LOW_OFFSET: gl.constexpr, KEY_HIGH_OFFSET: gl.constexpr, BOOST_INDEX_OFFSET: gl.constexpr,
     KEY_SCALE_OFFSET: gl.constexpr, KEY_MIN_OFFSET: gl.constexpr, VALUE_CODES_OFFSET: gl.constexpr,
     VALUE_SCALE_OFFSET: gl.constexpr, VALUE_MIN_OFFSET: gl.constexpr,
-    LQ3: gl.constexpr, LT3: gl.constexpr, LB3: gl.constexpr, LV: gl.constexpr,
-    LKX: gl.constexpr, KEY_RELABEL: gl.constexpr, LVX: gl.constexpr, VALUE_RELABEL: gl.constexpr,
-    LHX: gl.constexpr, HIGH_RELABEL: gl.constexpr,
 ):
     Q: gl.constexpr = HEAD_DIM // 4
     QUARTER: gl.constexpr = NUM_BOOST // 4
+    BOOST_K: gl.constexpr = max(16, NUM_BOOST)
+    # Layouts are built here from integers (constexpr functions): a layout passed as an argument would
+    # not survive Triton's JSON hooks (vLLM installs one).
+    LQ3: gl.constexpr = stacked_layout(Q)
+    LT3: gl.constexpr = stacked_layout(TILE)
+    LB3: gl.constexpr = stacked_layout(BOOST_K)
+    LV: gl.constexpr = value_lv_layout(TILE, Q)
+    LKX: gl.constexpr = key_load_layout(TILE, Q)
+    KEY_RELABEL: gl.constexpr = key_relabel(TILE, Q)
+    LVX: gl.constexpr = value_load_layout(TILE, Q)
+    VALUE_RELABEL: gl.constexpr = value_relabel(TILE, Q)
+    LHX: gl.constexpr = boost_load_layout(TILE, max(4, QUARTER))
+    HIGH_RELABEL: gl.constexpr = boost_relabel(TILE, max(4, QUARTER))
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1], instr_shape=[16, 8])
     A: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
     B: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=2)
@@ -360,15 +378,6 @@ def num_splits(num_requests: int, num_kv_heads: int, max_pages: int, device: tor
     return max(1, min(wanted, max_pages, MAX_SPLITS))
 
 
-@functools.cache
-def _layouts(head_dim: int, num_boost: int) -> dict:
-    q, boost_k, quarter = head_dim // 4, max(16, num_boost), max(4, num_boost // 4)
-    return dict(LQ3=stacked_layout(q), LT3=stacked_layout(TILE), LB3=stacked_layout(boost_k),
-                LV=value_lv_layout(TILE, q), LKX=key_load_layout(TILE, q), KEY_RELABEL=key_relabel(TILE, q),
-                LVX=value_load_layout(TILE, q), VALUE_RELABEL=value_relabel(TILE, q),
-                LHX=boost_load_layout(TILE, quarter), HIGH_RELABEL=boost_relabel(TILE, quarter), BOOST_K=boost_k)
-
-
 def decode_pages(query: torch.Tensor, packed: torch.Tensor, page_table: torch.Tensor, seq_lens: torch.Tensor,
                  partial: torch.Tensor, splits: int, config: KittyConfig, layout: PageLayout, scale: float) -> None:
     """Splits 0 .. splits - 1 of ``partial`` [B, Hq, splits + 1, D + 2] (float32, contiguous): each
@@ -380,4 +389,4 @@ def decode_pages(query: torch.Tensor, packed: torch.Tensor, page_table: torch.Te
         query, packed, page_table, seq_lens, partial, query.stride(0), query.stride(1), packed.stride(0),
         packed.stride(1), page_table.stride(0), scale * LOG2E, config.sink_tokens,
         GROUP=num_heads // num_kv_heads, PAGE_SIZE=layout.page_size, HEAD_DIM=head_dim, NUM_BOOST=layout.num_boost,
-        TILE=TILE, **section_offsets(layout), **_layouts(head_dim, layout.num_boost), num_warps=1)
+        TILE=TILE, **section_offsets(layout), num_warps=1)
