@@ -1,13 +1,14 @@
-"""GPU check and timing of the Gluon page kernel (kitty_vllm.kernels.decode_gluon, a prototype) against
-the float32 reference and the Triton decode kernel.
+"""GPU check and timing of the Gluon decode kernel (kitty_vllm.kernels.decode_gluon) against the float32
+reference and the Triton decode kernel it replaces on GPUs.
 
     export PYTHONPATH=$PWD
     python benchmarks/gluon_decode.py          # writes $OUT/gluon.json (or /tmp)
 
 Checks: the pages' attention (merged partials) against kitty_vllm.reference at rtol 1e-4 for several
-presets, head sizes and GQA groups. Timing (CUDA graphs): the Gluon pages kernel alone against the whole
-Triton decode (which also reads the sinks and ring and merges its splits), and bandwidth: page bytes /
-time, against a device-to-device copy.
+presets, head sizes and GQA groups. Timing (CUDA graphs), one Qwen3-8B layer (32 query, 8 KV heads of
+128): the Gluon kernel alone (pages), decode_attention as it runs (Gluon pages, Triton sinks and ring,
+merge) and the Triton kernel alone (decode_attention with the Gluon path off), as milliseconds and as
+bandwidth (page bytes / time); ``copy_GBps`` is a device-to-device copy (bytes read + written / time).
 """
 import json
 import os

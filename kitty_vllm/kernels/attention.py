@@ -57,10 +57,9 @@ import triton.language as tl
 
 from kitty_vllm.config import KittyConfig
 from kitty_vllm.kernels import decode_gluon
-from kitty_vllm.kernels.common import check_cache, kernel_layout, section_offsets
+from kitty_vllm.kernels.common import LOG2E, SCORE_FLOOR, check_cache, kernel_layout, section_offsets
 from kitty_vllm.layout import PageLayout, StageLayout
 
-LOG2E = 1.4426950408889634
 # tl.dot needs at least 16 rows and 16 columns: the query rows are padded to this many.
 MIN_DOT_SIZE = 16
 # Rows of the boosted channels' high codes (four planes of BOOST_ROWS / 4 bytes, _high_values) are at
@@ -84,8 +83,6 @@ PREFILL_WARPS = 4
 # Programs per streaming multiprocessor that decode aims for before it splits pages over programs.
 PROGRAMS_PER_SM = 2
 MAX_SPLITS = 64
-# Scores start here instead of -inf, so a tile whose tokens are all masked yields exp2(-inf) = 0, not NaN.
-SCORE_FLOOR = tl.constexpr(-1.0e30)
 
 
 @triton.jit

@@ -1,9 +1,11 @@
-"""Decode attention over the packed pages in Gluon (Triton 3.6's explicit-layout dialect): a prototype.
+"""Decode attention over the packed pages in Gluon (Triton 3.6's explicit-layout dialect).
 
-Status: the packed pages only. It writes split-K partials ``[B, Hq, splits + 1, D + 2]`` (accumulator,
-max, sum) for splits ``0 .. splits - 1``; the full-precision sinks and ring (the last split) and the merge
-are left to kitty_vllm.kernels.attention. Not wired into decode_attention; GPU only (Gluon has no
-interpreter). Checked and timed by benchmarks/gluon_decode.py.
+kitty_vllm.kernels.decode_attention uses it on GPUs where :func:`supported` holds (GQA groups up to 4,
+head_dim 64 or 128, 0 or at least 16 boosted channels, pages a multiple of TILE): it writes the
+split-K partials ``[B, Hq, splits + 1, D + 2]`` (accumulator, max, sum) of splits ``0 .. splits - 1``,
+and the Triton kernel the last one (sinks and ring, full precision) before the merge. Gluon has no
+interpreter, so on the CPU decode stays on the Triton kernel; the GPU tests (tests/test_decode_kernel.py,
+``cuda``) and benchmarks/gluon_decode.py check this one against the float32 reference.
 
 Why Gluon: the Triton kernel (kitty_vllm.kernels.attention) unpacks codes in a blocked layout and Triton
 then moves every unpacked bfloat16 operand through shared memory into the mma layout (about 46 warp
@@ -33,12 +35,9 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
 from kitty_vllm.config import KittyConfig
-from kitty_vllm.kernels.common import section_offsets
+from kitty_vllm.kernels.common import LOG2E, SCORE_FLOOR, section_offsets
 from kitty_vllm.layout import PageLayout
 
-LOG2E = 1.4426950408889634
-
-SCORE_FLOOR = gl.constexpr(-1.0e30)
 GROUP_ROWS = gl.constexpr(4)      # query heads of a GQA group, padded
 SLOTS = gl.constexpr(4)           # three bfloat16 parts and an empty slot
 
@@ -234,7 +233,7 @@ def page_decode_kernel(
     end_page = gl.minimum(first_page + per_split, pages)
 
     # Query [4, Q] per plane, in the order of the key bytes each thread reads: B row k of a plane's
-    # dot is byte column kp (8 consecutive bytes per thread and token).
+    # dot is byte column kp (Q / 4 consecutive bytes per thread and token).
     g = gl.arange(0, GROUP_ROWS, layout=gl.SliceLayout(1, LGQ))
     k = gl.arange(0, Q, layout=gl.SliceLayout(0, LGQ))
     kp = (Q // 4) * ((k >> 1) & 3) + (k & 1) + ((k >> 3) << 1)
