@@ -181,3 +181,13 @@ def test_decode_block_offsets_beyond_int32():
     got = decode_attention(query, packed, stage, far_pages[None], far_stage[None], seq_lens, config, layout,
                            scale, out=torch.empty_like(query, dtype=torch.float32))
     torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=ATOL)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("preset, head_dim, head_pair", [("kitty2", 128, (16, 4)), ("kitty2-lite", 128, (6, 2)),
+                                                        ("kivi2", 64, (1, 1))])
+def test_decode_full_size_pages_on_gpu(preset, head_dim, head_pair):
+    """128-token pages on a GPU, where decode reads them with kitty_vllm.kernels.decode_gluon (GQA
+    groups up to 4, at least 16 boosted channels or none) and the sinks and ring with the Triton kernel."""
+    check(KittyConfig.from_preset(preset), head_pair, head_dim, torch.bfloat16, "cuda",
+          seq_lens=[20, 300, 1000], seed=5, out_dtype=torch.float32)

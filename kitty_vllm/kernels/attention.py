@@ -56,10 +56,10 @@ import triton
 import triton.language as tl
 
 from kitty_vllm.config import KittyConfig
-from kitty_vllm.kernels.common import check_cache, kernel_layout, section_offsets
+from kitty_vllm.kernels import decode_gluon
+from kitty_vllm.kernels.common import LOG2E, SCORE_FLOOR, check_cache, kernel_layout, section_offsets
 from kitty_vllm.layout import PageLayout, StageLayout
 
-LOG2E = 1.4426950408889634
 # tl.dot needs at least 16 rows and 16 columns: the query rows are padded to this many.
 MIN_DOT_SIZE = 16
 # Rows of the boosted channels' high codes (four planes of BOOST_ROWS / 4 bytes, _high_values) are at
@@ -83,8 +83,6 @@ PREFILL_WARPS = 4
 # Programs per streaming multiprocessor that decode aims for before it splits pages over programs.
 PROGRAMS_PER_SM = 2
 MAX_SPLITS = 64
-# Scores start here instead of -inf, so a tile whose tokens are all masked yields exp2(-inf) = 0, not NaN.
-SCORE_FLOOR = tl.constexpr(-1.0e30)
 
 
 @triton.jit
@@ -289,7 +287,7 @@ def _attention_kernel(
                        # context (prefill_blocks)
     seq_lens_ptr,      # [R] int32: DECODE only, request r's query is token r at position seq_lens[r] - 1
     out_ptr,           # [N, Hq, D] D contiguous
-    partial_ptr,       # [R, Hq, splits, D + 2] float32: SPLIT only (accumulator, max, sum)
+    partial_ptr,       # [R, Hq, partial_splits, D + 2] float32: SPLIT only (accumulator, max, sum)
     stride_qt, stride_qh, stride_nt, stride_nh, stride_nvt, stride_nvh,
     stride_pb, stride_ph,
     stride_sb, stride_skv, stride_st, stride_sh,
@@ -297,7 +295,8 @@ def _attention_kernel(
     stride_ot, stride_oh,
     scale_log2,        # softmax scale times log2(e)
     sink_tokens, sink_block_tokens, sink_blocks, ring_tokens_per_block,
-    DECODE: tl.constexpr, SPLIT: tl.constexpr,
+    split_base, partial_splits,   # SPLIT only: this launch's splits are partial_ptr's splits split_base + split
+    DECODE: tl.constexpr, SPLIT: tl.constexpr, PACKED: tl.constexpr,
     GROUP: tl.constexpr, GROUP_ROWS: tl.constexpr, ROWS: tl.constexpr, SLOTS: tl.constexpr, PARTS: tl.constexpr,
     PAGE_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, NUM_BOOST: tl.constexpr, BOOST_ROWS: tl.constexpr,
     TILE: tl.constexpr, STAGE_TILE: tl.constexpr, INTERPRETED: tl.constexpr,
@@ -306,7 +305,8 @@ def _attention_kernel(
     VALUE_SCALE_OFFSET: tl.constexpr, VALUE_MIN_OFFSET: tl.constexpr,
 ):
     """Grid (query blocks, H, splits); decode: one query block per request, whose pages SPLIT over
-    several programs (partial softmaxes for _merge_splits_kernel) or not."""
+    several programs (partial softmaxes for _merge_splits_kernel) or not. Without PACKED the packed pages
+    are skipped (another kernel reads them: kitty_vllm.kernels.decode_gluon)."""
     block_id = tl.program_id(0)
     head = tl.program_id(1)
     split = tl.program_id(2)
@@ -338,7 +338,7 @@ def _attention_kernel(
     q_head = head * GROUP + g
     full = (position + 1) // PAGE_SIZE                                                   # [ROWS]
     last_pos = first_pos + count - 1
-    pages = (last_pos + 1) // PAGE_SIZE
+    pages = (last_pos + 1) // PAGE_SIZE if PACKED else 0
 
     q_rows = (first_token + token).to(tl.int64) * stride_qt + q_head * stride_qh          # [ROWS]
     query = _load_quarters(query_ptr + q_rows, row_valid, scale_log2, Q)                 # 4 x [ROWS, Q]
@@ -451,7 +451,7 @@ def _attention_kernel(
                      mask=row_valid[:, None])
     else:
         num_q_heads = tl.num_programs(1) * GROUP
-        base = ((request * num_q_heads + q_head) * num_splits + split) * (HEAD_DIM + 2)   # [ROWS]
+        base = ((request * num_q_heads + q_head) * partial_splits + split_base + split) * (HEAD_DIM + 2)   # [ROWS]
         for j in tl.static_range(4):
             tl.store(partial_ptr + base[:, None] + j * Q + i[None, :], acc[j], mask=row_valid[:, None])
         tl.store(partial_ptr + base + HEAD_DIM, running_max, mask=row_valid)
@@ -529,7 +529,7 @@ def _check(query, new_key, new_value, packed, stage, page_table, stage_table, co
 
 
 def kernel_constants(layout: PageLayout, num_heads: int, num_kv_heads: int, decode: bool,
-                     split: bool = False) -> dict[str, int | bool]:
+                     split: bool = False, packed: bool = True) -> dict[str, int | bool]:
     """The constexpr arguments of _attention_kernel for a decode launch (``split``: several programs per
     request and KV head) or a prefill launch.
     The number of splits is the grid's, not a constant, so one compiled kernel serves every batch size."""
@@ -543,7 +543,7 @@ def kernel_constants(layout: PageLayout, num_heads: int, num_kv_heads: int, deco
         slots, rows = 1, max(MIN_DOT_SIZE, block_q * group_rows)
     head_dim = layout.head_dim
     return dict(
-        DECODE=decode, SPLIT=split, GROUP=group, GROUP_ROWS=group_rows, ROWS=rows,
+        DECODE=decode, SPLIT=split, PACKED=packed, GROUP=group, GROUP_ROWS=group_rows, ROWS=rows,
         SLOTS=slots, PARTS=1 if slots > 1 else 3, PAGE_SIZE=layout.page_size, HEAD_DIM=head_dim,
         NUM_BOOST=layout.num_boost, BOOST_ROWS=max(MIN_BOOST_ROWS, layout.num_boost),
         TILE=max(MIN_DOT_SIZE, min(layout.page_size, TILE_CODES // head_dim)),
@@ -552,7 +552,8 @@ def kernel_constants(layout: PageLayout, num_heads: int, num_kv_heads: int, deco
 
 
 def _launch(query, new_key, new_value, packed, stage, page_table, stage_table, blocks, seq_lens, out,
-            partial, config, stage_layout, layout, scale, grid, decode, num_warps):
+            partial, config, stage_layout, layout, scale, grid, decode, num_warps, split_base=0, partial_splits=None,
+            read_pages=True):
     new_key = query if new_key is None else new_key        # not read: every position is in the cache
     new_value = query if new_value is None else new_value
     _attention_kernel[grid](
@@ -565,7 +566,8 @@ def _launch(query, new_key, new_value, packed, stage, page_table, stage_table, b
         out.stride(0), out.stride(1),
         scale * LOG2E,
         config.sink_tokens, stage_layout.block_tokens, stage_layout.sink_blocks, stage_layout.tokens_per_block,
-        **kernel_constants(layout, query.shape[1], packed.shape[1], decode, grid[2] > 1),
+        split_base, grid[2] if partial_splits is None else partial_splits,
+        **kernel_constants(layout, query.shape[1], packed.shape[1], decode, partial is not out, read_pages),
         num_warps=num_warps,
     )
 
@@ -596,11 +598,23 @@ def decode_attention(query: torch.Tensor, packed: torch.Tensor, stage: torch.Ten
     if num_requests == 0:
         return out
     num_kv_heads = packed.shape[1]
-    splits = _num_splits(num_requests, num_kv_heads, max(1, page_table.shape[1]), query.device)
-    partial = (torch.empty(num_requests, num_heads, splits, head_dim + 2, dtype=torch.float32,
-                           device=query.device) if splits > 1 else out)
-    _launch(query, None, None, packed, stage, page_table, stage_table, seq_lens, seq_lens, out, partial,
-            config, stage_layout, layout, scale, (num_requests, num_kv_heads, splits), True, DECODE_WARPS)
+    grid = (num_requests, num_kv_heads)
+    if decode_gluon.supported(layout, num_heads // num_kv_heads, query.device):
+        # The packed pages in Gluon (splits 0 .. splits - 1), the sinks and ring here (split ``splits``).
+        splits = decode_gluon.num_splits(num_requests, num_kv_heads, max(1, page_table.shape[1]), query.device)
+        partial = torch.empty(num_requests, num_heads, splits + 1, head_dim + 2, dtype=torch.float32,
+                              device=query.device)
+        decode_gluon.decode_pages(query, packed, page_table, seq_lens, partial, splits, config, layout, scale)
+        _launch(query, None, None, packed, stage, page_table, stage_table, seq_lens, seq_lens, out, partial,
+                config, stage_layout, layout, scale, (*grid, 1), True, DECODE_WARPS, split_base=splits,
+                partial_splits=splits + 1, read_pages=False)
+        splits += 1
+    else:
+        splits = _num_splits(num_requests, num_kv_heads, max(1, page_table.shape[1]), query.device)
+        partial = (torch.empty(num_requests, num_heads, splits, head_dim + 2, dtype=torch.float32,
+                               device=query.device) if splits > 1 else out)
+        _launch(query, None, None, packed, stage, page_table, stage_table, seq_lens, seq_lens, out, partial,
+                config, stage_layout, layout, scale, (*grid, splits), True, DECODE_WARPS)
     if splits > 1:
         _merge_splits_kernel[(num_requests, num_heads)](
             partial, out, out.stride(0), out.stride(1),

@@ -10,6 +10,9 @@ from kitty_vllm.config import KittyConfig
 from kitty_vllm.layout import PageLayout, page_layout
 
 SUPPORTED_HEAD_DIMS = (64, 128, 256)
+LOG2E = 1.4426950408889634
+# Scores start here instead of -inf, so a tile whose tokens are all masked yields exp2(-inf) = 0, not NaN.
+SCORE_FLOOR = tl.constexpr(-1.0e30)
 BOOST_POLICY_IDS = {"magnitude": 0, "variance": 1, "random": 2}
 
 
