@@ -57,7 +57,8 @@ import triton.language as tl
 
 from kitty_vllm.config import KittyConfig
 from kitty_vllm.kernels import decode_gluon
-from kitty_vllm.kernels.common import LOG2E, SCORE_FLOOR, check_cache, kernel_layout, section_offsets
+from kitty_vllm.kernels.common import (LOG2E, PLANE_PTX, SCORE_FLOOR, check_cache, kernel_layout,
+                                      section_offsets)
 from kitty_vllm.layout import PageLayout, StageLayout
 
 # tl.dot needs at least 16 rows and 16 columns: the query rows are padded to this many.
@@ -178,22 +179,12 @@ def _plane_values(packed, PLANE: tl.constexpr, INTERPRETED: tl.constexpr):
     add no term much larger than the codes' own (``sum(a * code) = (4 a) . values - 4 sum(a)``). Four
     bytes at a time and with no integer-to-float conversion: move the plane's bits to bits 5-6 of each
     byte and set bit 7 (a shift and a LOP3); interleave the bytes with 0x3F into two bfloat16 pairs
-    (two PRMT)."""
+    (two PRMT; common.PLANE_PTX)."""
     if INTERPRETED:   # the interpreter runs no PTX
         code = (packed.to(tl.int32) >> (2 * PLANE)) & 3
         return (1.0 + code.to(tl.float32) * 0.25).to(tl.bfloat16)
-    if PLANE == 0:
-        move: tl.constexpr = "shl.b32 t, $2, 5;"
-    elif PLANE == 1:
-        move: tl.constexpr = "shl.b32 t, $2, 3;"
-    elif PLANE == 2:
-        move: tl.constexpr = "shl.b32 t, $2, 1;"
-    else:
-        move: tl.constexpr = "shr.b32 t, $2, 1;"
-    return tl.inline_asm_elementwise(
-        "{ .reg .b32 t; " + move + " lop3.b32 t, t, 0x60606060, 0x80808080, 0xEA;"
-        " prmt.b32 $0, t, 0x3F, 0x4140; prmt.b32 $1, t, 0x3F, 0x4342; }",
-        "=r,=r,r", [packed], dtype=tl.bfloat16, is_pure=True, pack=4)
+    return tl.inline_asm_elementwise(PLANE_PTX[PLANE], "=r,=r,r", [packed], dtype=tl.bfloat16, is_pure=True,
+                                     pack=4)
 
 
 @triton.jit

@@ -14,6 +14,15 @@ LOG2E = 1.4426950408889634
 # Scores start here instead of -inf, so a tile whose tokens are all masked yields exp2(-inf) = 0, not NaN.
 SCORE_FLOOR = tl.constexpr(-1.0e30)
 BOOST_POLICY_IDS = {"magnitude": 0, "variance": 1, "random": 2}
+# PTX that turns four packed bytes ($2) into the bfloat16 values 1 + code / 4 of one 2-bit plane ($0, $1:
+# two bfloat16 pairs), exact and with no integer-to-float conversion: move the plane's bits to bits 5-6
+# of each byte and set bit 7 (a shift and a LOP3), then interleave the bytes with 0x3F (two PRMT).
+# PLANE_PTX[j] is plane j (bits 2j, 2j + 1); LANE_PLANE_PTX takes the plane's bit as $3.
+_TO_BF16 = (" lop3.b32 t, t, 0x60606060, 0x80808080, 0xEA;"
+            " prmt.b32 $0, t, 0x3F, 0x4140; prmt.b32 $1, t, 0x3F, 0x4342; }")
+PLANE_PTX = tl.constexpr(tuple("{ .reg .b32 t; " + move + _TO_BF16 for move in (
+    "shl.b32 t, $2, 5;", "shl.b32 t, $2, 3;", "shl.b32 t, $2, 1;", "shr.b32 t, $2, 1;")))
+LANE_PLANE_PTX = tl.constexpr("{ .reg .b32 t; shr.b32 t, $2, $3; shl.b32 t, t, 5;" + _TO_BF16)
 
 
 def kernel_layout(config: KittyConfig, head_dim: int) -> PageLayout:

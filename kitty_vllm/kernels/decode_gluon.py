@@ -35,7 +35,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
 from kitty_vllm.config import KittyConfig
-from kitty_vllm.kernels.common import LOG2E, SCORE_FLOOR, section_offsets
+from kitty_vllm.kernels.common import LANE_PLANE_PTX, LOG2E, PLANE_PTX, SCORE_FLOOR, section_offsets
 from kitty_vllm.layout import PageLayout
 
 GROUP_ROWS = gl.constexpr(4)      # query heads of a GQA group, padded
@@ -161,28 +161,16 @@ def _slot_sum(x, L3: gl.constexpr):
 @gluon.jit
 def _plane_values(packed, PLANE: gl.constexpr):
     """uint8 codes to bfloat16 1 + code / 4 of 2-bit plane PLANE (see kernels.attention._plane_values)."""
-    if PLANE == 0:
-        move: gl.constexpr = "shl.b32 t, $2, 5;"
-    elif PLANE == 1:
-        move: gl.constexpr = "shl.b32 t, $2, 3;"
-    elif PLANE == 2:
-        move: gl.constexpr = "shl.b32 t, $2, 1;"
-    else:
-        move: gl.constexpr = "shr.b32 t, $2, 1;"
-    return gl.inline_asm_elementwise(
-        "{ .reg .b32 t; " + move + " lop3.b32 t, t, 0x60606060, 0x80808080, 0xEA;"
-        " prmt.b32 $0, t, 0x3F, 0x4140; prmt.b32 $1, t, 0x3F, 0x4342; }",
-        "=r,=r,r", [packed], dtype=gl.bfloat16, is_pure=True, pack=4)
+    return gl.inline_asm_elementwise(PLANE_PTX[PLANE], "=r,=r,r", [packed], dtype=gl.bfloat16, is_pure=True,
+                                     pack=4)
 
 
 @gluon.jit
 def _lane_plane_values(packed, shift):
     """uint8 codes to bfloat16 1 + code / 4 of the 2-bit plane at bit ``shift`` (int32, the same for
     the four elements of a pack)."""
-    return gl.inline_asm_elementwise(
-        "{ .reg .b32 t; shr.b32 t, $2, $3; shl.b32 t, t, 5; lop3.b32 t, t, 0x60606060, 0x80808080, 0xEA;"
-        " prmt.b32 $0, t, 0x3F, 0x4140; prmt.b32 $1, t, 0x3F, 0x4342; }",
-        "=r,=r,r,r,r,r,r", [packed, shift], dtype=gl.bfloat16, is_pure=True, pack=4)
+    return gl.inline_asm_elementwise(LANE_PLANE_PTX, "=r,=r,r,r,r,r,r", [packed, shift], dtype=gl.bfloat16,
+                                     is_pure=True, pack=4)
 
 
 @gluon.jit
