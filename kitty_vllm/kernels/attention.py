@@ -15,7 +15,9 @@ completes (PagedKittyCache stores them before attention; kitty_vllm.kernels.stor
 page) for all GROUP query heads of one KV head, so every packed page is read once for the whole GQA
 group and block: ``ROWS = BLOCK_Q * GROUP_ROWS`` query rows. Decode uses BLOCK_Q = 1 and splits each
 request's pages over several programs (split-K) whose partial softmaxes a second kernel merges, so
-small batches at long context still fill the GPU.
+small batches at long context still fill the GPU. On GPUs, where kitty_vllm.kernels.decode_gluon
+applies, decode leaves the packed pages to that kernel and reads only the sinks and ring here, as one
+more split.
 
 **No dequantized copy.** A page's Key ``min[c] + code[t, c] * scale[c]`` gives scores
 ``(q * scale) . code + q . min``, and a Value ``vmin[t] + vcode[t, c] * vscale[t]`` gives
