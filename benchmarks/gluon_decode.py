@@ -8,7 +8,8 @@ Checks: the pages' attention (merged partials) against kitty_vllm.reference at r
 presets, head sizes and GQA groups. Timing (CUDA graphs), one Qwen3-8B layer (32 query, 8 KV heads of
 128): the Gluon kernel alone (pages), decode_attention as it runs (Gluon pages, Triton sinks and ring,
 merge) and the Triton kernel alone (decode_attention with the Gluon path off), as milliseconds and as
-bandwidth (page bytes / time); ``copy_GBps`` is a device-to-device copy (bytes read + written / time).
+bandwidth (page bytes / time), on decode_kernel.py's random cache; ``copy_GBps`` is decode_kernel.py's
+device-to-device copy (bytes read + written / time).
 """
 import json
 import os
@@ -17,13 +18,13 @@ import time
 import torch
 import triton
 
+import decode_kernel
 from kitty_vllm import reference
 from kitty_vllm.config import KittyConfig
 from kitty_vllm.kernels import attention
-from kitty_vllm.kernels.common import section_offsets
-from kitty_vllm.layout import page_layout, stage_layout
-
 from kitty_vllm.kernels import decode_gluon as gdecode
+from kitty_vllm.layout import page_layout
+
 
 def launch(query, packed, page_table, seq_lens, config, splits):
     """The Gluon kernel's partials [B, Hq, splits + 1, D + 2] (the last split left empty)."""
@@ -90,31 +91,18 @@ def bench(fn, iters=20):
     return (time.perf_counter() - start) / iters
 
 
-def timing(preset, B, context, Hq=32, H=8, D=128, ctas_per_sm=16):
+def timing(preset, B, context, ctas_per_sm=16):
+    """Milliseconds and page bandwidth of one Qwen3-8B layer's decode step (decode_kernel.py's shapes)."""
     config = KittyConfig.from_preset(preset)
-    lay = page_layout(config, D)
-    st = stage_layout(config, D, H, 2)
-    P = config.page_size
-    pages = context // P
-    dev = "cuda"
-    packed = torch.randint(0, 256, (B * pages, H, lay.page_bytes), dtype=torch.uint8, device=dev)
-    view = lay.views(packed)
-    for name in ("key_scale", "value_scale"):
-        view[name].copy_(torch.rand_like(view[name], dtype=torch.float32).half() * 0.1)
-    for name in ("key_min", "value_min"):
-        view[name].copy_(-torch.rand_like(view[name], dtype=torch.float32).half())
-    if lay.num_boost:
-        view["boost_index"].copy_(torch.arange(lay.num_boost, dtype=torch.uint8, device=dev) * (D // lay.num_boost))
-    page_table = torch.arange(B * pages, dtype=torch.int32, device=dev).view(B, pages)
-    seq_lens = torch.full((B,), context + 7, dtype=torch.int32, device=dev)
-    query = torch.randn(B, Hq, D, dtype=torch.bfloat16, device=dev)
-    stage = torch.randn(B * st.blocks_per_request, 2, st.tokens_per_block, H, D, dtype=torch.bfloat16, device=dev)
-    stage_table = torch.arange(B * st.blocks_per_request, dtype=torch.int32, device=dev).view(B, -1)
+    pages = context // config.page_size
+    cache, page_table, stage_table = decode_kernel.random_kitty_cache(config, B, pages)
+    seq_lens = torch.full((B,), context + 7, dtype=torch.int32, device="cuda")
+    query = torch.randn(B, decode_kernel.NUM_HEADS, decode_kernel.HEAD_DIM, dtype=torch.bfloat16, device="cuda")
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    splits = max(1, min(pages, triton.cdiv(ctas_per_sm * sms, B * H)))
-    t_gluon = bench(lambda: launch(query, packed, page_table, seq_lens, config, splits))
-    decode = lambda: attention.decode_attention(query, packed, stage, page_table, stage_table, seq_lens,  # noqa: E731
-                                                config, st, D ** -0.5)
+    splits = max(1, min(pages, triton.cdiv(ctas_per_sm * sms, B * decode_kernel.NUM_KV_HEADS)))
+    t_gluon = bench(lambda: launch(query, cache.packed, page_table, seq_lens, config, splits))
+    decode = lambda: attention.decode_attention(query, cache.packed, cache.stage, page_table, stage_table,  # noqa: E731
+                                                seq_lens, config, cache.stage_layout, decode_kernel.HEAD_DIM ** -0.5)
     t_decode = bench(decode)                          # Gluon pages + Triton sinks and ring + merge
     supported = gdecode.supported
     gdecode.supported = lambda *args: False
@@ -122,18 +110,11 @@ def timing(preset, B, context, Hq=32, H=8, D=128, ctas_per_sm=16):
         t_triton = bench(decode)                      # the Triton kernel alone
     finally:
         gdecode.supported = supported
-    nbytes = B * pages * H * lay.page_bytes
+    nbytes = B * pages * decode_kernel.NUM_KV_HEADS * cache.stage_layout.page.page_bytes
     return {"preset": preset, "B": B, "context": context, "splits": splits, "gluon_pages_ms": t_gluon * 1e3,
             "decode_ms": t_decode * 1e3, "triton_ms": t_triton * 1e3, "speedup": t_triton / t_decode,
             "gluon_pages_GBps": nbytes / t_gluon / 1e9, "decode_GBps": nbytes / t_decode / 1e9,
             "triton_GBps": nbytes / t_triton / 1e9}
-
-
-def copy_bandwidth():
-    x = torch.empty(2**30, dtype=torch.uint8, device="cuda")
-    y = torch.empty_like(x)
-    t = bench(lambda: y.copy_(x), 10)
-    return 2 * x.numel() / t / 1e9
 
 
 if __name__ == "__main__":
@@ -147,7 +128,7 @@ if __name__ == "__main__":
         except Exception as e:  # report and go on
             results["checks"].append({"args": args, "error": repr(e)[:500]})
         print(results["checks"][-1], flush=True)
-    results["copy_GBps"] = copy_bandwidth()
+    results["copy_GBps"] = decode_kernel.copy_bandwidth()
     print("copy", results["copy_GBps"], flush=True)
     for preset, B, context in [("kitty2", 1, 8192), ("kitty2", 16, 8192), ("kitty2", 64, 8192), ("kitty2", 256, 4096),
                                ("kitty2", 64, 32768)]:

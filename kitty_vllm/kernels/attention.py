@@ -59,7 +59,7 @@ import triton.language as tl
 
 from kitty_vllm.config import KittyConfig
 from kitty_vllm.kernels import decode_gluon
-from kitty_vllm.kernels.common import (LOG2E, PLANE_PTX, SCORE_FLOOR, check_cache, kernel_layout,
+from kitty_vllm.kernels.common import (LOG2E, PLANE_PTX, SCORE_FLOOR, check_cache, kernel_layout, num_splits,
                                       section_offsets)
 from kitty_vllm.layout import PageLayout, StageLayout
 
@@ -474,15 +474,6 @@ def _merge_splits_kernel(
     tl.store(out_ptr + request * stride_ot + q_head * stride_oh + c, out.to(out_ptr.dtype.element_ty))
 
 
-def _num_splits(num_requests: int, num_kv_heads: int, max_pages: int, device: torch.device) -> int:
-    """Programs per request and KV head for decode: enough to give every streaming multiprocessor
-    PROGRAMS_PER_SM programs. Depends only on shapes, never on sequence lengths, so one CUDA graph
-    serves every batch of its size."""
-    processors = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-    wanted = triton.cdiv(PROGRAMS_PER_SM * processors, max(1, num_requests * num_kv_heads))
-    return max(1, min(wanted, max_pages, MAX_SPLITS))
-
-
 def _check(query, new_key, new_value, packed, stage, page_table, stage_table, config, stage_layout, out):
     """Shape checks shared by the launchers. Returns the page layout."""
     if query.dim() != 3:
@@ -594,7 +585,8 @@ def decode_attention(query: torch.Tensor, packed: torch.Tensor, stage: torch.Ten
     grid = (num_requests, num_kv_heads)
     if decode_gluon.supported(layout, num_heads // num_kv_heads, query.device):
         # The packed pages in Gluon (splits 0 .. splits - 1), the sinks and ring here (split ``splits``).
-        splits = decode_gluon.num_splits(num_requests, num_kv_heads, max(1, page_table.shape[1]), query.device)
+        splits = num_splits(num_requests, num_kv_heads, max(1, page_table.shape[1]), query.device,
+                            decode_gluon.PROGRAMS_PER_SM, decode_gluon.MAX_SPLITS)
         partial = torch.empty(num_requests, num_heads, splits + 1, head_dim + 2, dtype=torch.float32,
                               device=query.device)
         decode_gluon.decode_pages(query, packed, page_table, seq_lens, partial, splits, config, layout, scale)
@@ -603,7 +595,8 @@ def decode_attention(query: torch.Tensor, packed: torch.Tensor, stage: torch.Ten
                 partial_splits=splits + 1, read_pages=False)
         splits += 1
     else:
-        splits = _num_splits(num_requests, num_kv_heads, max(1, page_table.shape[1]), query.device)
+        splits = num_splits(num_requests, num_kv_heads, max(1, page_table.shape[1]), query.device,
+                            PROGRAMS_PER_SM, MAX_SPLITS)
         partial = (torch.empty(num_requests, num_heads, splits, head_dim + 2, dtype=torch.float32,
                                device=query.device) if splits > 1 else out)
         _launch(query, None, None, packed, stage, page_table, stage_table, seq_lens, seq_lens, out, partial,

@@ -39,6 +39,16 @@ def kernel_layout(config: KittyConfig, head_dim: int) -> PageLayout:
     return layout
 
 
+def num_splits(num_requests: int, num_kv_heads: int, max_pages: int, device: torch.device,
+               programs_per_sm: int, max_splits: int) -> int:
+    """Programs per request and KV head for decode: enough to give every streaming multiprocessor
+    ``programs_per_sm`` programs, at most one per page and ``max_splits``. Depends only on shapes, never
+    on sequence lengths, so one CUDA graph serves every batch of its size."""
+    processors = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    wanted = triton.cdiv(programs_per_sm * processors, max(1, num_requests * num_kv_heads))
+    return max(1, min(wanted, max_pages, max_splits))
+
+
 def section_offsets(layout: PageLayout) -> dict[str, int]:
     """Kernel keyword arguments ``<SECTION>_OFFSET`` for every section of the layout."""
     return {f"{s.name.upper()}_OFFSET": s.offset for s in layout.sections}

@@ -29,7 +29,6 @@ from __future__ import annotations
 import os
 
 import torch
-import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
@@ -356,13 +355,6 @@ def supported(layout: PageLayout, group: int, device: torch.device) -> bool:
     return (device.type == "cuda" and os.environ.get("TRITON_INTERPRET") != "1" and group <= GROUP_ROWS
             and layout.head_dim in HEAD_DIMS and layout.page_size % TILE == 0
             and (layout.num_boost == 0 or layout.num_boost >= 16))
-
-
-def num_splits(num_requests: int, num_kv_heads: int, max_pages: int, device: torch.device) -> int:
-    """Page splits per request and KV head: shapes only, so one CUDA graph serves every batch of its size."""
-    processors = torch.cuda.get_device_properties(device).multi_processor_count
-    wanted = triton.cdiv(PROGRAMS_PER_SM * processors, max(1, num_requests * num_kv_heads))
-    return max(1, min(wanted, max_pages, MAX_SPLITS))
 
 
 def decode_pages(query: torch.Tensor, packed: torch.Tensor, page_table: torch.Tensor, seq_lens: torch.Tensor,
