@@ -3,7 +3,7 @@ the tiny model (float32), 16 clients, outputs of 1..32 tokens, prompts up to 480
 eight 512-token requests and a burst that preempts.
 
 Every check of the runner must pass: no 5xx and no failed request, the server still up, preemptions
-during the burst, prefix-cache hits, streams cut midway, every completed output equal to its prompt run
+from the burst on, prefix-cache hits, streams cut midway, every completed output equal to its prompt run
 alone (in float32 no near-tie is expected; the runner serves kitty2 with exact_prefill, so prefix hits,
 prefill steps and preemption do not change what a query reads), vLLM's KV-cache usage back at 0,
 kitty's log line (kitty_vllm.metrics) back at 0 staging blocks, and the server's RSS flat. The full size
