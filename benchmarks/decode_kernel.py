@@ -10,8 +10,10 @@ One Qwen3-8B layer (32 query heads, 8 KV heads of 128, bf16 queries), one new to
 - flash: vLLM's FlashAttention (``vllm.vllm_flash_attn.flash_attn_varlen_func``, the version vLLM picks
   for the GPU) on a bf16 paged cache, called as vLLM's FLASH_ATTN backend calls it for decode;
 - triton: vLLM's TRITON_ATTN op (``vllm.v1.attention.ops.triton_unified_attention.unified_attention``)
-  on the same cache, with the split-softmax buffers and threshold its backend uses without CUDA graphs.
+  on the same cache, with the split-softmax buffers and threshold its backend uses.
 The bf16 cache has vLLM's layout for both: 16-token blocks, K and V side by side in each token's row.
+Every kernel is timed replaying a CUDA graph of its call (``triton.testing.do_bench``, which clears
+the L2 cache between replays), as vLLM replays decode steps.
 
 Every request holds ``context - 1`` tokens (for kitty: full packed pages, the sinks and a nearly full
 ring). Achieved bandwidth = bytes the kernel must read (kitty: packed pages, sinks and ring; bf16: K and
@@ -144,12 +146,18 @@ def triton_decode(batch: int, context: int) -> Callable[[], object]:
 
 
 def time_kernel(kernel: str, config: KittyConfig, batch: int, context: int) -> float:
-    """Milliseconds of one decode step (its inputs are freed on return)."""
+    """Milliseconds of one decode step, replayed from a CUDA graph as vLLM runs decode, so that the time
+    is the GPU's and not the host's launch overhead (its inputs are freed on return)."""
     if kernel == "kitty":
         call = kitty_decode(config, batch, context)
     else:
         call = {"flash": flash_decode, "triton": triton_decode}[kernel](batch, context)
-    return triton.testing.do_bench(call)
+    call()   # compiles outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        call()
+    return triton.testing.do_bench(graph.replay)
 
 
 def bench(kernel: str, preset: str, batch: int, context: int, copy_gb_s: float) -> dict:
