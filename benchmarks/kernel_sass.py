@@ -1,7 +1,8 @@
 """What the kitty attention kernel compiles to on a GPU architecture, from any machine (no GPU needed).
 
 Runs ``decode_attention`` (or ``prefill_attention``, ``--prefill``) on small CPU tensors of the chosen
-shape with its kernel launch intercepted, compiles that launch for ``sm_<arch>`` exactly as Triton's JIT
+shape with its kernel launch intercepted (the Triton kernel's, or with ``--gluon`` the Gluon page kernel's
+that decode runs on GPUs, kitty_vllm.kernels.decode_gluon), compiles that launch for ``sm_<arch>`` exactly as Triton's JIT
 would (the same arguments, the same specialization of pointer alignment and integer divisibility), with
 Triton's own ptxas, and reads the cubin back with the nvdisasm and cuobjdump that ship in Triton's
 wheel. Prints registers, spills and shared memory, then every loop of the machine code (a backward
@@ -12,7 +13,7 @@ That count is what a decode step issues: an H100 issues about 132 x 4 x 1.75e9 w
 second, so a kernel that must stream a page's bytes at a given bandwidth has a matching instruction
 budget per token (README, Benchmarks). Kernel changes can be weighed here before any device time.
 
-    python benchmarks/kernel_sass.py --preset kitty2 --head-dim 128 --heads 32 8
+    python benchmarks/kernel_sass.py --preset kitty2 --head-dim 128 --heads 32 8 [--gluon]
 
 Uses Triton 3.6's binder (``triton.runtime.jit.create_function_from_signature``), as its JIT does.
 """
@@ -37,10 +38,11 @@ import triton  # noqa: E402
 import triton.backends.nvidia  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource, make_backend  # noqa: E402
+from triton.experimental.gluon._runtime import GluonASTSource  # noqa: E402
 from triton.runtime.jit import create_function_from_signature  # noqa: E402
 
 from kitty_vllm.config import PRESETS, KittyConfig  # noqa: E402
-from kitty_vllm.kernels import attention  # noqa: E402
+from kitty_vllm.kernels import attention, decode_gluon  # noqa: E402
 from kitty_vllm.layout import stage_layout  # noqa: E402
 
 TOOLS = Path(triton.backends.nvidia.__file__).parent / "bin"
@@ -75,10 +77,11 @@ class Loop:
 
 
 def intercepted_launch(config: KittyConfig, head_dim: int, num_heads: int, num_kv_heads: int,
-                       batch: int, pages: int, new_tokens: int = 0) -> tuple[tuple, dict]:
+                       batch: int, pages: int, new_tokens: int = 0, gluon: bool = False) -> tuple[tuple, dict]:
     """The (args, kwargs) that decode_attention (``new_tokens`` 0: ``batch`` requests of ``pages`` packed
     pages each) or prefill_attention (``new_tokens`` of one request after ``pages`` packed pages, as
-    ``exact_prefill`` runs it) passes to _attention_kernel, on CPU tensors (nothing runs)."""
+    ``exact_prefill`` runs it) passes to _attention_kernel, or with ``gluon`` that decode_attention
+    passes to decode_gluon.page_decode_kernel as on a GPU, on CPU tensors (nothing runs)."""
     layout = stage_layout(config, head_dim, num_kv_heads, 2)
     context = pages * config.page_size
     if new_tokens:
@@ -104,25 +107,30 @@ def intercepted_launch(config: KittyConfig, head_dim: int, num_heads: int, num_k
         def __getitem__(self, grid):
             return lambda *args, **kwargs: launches.append((args, kwargs))
 
-    kernels = attention._attention_kernel, attention._merge_splits_kernel
-    attention._attention_kernel = attention._merge_splits_kernel = Recorder()
+    kernels = (attention._attention_kernel, attention._merge_splits_kernel, decode_gluon.page_decode_kernel,
+               decode_gluon.supported)
+    attention._attention_kernel = attention._merge_splits_kernel = decode_gluon.page_decode_kernel = Recorder()
+    decode_gluon.supported = lambda *args: gluon
     try:
         call()
     finally:
-        attention._attention_kernel, attention._merge_splits_kernel = kernels
+        (attention._attention_kernel, attention._merge_splits_kernel, decode_gluon.page_decode_kernel,
+         decode_gluon.supported) = kernels
     return launches[0]
 
 
-def compile_launch(args: tuple, kwargs: dict, arch: int) -> bytes:
-    """The cubin of _attention_kernel for these launch arguments on sm_<arch>."""
-    fn = attention._attention_kernel
+def compile_launch(args: tuple, kwargs: dict, arch: int, gluon: bool = False) -> tuple[bytes, int]:
+    """The cubin of _attention_kernel (or decode_gluon.page_decode_kernel) for these launch arguments
+    on sm_<arch>, and the bytes of shared memory it is launched with."""
+    fn, source = (decode_gluon.page_decode_kernel, GluonASTSource) if gluon else (attention._attention_kernel,
+                                                                                 ASTSource)
     target = GPUTarget("cuda", arch, 32)
     backend = make_backend(target)
     binder = create_function_from_signature(fn.signature, fn.params, backend)
     bound, specialization, options = binder(*args, **kwargs)
     options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
-    compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__)
-    return compiled.asm["cubin"]
+    compiled = triton.compile(source(fn, signature, constexprs, attrs), target=target, options=options.__dict__)
+    return compiled.asm["cubin"], compiled.metadata.shared
 
 
 def resources(cubin: Path) -> dict[str, int]:
@@ -170,13 +178,14 @@ def page_loop_cost(found: list[Loop], constants: dict, num_warps: int) -> float 
 
 
 def analyze(preset: str = "kitty2", head_dim: int = 128, num_heads: int = 32, num_kv_heads: int = 8,
-            batch: int = 64, pages: int = 64, arch: int = 90, new_tokens: int = 0) -> dict:
+            batch: int = 64, pages: int = 64, arch: int = 90, new_tokens: int = 0, gluon: bool = False) -> dict:
     config = KittyConfig.from_preset(preset)
-    args, kwargs = intercepted_launch(config, head_dim, num_heads, num_kv_heads, batch, pages, new_tokens)
+    args, kwargs = intercepted_launch(config, head_dim, num_heads, num_kv_heads, batch, pages, new_tokens, gluon)
     with tempfile.TemporaryDirectory() as tmp:
         cubin = Path(tmp) / "attention.cubin"
-        cubin.write_bytes(compile_launch(args, kwargs, arch))
-        usage, found = resources(cubin), loops(cubin)
+        binary, shared = compile_launch(args, kwargs, arch, gluon)
+        cubin.write_bytes(binary)
+        usage, found = {**resources(cubin), "launch SHARED": shared}, loops(cubin)
     constants = {k: v for k, v in kwargs.items() if k.isupper()}
     return {"resources": usage, "loops": found, "constants": constants,
             "page_loop_per_token": page_loop_cost(found, constants, kwargs["num_warps"]),
@@ -194,14 +203,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prefill", type=int, default=0, metavar="TOKENS",
                         help="compile the prefill launch of one request's TOKENS new tokens instead of decode")
     parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 for H100/H200")
+    parser.add_argument("--gluon", action="store_true",
+                        help="compile the Gluon page kernel that decode runs on GPUs (kitty_vllm.kernels.decode_gluon)")
     args = parser.parse_args(argv)
-    result = analyze(args.preset, args.head_dim, *args.heads, args.batch, args.pages, args.arch, args.prefill)
+    if args.gluon and args.prefill:
+        parser.error("--gluon compiles the decode page kernel; it has no prefill")
+    result = analyze(args.preset, args.head_dim, *args.heads, args.batch, args.pages, args.arch, args.prefill,
+                     args.gluon)
     c = result["constants"]
-    launch = (f"prefill kernel ({c['ROWS'] // c['GROUP_ROWS']} positions x {c['GROUP_ROWS']} heads per program)"
-              if args.prefill else
-              "decode kernel, " + ("split-K" if c["SPLIT"] else "one program per request"))
+    if args.gluon:
+        launch = f"Gluon decode page kernel ({c['STAGES']} copy stages)"
+    elif args.prefill:
+        launch = f"prefill kernel ({c['ROWS'] // c['GROUP_ROWS']} positions x {c['GROUP_ROWS']} heads per program)"
+    else:
+        launch = "decode kernel, " + ("split-K" if c["SPLIT"] else "one program per request")
+    rows = "" if args.gluon else f", {c['ROWS']} rows"
     print(f"{launch}, {args.preset}, head_dim {args.head_dim}, {args.heads[0]}/{args.heads[1]} heads, "
-          f"sm_{args.arch}: {result['num_warps']} warps, {c['ROWS']} rows, tile {c['TILE']} of page {c['PAGE_SIZE']}")
+          f"sm_{args.arch}: {result['num_warps']} warps{rows}, tile {c['TILE']} of page {c['PAGE_SIZE']}")
     print(" ".join(f"{k} {v}" for k, v in result["resources"].items()))
     page_and_tiles = page_loops(result["loops"])
     page, tiles = page_and_tiles if page_and_tiles else (None, [])

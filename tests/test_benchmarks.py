@@ -161,13 +161,17 @@ def test_plot_script(tmp_path):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_kernel_sass_decode_page_loop_on_an_h100():
-    """The decode kernel compiled for an H100 (sm_90) on this CPU, for the benchmarks' Qwen3-8B shape:
-    its page loop multiplies the packed codes on bfloat16 tensor cores and keeps every value in registers
-    (a spill there would put local-memory traffic in every page). kernel_sass compiles for the GPU, so it
-    runs without the interpreter that conftest turns on here."""
+@pytest.mark.parametrize("preset, head_dim, gluon", [("kitty2", 128, False), ("kitty2", 128, True),
+                                                     ("kivi2", 64, True)])
+def test_kernel_sass_decode_page_loop_on_an_h100(preset, head_dim, gluon):
+    """The decode kernel (Triton, or the Gluon page kernel that GPUs run, which nothing else compiles on
+    a CPU) compiled for an H100 (sm_90) on this CPU, for the benchmarks' Qwen3-8B shape: its page loop
+    multiplies the packed codes on bfloat16 tensor cores and keeps every value in registers (a spill there
+    would put local-memory traffic in every page). kernel_sass compiles for the GPU, so it runs without
+    the interpreter that conftest turns on here."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    code = ("import kernel_sass as K; r = K.analyze('kitty2', 128, 32, 8); page, tiles = K.page_loops(r['loops']); "
+    code = (f"import kernel_sass as K; r = K.analyze({preset!r}, {head_dim}, 32, 8, gluon={gluon}); "
+            "page, tiles = K.page_loops(r['loops']); "
             "print(page.bf16_tensor_ops(), sum(loop.mix()['spill'] for loop in [page, *tiles]), "
             "r['page_loop_per_token'])")
     result = subprocess.run([sys.executable, "-c", code], cwd=BENCHMARKS, env=env, capture_output=True, text=True,
