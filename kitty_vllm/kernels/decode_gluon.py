@@ -349,7 +349,7 @@ def page_decode_kernel(
     head_base = packed_ptr + head.to(gl.int64) * stride_ph
     for i in gl.static_range(STAGES - 1):
         _issue_tile(first_tile + i, first_tile, end_tile, page_row_ptr, head_base, stride_pb, stages, OFFSETS,
-                        PAGE_SIZE, HEAD_DIM, NUM_BOOST, TILE, STAGES)
+                    PAGE_SIZE, HEAD_DIM, NUM_BOOST, TILE, STAGES)
 
     m_i = gl.full([GROUP_ROWS], SCORE_FLOOR, gl.float32, gl.SliceLayout(1, LGT))
     l_i = gl.zeros([GROUP_ROWS], gl.float32, gl.SliceLayout(1, LGT))
@@ -390,6 +390,10 @@ def page_decode_kernel(
             gl.thread_barrier()
             _issue_tile(t + STAGES - 1, first_tile, end_tile, page_row_ptr, head_base, stride_pb, stages, OFFSETS,
                         PAGE_SIZE, HEAD_DIM, NUM_BOOST, TILE, STAGES)
+            # Key bytes: physical [TILE, Q] (LKX), relabeled to the B operand [Q, TILE] whose row k is byte
+            # column kp(k). High bytes: [TILE, QUARTER], read by the 4 threads of a token (one per plane),
+            # relabeled to [BOOST_K, TILE] whose row k is plane (k >> 1) & 3 of high byte (k & 1) + 2 (k >> 3).
+            # Value bytes: physical [TILE, Q] (LVX), relabeled to LV whose column c is byte column cvp(c).
             slot = t % STAGES
             key_bytes = _relabel(key_smem.index(slot).load(LKX), KEY_RELABEL, B)                 # [Q, TILE]
             scores = gl.zeros([16, TILE], gl.float32, mma)
