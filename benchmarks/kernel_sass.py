@@ -1,11 +1,11 @@
 """What the kitty attention kernel compiles to on a GPU architecture, from any machine (no GPU needed).
 
 Runs ``decode_attention`` (or ``prefill_attention``, ``--prefill``) on small CPU tensors of the chosen
-shape with its kernel launch intercepted (the Triton kernel's, or with ``--gluon`` the Gluon page kernel's
-that decode runs on GPUs, kitty_vllm.kernels.decode_gluon), compiles that launch for ``sm_<arch>`` exactly as Triton's JIT
-would (the same arguments, the same specialization of pointer alignment and integer divisibility), with
-Triton's own ptxas, and reads the cubin back with the nvdisasm and cuobjdump that ship in Triton's
-wheel. Prints registers, spills and shared memory, then every loop of the machine code (a backward
+shape with its kernel launch intercepted (the Triton kernel's, or with ``--gluon`` the Gluon page
+kernel's that decode runs on GPUs, kitty_vllm.kernels.decode_gluon), compiles that launch for
+``sm_<arch>`` exactly as Triton's JIT would (the same arguments, the same specialization of pointer
+alignment and integer divisibility), with Triton's own ptxas, and reads the cubin back with the nvdisasm
+and cuobjdump that ship in Triton's wheel. Prints registers, spills and shared memory, then every loop of the machine code (a backward
 branch) with its instruction mix, and the page loop's instructions per token and KV head, summed over
 the program's warps.
 
