@@ -12,7 +12,7 @@ import torch
 
 from kitty_vllm import reference as R
 from kitty_vllm.config import KittyConfig
-from kitty_vllm.kernels import decode_attention
+from kitty_vllm.kernels import attention, decode_attention
 from kitty_vllm.layout import stage_layout
 from kitty_vllm.paged import PagedKittyCache
 
@@ -138,6 +138,14 @@ def test_decode_full_size_preset(kernel_device):
     """kitty2 as shipped: 128-token pages, 32 sinks, 16-token sink blocks, 20-token ring blocks."""
     check(KittyConfig.from_preset("kitty2"), (2, 1), 128, torch.bfloat16, kernel_device,
           seq_lens=[20, 128, 300], seed=4, out_dtype=torch.float32)
+
+
+def test_decode_merges_more_splits_than_it_reads_at_once(kernel_device, monkeypatch):
+    """One long request split over more programs (71, one per page) than the merge reads at a time
+    (MERGE_SPLIT_ROWS, 32): every split counts, once."""
+    monkeypatch.setattr(attention, "PROGRAMS_PER_SM", 64)
+    monkeypatch.setattr(attention, "MAX_SPLITS", 80)
+    check(small_config("kitty2"), (2, 2), 64, torch.float32, kernel_device, seq_lens=[16 * 70 + 5], seed=5)
 
 
 def test_decode_rejects_bad_arguments(kernel_device):

@@ -86,6 +86,8 @@ PREFILL_WARPS = 4
 # Programs per streaming multiprocessor that decode aims for before it splits pages over programs.
 PROGRAMS_PER_SM = 2
 MAX_SPLITS = 64
+# Splits that the merge reads at a time (a power of two: fewer splits compile a smaller variant).
+MERGE_SPLIT_ROWS = 32
 
 
 @triton.jit
@@ -453,24 +455,36 @@ def _attention_kernel(
 
 @triton.jit
 def _merge_splits_kernel(
-    partial_ptr,       # [B, Hq, NUM_SPLITS, D + 2] float32: accumulator, running max, running sum
+    partial_ptr,       # [B, Hq, num_splits, D + 2] float32: accumulator, running max, running sum
     out_ptr,           # [B, Hq, D] D contiguous
-    stride_ot, stride_oh,
-    NUM_SPLITS: tl.constexpr, SPLIT_ROWS: tl.constexpr, HEAD_DIM: tl.constexpr,
+    stride_ot, stride_oh, num_splits,
+    SPLIT_ROWS: tl.constexpr, HEAD_DIM: tl.constexpr,
 ):
-    """Merge the split-K partial softmaxes of one (request, query head): grid (B, Hq)."""
+    """Merge the split-K partial softmaxes of one (request, query head): grid (B, Hq). Splits are read
+    SPLIT_ROWS at a time, twice (their maximum, then their weighted sums), so that any number of splits
+    compiles once and no program holds more than [SPLIT_ROWS, D] (a few hundred splits, as one request at
+    long context gets, held at once spilled registers)."""
     request = tl.program_id(0).to(tl.int64)
     q_head = tl.program_id(1)
     s = tl.arange(0, SPLIT_ROWS)
-    valid = s < NUM_SPLITS
     c = tl.arange(0, HEAD_DIM)
-    base = ((request * tl.num_programs(1) + q_head) * NUM_SPLITS + s) * (HEAD_DIM + 2)
-    split_max = tl.load(partial_ptr + base + HEAD_DIM, mask=valid, other=SCORE_FLOOR)
-    split_sum = tl.load(partial_ptr + base + HEAD_DIM + 1, mask=valid, other=0.0)
-    acc = tl.load(partial_ptr + base[:, None] + c[None, :], mask=valid[:, None], other=0.0)   # [S, D]
-    weight = tl.exp2(split_max - tl.max(split_max, axis=0))
-    total = tl.sum(weight * split_sum, axis=0)
-    out = tl.sum(weight[:, None] * acc, axis=0) / tl.where(total > 0, total, 1.0)
+    first_row = (request * tl.num_programs(1) + q_head) * num_splits
+    top = tl.full((SPLIT_ROWS,), SCORE_FLOOR, tl.float32)
+    for first in range(0, num_splits, SPLIT_ROWS):
+        split_max = tl.load(partial_ptr + (first_row + first + s) * (HEAD_DIM + 2) + HEAD_DIM,
+                            mask=first + s < num_splits, other=SCORE_FLOOR)
+        top = tl.maximum(top, split_max)
+    top = tl.max(top, axis=0)
+    total = tl.zeros((SPLIT_ROWS,), tl.float32)
+    acc = tl.zeros((SPLIT_ROWS, HEAD_DIM), tl.float32)
+    for first in range(0, num_splits, SPLIT_ROWS):
+        valid = first + s < num_splits
+        base = (first_row + first + s) * (HEAD_DIM + 2)
+        weight = tl.exp2(tl.load(partial_ptr + base + HEAD_DIM, mask=valid, other=SCORE_FLOOR) - top)
+        total += weight * tl.load(partial_ptr + base + HEAD_DIM + 1, mask=valid, other=0.0)
+        acc += weight[:, None] * tl.load(partial_ptr + base[:, None] + c[None, :], mask=valid[:, None], other=0.0)
+    total = tl.sum(total, axis=0)
+    out = tl.sum(acc, axis=0) / tl.where(total > 0, total, 1.0)
     tl.store(out_ptr + request * stride_ot + q_head * stride_oh + c, out.to(out_ptr.dtype.element_ty))
 
 
@@ -603,8 +617,8 @@ def decode_attention(query: torch.Tensor, packed: torch.Tensor, stage: torch.Ten
                 config, stage_layout, layout, scale, (*grid, splits), True, DECODE_WARPS)
     if splits > 1:
         _merge_splits_kernel[(num_requests, num_heads)](
-            partial, out, out.stride(0), out.stride(1),
-            NUM_SPLITS=splits, SPLIT_ROWS=triton.next_power_of_2(splits), HEAD_DIM=head_dim)
+            partial, out, out.stride(0), out.stride(1), splits,
+            SPLIT_ROWS=min(MERGE_SPLIT_ROWS, triton.next_power_of_2(splits)), HEAD_DIM=head_dim)
     return out
 
 
