@@ -2,7 +2,7 @@
 
 Every benchmark script appends to ``<out>/<gpu>-<yyyy-mm-dd>.json``, a list of flat records such as
 ``{"benchmark": "w1", "kv_cache_dtype": "kitty2", "max_model_len": 4624, "seconds": ..., "gpu": ...,
-"vllm_version": ..., "date": ...}``. A record replaces an earlier one of the same measurement (same
+"vllm_version": ..., "date": ...}`` (step_profile's also hold one mapping, ``top_kernels_ms``). A record replaces an earlier one of the same measurement (same
 benchmark, KV-cache dtype, max_model_len, batch, requests, new tokens and context), so a benchmark can be
 rerun, or run in several calls, on the same day. A record that could not be measured carries ``"error"`` or
 ``"skipped"`` with the reason instead of figures.
@@ -172,11 +172,46 @@ def prefill_kernel_table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+# step_profile's kernel categories (benchmarks/step_profile.py), in table order.
+STEP_CATEGORIES = ("kitty_attention", "kitty_store", "cache_write", "vllm_attention", "gemm", "other")
+
+
+def step_profile_table(records: list[dict]) -> str:
+    """Milliseconds per decode step: wall time, GPU kernel time by category, and time with no kernel running."""
+    rows = sorted((r for r in records if r["benchmark"] == "step_profile"),
+                  key=lambda r: (r["context"], _dtype_rank(r["kv_cache_dtype"]), r["requests"]))
+    if not rows:
+        return ""
+    lines = ["| kv_cache_dtype | requests | context | step ms | output tok/s | "
+             + " | ".join(f"{c} ms" for c in STEP_CATEGORIES) + " | GPU idle ms | note |",
+             "|---" * (7 + len(STEP_CATEGORIES)) + "|"]
+    for r in rows:
+        cells = " | ".join(_number(r.get(f"{c}_ms"), 2) for c in STEP_CATEGORIES)
+        lines.append(f"| {r['kv_cache_dtype']} | {r['requests']:,} | {r['context']:,} | {_number(r.get('step_ms'), 2)} "
+                     f"| {_number(r.get('tok_s'))} | {cells} | {_number(r.get('idle_ms'), 2)} | {_note(r)} |")
+    return "\n".join(lines)
+
+
+def step_kernels_table(records: list[dict]) -> str:
+    """The longest kernels of each profiled decode step (``top_kernels_ms``), with their share of the step."""
+    rows = sorted((r for r in records if r["benchmark"] == "step_profile" and r.get("top_kernels_ms")),
+                  key=lambda r: (r["context"], _dtype_rank(r["kv_cache_dtype"]), r["requests"]))
+    if not rows:
+        return ""
+    lines = ["| kv_cache_dtype | requests | context | kernel | ms per step | % of step |", "|---" * 6 + "|"]
+    for r in rows:
+        for kernel, ms in r["top_kernels_ms"].items():
+            lines.append(f"| {r['kv_cache_dtype']} | {r['requests']:,} | {r['context']:,} | {kernel[:60]} "
+                         f"| {_number(ms, 2)} | {_number(100 * ms / r['step_ms'], 1)} |")
+    return "\n".join(lines)
+
+
 def markdown_tables(records: list[dict]) -> str:
     """The tables of every benchmark present, headed by the GPU, vLLM version and date of the records."""
     sources = sorted({(r.get("gpu"), r.get("vllm_version"), r.get("date")) for r in records}, key=str)
     header = "; ".join(f"{gpu}, vLLM {version}, {date}" for gpu, version, date in sources)
-    tables = [t for t in (serving_table(records), decode_kernel_table(records), prefill_kernel_table(records)) if t]
+    tables = [t for t in (serving_table(records), decode_kernel_table(records), prefill_kernel_table(records),
+                          step_profile_table(records), step_kernels_table(records)) if t]
     return "\n\n".join([header, *tables])
 
 

@@ -49,10 +49,14 @@ RECORDS = [
     prefill("kitty2", 2, 4096, 0, 4.0, attention_ms=3.0),
     {"benchmark": "prefill_kernel", "kv_cache_dtype": "kitty2", "requests": 1, "new_tokens": 2048, "context": 4096,
      "error": "RuntimeError: boom", **ENVIRONMENT},
+    {"benchmark": "step_profile", "kv_cache_dtype": "kitty2", "requests": 512, "context": 2304, "step_ms": 40.0,
+     "gpu_ms": 38.0, "idle_ms": 2.0, "tok_s": 12800.0, "kitty_attention_ms": 24.0, "kitty_store_ms": 1.0,
+     "vllm_attention_ms": 0.0, "cache_write_ms": 0.0, "gemm_ms": 10.0, "other_ms": 3.0,
+     "top_kernels_ms": {"page_decode_kernel": 16.0, "nvjet_sm90_gemm": 10.0}, **ENVIRONMENT},
 ]
 
 
-@pytest.mark.parametrize("script", ["serving.py", "decode_kernel.py", "prefill_kernel.py", "plot.py"])
+@pytest.mark.parametrize("script", ["serving.py", "decode_kernel.py", "prefill_kernel.py", "step_profile.py", "plot.py"])
 def test_help(script):
     result = subprocess.run([sys.executable, str(BENCHMARKS / script), "--help"], capture_output=True, text=True,
                             timeout=120)
@@ -74,6 +78,35 @@ def test_serving_arguments():
     # One engine per dtype serves every workload: each must fit in its max_model_len.
     for workload in (*serving.WORKLOADS.values(), *serving.QUICK_WORKLOADS.values()):
         assert workload.prompt_tokens + workload.output_tokens <= serving.ENGINE_MAX_MODEL_LEN
+
+
+def test_step_profile_categories():
+    import step_profile
+
+    names = {"page_decode_kernel": "kitty_attention", "_merge_splits_kernel": "kitty_attention",
+             "_store_decode_kernel": "kitty_store", "flash_fwd_splitkv_kernel": "vllm_attention",
+             "reshape_and_cache_flash_kernel": "cache_write", "nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_TNT": "gemm",
+             "_gumbel_sample_kernel": "other"}
+    assert {name: step_profile.category(name) for name in names} == names
+    with pytest.raises(SystemExit):
+        step_profile.parse_args(["--runs", "kitty2"])
+
+
+def test_step_profile_steps_a_decode_batch():
+    """profile_run prefills every request, then times and profiles decode-only steps, and finishes the
+    requests. Without CUDA no kernel is recorded: the whole step is host time."""
+    import step_profile
+    from engine import vllm_engine
+    from tiny_model import build_tiny_model
+
+    with vllm_engine(build_tiny_model(), kv_cache_dtype="kitty2", max_model_len=1024) as llm:
+        record = step_profile.profile_run(llm, requests=4, context=200, steps=3)
+        assert not llm.llm_engine.has_unfinished_requests()
+    assert (record["requests"], record["context"], record["steps"]) == (4, 200, 3)
+    assert record["prefill_steps"] == 2      # 800 prompt tokens in steps of 512
+    assert record["step_ms"] > 0 and record["gpu_ms"] == 0 and record["idle_ms"] == record["step_ms"]
+    assert record["tok_s"] == pytest.approx(4e3 / record["step_ms"])
+    assert record["top_kernels_ms"] == {}
 
 
 def test_prefill_arguments():
@@ -144,6 +177,9 @@ def test_tables():
     assert kitty_prefill[4:9] == ["4.000", "3.000", "75.0", f"{8192 / 4e-3:,.0f}", "0.50x"]
     assert table_row(tables, "2", "4,096", "0", "auto-flash")[5:7] == ["", ""]
     assert table_row(tables, "1", "2,048", "4,096", "kitty2")[-1] == "RuntimeError: boom"
+    assert table_row(tables, "kitty2", "512", "2,304", "40.00")[4:12] == [
+        "12,800", "24.00", "1.00", "0.00", "0.00", "10.00", "3.00", "2.00"]
+    assert table_row(tables, "kitty2", "512", "2,304", "page_decode_kernel")[4:] == ["16.00", "40.0"]
 
 
 def test_plot_script(tmp_path):

@@ -1,0 +1,168 @@
+"""Where a decode step's time goes, through vLLM: the profile behind the W1/W2 figures.
+
+    export PYTHONPATH=/opt/vsite:$PWD
+    python benchmarks/step_profile.py [--runs kitty2:512 auto:160] [--context 2304] [--steps 20]
+                                      [--out benchmarks/results]
+
+Each run ``DTYPE:REQUESTS`` starts serving.py's engine (Qwen3-8B shape, dummy weights, CUDA graphs) in a
+process of its own, submits REQUESTS random prompts of ``--context`` tokens (2,304: W2's mean context)
+with ignore_eos, steps the engine until every request has its first token (prefill done, so every
+later step is a decode-only batch, as in most of W2), then times ``--steps`` decode steps and profiles
+as many more with torch.profiler (GPU activity only). Recorded per step: wall time (unprofiled), GPU
+kernel time, and kernel time by category (PATTERNS, by kernel name); ``idle_ms`` is wall time in which
+no kernel ran (the host's share of the step: scheduling, input preparation, sampling, output
+processing). ``tok_s`` is REQUESTS output tokens per step.
+
+Records {"benchmark": "step_profile", "kv_cache_dtype", "requests", "context", "step_ms", "gpu_ms",
+"idle_ms", "<category>_ms", "top_kernels_ms": {name: ms}, ...} merge into ``<out>/<gpu>-<yyyy-mm-dd>.json`` and print as a table
+(benchmarks/report.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import multiprocessing
+import os
+import re
+import time
+import traceback
+from pathlib import Path
+
+import report
+import serving
+
+# Kernel-name patterns of report.STEP_CATEGORIES, tried in that order (the first match wins).
+PATTERNS = {
+    "kitty_attention": r"page_decode_kernel|_attention_kernel|_merge_splits_kernel",
+    "kitty_store": r"_store_decode_kernel|_quantize_page_kernel|_dequantize_page_kernel",
+    "cache_write": r"reshape_and_cache|concat_and_cache",
+    "vllm_attention": r"flash|fmha|attn|attention",
+    "gemm": r"gemm|nvjet|cutlass|xmma|cublas|splitk",
+    "other": r"",
+}
+# Kernels recorded by name (milliseconds per step), the longest first.
+TOP_KERNELS = 12
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="\n".join(__doc__.splitlines()[1:]))
+    parser.add_argument("--runs", nargs="+", default=["kitty2:512", "auto:160"], metavar="DTYPE:REQUESTS",
+                        help="KV-cache dtype and the number of requests decoding together")
+    parser.add_argument("--context", type=int, default=2304, help="prompt tokens per request")
+    parser.add_argument("--steps", type=int, default=20, help="decode steps profiled")
+    parser.add_argument("--out", type=Path, default=report.RESULTS_DIR, help="folder of the results JSON")
+    args = parser.parse_args(argv)
+    for run in args.runs:
+        dtype, _, requests = run.rpartition(":")
+        if not dtype or not requests.isdigit():
+            parser.error(f"--runs: expected DTYPE:REQUESTS, got {run!r}")
+    return args
+
+
+def category(kernel: str) -> str:
+    return next(name for name in report.STEP_CATEGORIES if re.search(PATTERNS[name], kernel, re.IGNORECASE))
+
+
+def kernel_times(profile) -> dict[str, float]:
+    """Microseconds of GPU time per kernel name in ``profile`` (a finished torch.profiler.profile)."""
+    from torch.autograd import DeviceType
+
+    return {event.key: event.self_device_time_total for event in profile.key_averages()
+            if event.device_type == DeviceType.CUDA and event.self_device_time_total > 0}
+
+
+def profile_run(llm, requests: int, context: int, steps: int) -> dict:
+    """Prefill ``requests`` prompts of ``context`` tokens, then profile ``steps`` decode steps."""
+    import numpy
+    import torch
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    engine = llm.llm_engine
+    vocab = engine.model_config.get_vocab_size()
+    tokens = numpy.random.default_rng(0).integers(0, vocab, (requests, context))
+    params = SamplingParams(temperature=1.0, max_tokens=2 * steps + 64, ignore_eos=True)
+    for i, row in enumerate(tokens):
+        engine.add_request(str(i), TokensPrompt(prompt_token_ids=row.tolist()), params)
+    started: set[str] = set()
+    prefill_steps = 0
+    while len(started) < requests:
+        started.update(o.request_id for o in engine.step() if o.outputs[0].token_ids)
+        prefill_steps += 1
+    for _ in range(4):   # the first decode-only steps, out of the profile
+        engine.step()
+    cuda = torch.cuda.is_available()    # without CUDA (the tests) every step is host time
+    synchronize = torch.cuda.synchronize if cuda else lambda: None
+    synchronize()
+    start = time.perf_counter()      # wall time, unprofiled
+    for _ in range(steps):
+        engine.step()
+    synchronize()
+    seconds = time.perf_counter() - start
+    activity = torch.profiler.ProfilerActivity.CUDA if cuda else torch.profiler.ProfilerActivity.CPU
+    with torch.profiler.profile(activities=[activity]) as profile:
+        for _ in range(steps):
+            engine.step()
+        synchronize()
+    while engine.has_unfinished_requests():
+        engine.step()
+    kernels = {name: us / 1e3 / steps for name, us in kernel_times(profile).items()}
+    per_step = {f"{name}_ms": 0.0 for name in report.STEP_CATEGORIES}
+    for name, ms in kernels.items():
+        per_step[f"{category(name)}_ms"] += ms
+    top = dict(sorted(kernels.items(), key=lambda item: -item[1])[:TOP_KERNELS])
+    step_ms = 1e3 * seconds / steps
+    gpu_ms = sum(per_step.values())
+    return {"requests": requests, "context": context, "steps": steps, "prefill_steps": prefill_steps,
+            "step_ms": step_ms, "gpu_ms": gpu_ms, "idle_ms": max(0.0, step_ms - gpu_ms),
+            "tok_s": requests / seconds * steps, **per_step, "top_kernels_ms": top}
+
+
+def engine_process(dtype: str, requests: int, context: int, steps: int, conn) -> None:
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    try:
+        llm = serving.start_engine(dtype, serving.model_dir())
+        conn.send(("record", {"benchmark": "step_profile", "kv_cache_dtype": dtype,
+                              **profile_run(llm, requests, context, steps)}))
+    except Exception as error:
+        traceback.print_exc()
+        conn.send(("record", {"benchmark": "step_profile", "kv_cache_dtype": dtype, "requests": requests,
+                              "context": context, "error": f"{type(error).__name__}: {error}"}))
+    finally:
+        conn.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    from vllm import __version__ as vllm_version
+    from vllm.platforms import current_platform
+
+    gpu = current_platform.get_device_name()
+    date = datetime.date.today().isoformat()
+    path = report.result_path(args.out, gpu, date)
+    environment = {"gpu": gpu, "vllm_version": vllm_version, "date": date, "model": serving.MODEL_NAME}
+    context = multiprocessing.get_context("spawn")
+    records = []
+    for run in args.runs:
+        dtype, _, requests = run.rpartition(":")
+        print(f"[step_profile] {dtype}: {requests} requests of {args.context:,} tokens", flush=True)
+        receive, send = context.Pipe(duplex=False)
+        process = context.Process(target=engine_process, args=(dtype, int(requests), args.context, args.steps, send))
+        process.start()
+        send.close()
+        try:
+            _, record = receive.recv()
+        except EOFError:
+            record = {"benchmark": "step_profile", "kv_cache_dtype": dtype, "requests": int(requests),
+                      "context": args.context, "error": f"engine process exited with code {process.exitcode}"}
+        process.join()
+        records.append({**record, **environment})
+        report.write_records(path, records[-1:])
+    print(f"\n{report.step_profile_table(records)}\n\nmerged into {path}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
