@@ -2,10 +2,11 @@
 
 Every benchmark script appends to ``<out>/<gpu>-<yyyy-mm-dd>.json``, a list of flat records such as
 ``{"benchmark": "w1", "kv_cache_dtype": "kitty2", "max_model_len": 4624, "seconds": ..., "gpu": ...,
-"vllm_version": ..., "date": ...}`` (step_profile's also hold one mapping, ``top_kernels_ms``). A record replaces an earlier one of the same measurement (same
-benchmark, KV-cache dtype, max_model_len, batch, requests, new tokens and context), so a benchmark can be
-rerun, or run in several calls, on the same day. A record that could not be measured carries ``"error"`` or
-``"skipped"`` with the reason instead of figures.
+"vllm_version": ..., "date": ...}`` (step_profile's also hold one mapping, ``top_kernels_ms``). A record
+replaces an earlier one of the same measurement (same benchmark, KV-cache dtype, max_model_len, batch,
+requests, new tokens and context), so a benchmark can be rerun, or run in several calls, on the same day.
+A record that could not be measured carries ``"error"`` or ``"skipped"`` with the reason instead of
+figures.
 """
 
 from __future__ import annotations
@@ -176,10 +177,14 @@ def prefill_kernel_table(records: list[dict]) -> str:
 STEP_CATEGORIES = ("kitty_attention", "kitty_store", "cache_write", "vllm_attention", "gemm", "other")
 
 
+def _step_profiles(records: list[dict]) -> list[dict]:
+    return sorted((r for r in records if r["benchmark"] == "step_profile"),
+                  key=lambda r: (r["context"], _dtype_rank(r["kv_cache_dtype"]), r["requests"]))
+
+
 def step_profile_table(records: list[dict]) -> str:
     """Milliseconds per decode step: wall time, GPU kernel time by category, and time with no kernel running."""
-    rows = sorted((r for r in records if r["benchmark"] == "step_profile"),
-                  key=lambda r: (r["context"], _dtype_rank(r["kv_cache_dtype"]), r["requests"]))
+    rows = _step_profiles(records)
     if not rows:
         return ""
     lines = ["| kv_cache_dtype | requests | context | step ms | output tok/s | "
@@ -194,8 +199,7 @@ def step_profile_table(records: list[dict]) -> str:
 
 def step_kernels_table(records: list[dict]) -> str:
     """The longest kernels of each profiled decode step (``top_kernels_ms``), with their share of the step."""
-    rows = sorted((r for r in records if r["benchmark"] == "step_profile" and r.get("top_kernels_ms")),
-                  key=lambda r: (r["context"], _dtype_rank(r["kv_cache_dtype"]), r["requests"]))
+    rows = [r for r in _step_profiles(records) if r.get("top_kernels_ms")]
     if not rows:
         return ""
     lines = ["| kv_cache_dtype | requests | context | kernel | ms per step | % of step |", "|---" * 6 + "|"]

@@ -14,8 +14,8 @@ no kernel ran (the host's share of the step: scheduling, input preparation, samp
 processing). ``tok_s`` is REQUESTS output tokens per step.
 
 Records {"benchmark": "step_profile", "kv_cache_dtype", "requests", "context", "step_ms", "gpu_ms",
-"idle_ms", "<category>_ms", "top_kernels_ms": {name: ms}, ...} merge into ``<out>/<gpu>-<yyyy-mm-dd>.json`` and print as a table
-(benchmarks/report.py).
+"idle_ms", "<category>_ms", "top_kernels_ms": {name: ms}, ...} merge into
+``<out>/<gpu>-<yyyy-mm-dd>.json`` and print as tables (benchmarks/report.py).
 """
 
 from __future__ import annotations
@@ -45,21 +45,24 @@ PATTERNS = {
 TOP_KERNELS = 12
 
 
+def run_spec(text: str) -> tuple[str, int]:
+    """``DTYPE:REQUESTS`` as (dtype, requests)."""
+    dtype, _, requests = text.rpartition(":")
+    if not dtype or not requests.isdigit() or int(requests) < 1:
+        raise argparse.ArgumentTypeError(f"expected DTYPE:REQUESTS, got {text!r}")
+    return dtype, int(requests)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="\n".join(__doc__.splitlines()[1:]))
-    parser.add_argument("--runs", nargs="+", default=["kitty2:512", "auto:160"], metavar="DTYPE:REQUESTS",
-                        help="KV-cache dtype and the number of requests decoding together")
+    parser.add_argument("--runs", nargs="+", type=run_spec, default=[("kitty2", 512), ("auto", 160)],
+                        metavar="DTYPE:REQUESTS", help="KV-cache dtype and the number of requests decoding together")
     parser.add_argument("--context", type=int, default=2304, help="prompt tokens per request")
-    parser.add_argument("--steps", type=int, default=20, help="decode steps profiled")
+    parser.add_argument("--steps", type=int, default=20, help="decode steps timed, and as many profiled")
     parser.add_argument("--out", type=Path, default=report.RESULTS_DIR, help="folder of the results JSON")
-    args = parser.parse_args(argv)
-    for run in args.runs:
-        dtype, _, requests = run.rpartition(":")
-        if not dtype or not requests.isdigit():
-            parser.error(f"--runs: expected DTYPE:REQUESTS, got {run!r}")
-    return args
+    return parser.parse_args(argv)
 
 
 def category(kernel: str) -> str:
@@ -146,22 +149,23 @@ def main(argv: list[str] | None = None) -> None:
     environment = {"gpu": gpu, "vllm_version": vllm_version, "date": date, "model": serving.MODEL_NAME}
     context = multiprocessing.get_context("spawn")
     records = []
-    for run in args.runs:
-        dtype, _, requests = run.rpartition(":")
+    for dtype, requests in args.runs:
         print(f"[step_profile] {dtype}: {requests} requests of {args.context:,} tokens", flush=True)
         receive, send = context.Pipe(duplex=False)
-        process = context.Process(target=engine_process, args=(dtype, int(requests), args.context, args.steps, send))
+        process = context.Process(target=engine_process, args=(dtype, requests, args.context, args.steps, send))
         process.start()
         send.close()
         try:
             _, record = receive.recv()
         except EOFError:
-            record = {"benchmark": "step_profile", "kv_cache_dtype": dtype, "requests": int(requests),
-                      "context": args.context, "error": f"engine process exited with code {process.exitcode}"}
+            record = None
         process.join()
+        if record is None:
+            record = {"benchmark": "step_profile", "kv_cache_dtype": dtype, "requests": requests,
+                      "context": args.context, "error": f"engine process exited with code {process.exitcode}"}
         records.append({**record, **environment})
         report.write_records(path, records[-1:])
-    print(f"\n{report.step_profile_table(records)}\n\nmerged into {path}", flush=True)
+    print(f"\n{report.markdown_tables(records)}\n\nmerged into {path}", flush=True)
 
 
 if __name__ == "__main__":

@@ -80,7 +80,7 @@ def test_serving_arguments():
         assert workload.prompt_tokens + workload.output_tokens <= serving.ENGINE_MAX_MODEL_LEN
 
 
-def test_step_profile_categories():
+def test_step_profile_arguments_and_categories():
     import step_profile
 
     names = {"page_decode_kernel": "kitty_attention", "_merge_splits_kernel": "kitty_attention",
@@ -88,8 +88,10 @@ def test_step_profile_categories():
              "reshape_and_cache_flash_kernel": "cache_write", "nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_TNT": "gemm",
              "_gumbel_sample_kernel": "other"}
     assert {name: step_profile.category(name) for name in names} == names
-    with pytest.raises(SystemExit):
-        step_profile.parse_args(["--runs", "kitty2"])
+    assert step_profile.parse_args(["--runs", "kitty2:64", "fp8:8"]).runs == [("kitty2", 64), ("fp8", 8)]
+    for bad in ("kitty2", "kitty2:0", ":8"):
+        with pytest.raises(SystemExit):
+            step_profile.parse_args(["--runs", bad])
 
 
 def test_step_profile_steps_a_decode_batch():
