@@ -56,7 +56,8 @@ RECORDS = [
 ]
 
 
-@pytest.mark.parametrize("script", ["serving.py", "decode_kernel.py", "prefill_kernel.py", "step_profile.py", "plot.py"])
+@pytest.mark.parametrize("script", ["serving.py", "decode_kernel.py", "prefill_kernel.py", "step_profile.py",
+                                    "plot.py"])
 def test_help(script):
     result = subprocess.run([sys.executable, str(BENCHMARKS / script), "--help"], capture_output=True, text=True,
                             timeout=120)
