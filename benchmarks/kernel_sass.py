@@ -157,10 +157,12 @@ def loops(cubin: Path) -> list[Loop]:
 
 
 def page_loops(found: list[Loop]) -> tuple[Loop, list[Loop]] | None:
-    """The page loop (the outermost loop with bfloat16 tensor-core ops: mma or, for a warp group on
-    Hopper, wgmma) and its tile loops."""
+    """The page loop (the outermost loop with bfloat16 tensor-core ops, mma or, for a warp group on
+    Hopper, wgmma, that holds such loops: the full-precision sinks' and ring's loops hold none) and its
+    tile loops."""
     packed = [loop for loop in found if loop.bf16_tensor_ops()]
-    outer = [loop for loop in packed if not any(other.contains(loop) for other in packed)]
+    outer = [loop for loop in packed if not any(other.contains(loop) for other in packed)
+             and any(loop.contains(other) for other in packed)]
     if len(outer) != 1:
         return None
     return outer[0], [loop for loop in packed if outer[0].contains(loop)]

@@ -30,15 +30,17 @@ tensor-core dot takes at least 16, so it *stacks* the parts instead: its ``ROWS`
 of the same ``ROWS / SLOTS`` query rows, slot k's operand rows hold part k (slot 3 is zero), one dot
 multiplies all three parts, and the slots' rows are added up (_sum_slots) before the softmax and at the
 end. The packed pages' softmax runs once per query row, on the slots' sum; elsewhere its state is kept,
-the same, in every slot. Bias terms and full-precision values go to slot 0 only.
+the same, in every slot. Bias terms go to slot 0 only.
 
 The planar 2-bit layout makes the four 2-bit planes of a row four contiguous quarters of the channels:
 a tile's bytes give plane j's codes, channels ``j * D / 4 + i``, with one shift and mask per four codes
 (_plane_values), and every dot is per plane, so codes are never reordered. The sparse high plane of the
 boosted channels adds ``(4 q[idx] * scale[idx]) . high``, its four planes stacked in one dot
-(_high_values). Full-precision tokens (sinks, own page) use
-tf32x3 dots (three TF32 products: float32 accuracy to about 1e-6 on tensor cores; IEEE float32 on CUDA
-cores took a third of a 4k-token prefill's attention time on an H100).
+(_high_values). Full-precision tokens (sinks, own page) are bfloat16 dot operands as they are stored (a
+bfloat16 stage) or split exactly into two (float16) or three (float32) bfloat16 parts, multiplied by
+the same stacked parts of the query and the probabilities (_stage_dot): float32 math to float32's own
+rounding at about 30 warp instructions per token and KV head (sm_90, decode, head_dim 128, bfloat16
+stage), where widening them to float32 for tf32x3 dots on 16-token tiles took about 190.
 
 **Prefill schedules** (kitty_vllm.reference). With ``exact_prefill`` every query of a prefill reads
 the cache as above, here. By default a step of several tokens reads only the pages complete before it
@@ -73,6 +75,10 @@ MIN_BOOST_ROWS = 32
 PREFILL_ROWS = 64
 # 2-bit codes of one [tokens, head_dim] tile of Keys or Values: bounds the registers per tile.
 TILE_CODES = 8192
+# Full-precision tokens per tile: kitty2's 32 sinks in one tile. 64-token tiles cost fewer instructions
+# per token (sm_90 SASS, head_dim 64 and 128) but not per step: half of the sinks' tile and of the ring's
+# last (a ring holds 64 tokens on average) would be masked.
+STAGE_TILE = 32
 # Decode stacks the three bfloat16 parts of its float32 operands in the rows of one dot (module
 # docstring): PART_SLOTS slots of GROUP_ROWS rows, one per part plus an empty one, where that makes at
 # most MAX_STACKED_ROWS rows (GQA groups up to 4). With 32 rows an H100 ran no faster: the warps then
@@ -135,6 +141,25 @@ def _dot_parts(parts, first: tl.constexpr, values, acc, PARTS: tl.constexpr, INT
     """acc + the sum of ``parts[first:first + PARTS]`` (from _bf16_parts) @ bfloat16 values."""
     for k in tl.static_range(PARTS):
         acc = _bf16_dot(parts[first + k], values, acc, INTERPRETED)
+    return acc
+
+
+@triton.jit
+def _stage_dot(parts, first: tl.constexpr, stage, acc, PARTS: tl.constexpr, INTERPRETED: tl.constexpr):
+    """acc + the sum of ``parts[first:first + PARTS]`` (from _bf16_parts) @ stage, a tile of the staging
+    cache split exactly into bfloat16 operands: itself if bfloat16; if float16 (11 significant bits),
+    its high 8 and the rest; if float32, _bf16_parts."""
+    if stage.dtype == tl.bfloat16:
+        acc = _dot_parts(parts, first, stage, acc, PARTS, INTERPRETED)
+    else:
+        wide = stage.to(tl.float32)
+        if stage.dtype == tl.float16:
+            high = _truncate_bf16(wide)
+            stage_parts = (_as_bf16(high), _as_bf16(wide - high))
+        else:
+            stage_parts = _bf16_parts(wide, 0, 3)
+        for k in tl.static_range(len(stage_parts)):
+            acc = _dot_parts(parts, first, stage_parts[k], acc, PARTS, INTERPRETED)
     return acc
 
 
@@ -202,14 +227,14 @@ def _high_values(packed, INTERPRETED: tl.constexpr):
 
 
 @triton.jit
-def _load_quarters(row_ptr, mask, factor, Q: tl.constexpr):
-    """Rows at ``row_ptr`` [R] (pointers to HEAD_DIM = 4 Q contiguous elements) as four float32 [R, Q]
-    tiles times ``factor``: quarter j holds channels ``j * Q + i``, the channels of 2-bit plane j."""
+def _load_quarters(row_ptr, mask, Q: tl.constexpr):
+    """Rows at ``row_ptr`` [R] (pointers to HEAD_DIM = 4 Q contiguous elements) as four [R, Q] tiles in
+    their stored dtype (0 where not ``mask``): quarter j holds channels ``j * Q + i``, the channels of
+    2-bit plane j."""
     i = tl.arange(0, Q)
     quarters = ()
     for j in tl.static_range(4):
-        quarter = tl.load(row_ptr[:, None] + j * Q + i[None, :], mask=mask[:, None], other=0.0)
-        quarters = quarters + (quarter.to(tl.float32) * factor,)
+        quarters = quarters + (tl.load(row_ptr[:, None] + j * Q + i[None, :], mask=mask[:, None], other=0.0),)
     return quarters
 
 
@@ -226,45 +251,50 @@ def _softmax_step(scores, running_max, running_sum):
 @triton.jit
 def _attend_full_precision(
     query, running_max, running_sum, acc,   # query, acc: 4 quarters [ROWS, D / 4] float32 (query scaled, log2 units)
-    own,                # [ROWS] bool: rows of slot 0, the only ones whose accumulator takes these values
+    part_slot,          # [ROWS, 1] int32: each row's slot (_bf16_parts)
     stage_ptr,          # [num_stage_blocks, 2, tokens_per_block, H, D]
     stage_row_ptr,      # [max_stage_blocks] int32: the request's staging blocks
     new_key_ptr, new_value_ptr,   # this step's Key / Value of the block's first query position, head offset applied
     first, end, context, first_pos, row_first, row_last,   # row_first / row_last [ROWS]: positions each row reads
     first_row, tokens_per_block, head,
     stride_sb, stride_skv, stride_st, stride_sh, stride_nt, stride_nvt,
-    PAGE_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, TILE: tl.constexpr,
+    PAGE_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, TILE: tl.constexpr, SLOTS: tl.constexpr,
+    PARTS: tl.constexpr, INTERPRETED: tl.constexpr,
 ):
     """Attend to full-precision positions [first, end): position t < context sits at staging slot
     ``t % PAGE_SIZE``, in row ``first_row + slot // tokens_per_block`` at ``slot % tokens_per_block``
     (sinks and the ring both follow this rule with their own first_row and tokens_per_block);
-    t >= context is this step's token ``t - first_pos`` after the block's first query."""
+    t >= context is this step's token ``t - first_pos`` after the block's first query.
+
+    The stage's values are exact bfloat16 dot operands (_stage_dot) that the query's and the probabilities'
+    bfloat16 parts (_bf16_parts, stacked in the slots as for the packed pages) multiply: every product
+    is exact and every sum float32."""
     Q: tl.constexpr = HEAD_DIM // 4
+    query_parts = ()
+    for j in tl.static_range(4):
+        query_parts = query_parts + _bf16_parts(query[j], part_slot, PARTS)
     for start in range(first, end, TILE):
         t = start + tl.arange(0, TILE)
         valid = t < end
-        staged = valid & (t < context)
-        fresh = valid & (t >= context)
+        staged = t < context
         slot = t % PAGE_SIZE
-        block = tl.load(stage_row_ptr + first_row + slot // tokens_per_block, mask=staged, other=0)
+        block = tl.load(stage_row_ptr + first_row + slot // tokens_per_block, mask=valid & staged, other=0)
         row = stage_ptr + (block.to(tl.int64) * stride_sb + (slot % tokens_per_block) * stride_st
                            + head * stride_sh)                                            # [T]
         step = (t - first_pos).to(tl.int64)
-        keys = _load_quarters(row, staged, 1.0, Q)
-        fresh_keys = _load_quarters(new_key_ptr + step * stride_nt, fresh, 1.0, Q)
-        values = _load_quarters(row + stride_skv, staged, 1.0, Q)
-        fresh_values = _load_quarters(new_value_ptr + step * stride_nvt, fresh, 1.0, Q)
+        keys = _load_quarters(tl.where(staged, row, new_key_ptr + step * stride_nt), valid, Q)
+        values = _load_quarters(tl.where(staged, row + stride_skv, new_value_ptr + step * stride_nvt), valid, Q)
         scores = tl.zeros((query[0].shape[0], TILE), tl.float32)
         for j in tl.static_range(4):
-            scores += tl.dot(query[j], tl.trans(keys[j] + fresh_keys[j]), input_precision="tf32x3")   # [ROWS, T]
+            scores = _stage_dot(query_parts, PARTS * j, tl.trans(keys[j]), scores, PARTS, INTERPRETED)  # [ROWS, T]
         seen = (t[None, :] >= row_first[:, None]) & (t[None, :] <= row_last[:, None]) & valid[None, :]
         probs, running_max, running_sum, correction = _softmax_step(
-            tl.where(seen, scores, float("-inf")), running_max, running_sum)
-        probs = tl.where(own[:, None], probs, 0.0)
+            tl.where(seen, _sum_slots(scores, SLOTS), float("-inf")), running_max, running_sum)
+        prob_parts = _bf16_parts(probs, part_slot, PARTS)
         updated = ()
         for j in tl.static_range(4):
-            updated = updated + (acc[j] * correction[:, None]
-                                 + tl.dot(probs, values[j] + fresh_values[j], input_precision="tf32x3"),)
+            updated = updated + (_stage_dot(prob_parts, 0, values[j], acc[j] * correction[:, None], PARTS,
+                                            INTERPRETED),)
         acc = updated
     return running_max, running_sum, acc
 
@@ -336,7 +366,10 @@ def _attention_kernel(
     pages = (last_pos + 1) // PAGE_SIZE if PACKED else 0
 
     q_rows = (first_token + token).to(tl.int64) * stride_qt + q_head * stride_qh          # [ROWS]
-    query = _load_quarters(query_ptr + q_rows, row_valid, scale_log2, Q)                 # 4 x [ROWS, Q]
+    stored_query = _load_quarters(query_ptr + q_rows, row_valid, Q)
+    query = ()                                                                           # 4 x [ROWS, Q]
+    for j in tl.static_range(4):
+        query = query + (stored_query[j].to(tl.float32) * scale_log2,)
     running_max = tl.full((ROWS,), SCORE_FLOOR, tl.float32)
     running_sum = tl.zeros((ROWS,), tl.float32)
     acc = ()
@@ -348,10 +381,11 @@ def _attention_kernel(
     new_value = new_value_ptr + first_token * stride_nvt + head * stride_nvh
     if split == 0:
         running_max, running_sum, acc = _attend_full_precision(
-            query, running_max, running_sum, acc, own, stage_ptr, stage_row_ptr, new_key, new_value,
+            query, running_max, running_sum, acc, part_slot, stage_ptr, stage_row_ptr, new_key, new_value,
             0, tl.minimum(last_pos + 1, sink_tokens), last_pos + 1, first_pos,
             tl.zeros((ROWS,), tl.int32), position, 0, sink_block_tokens, head,
-            stride_sb, stride_skv, stride_st, stride_sh, stride_nt, stride_nvt, PAGE_SIZE, HEAD_DIM, STAGE_TILE)
+            stride_sb, stride_skv, stride_st, stride_sh, stride_nt, stride_nvt, PAGE_SIZE, HEAD_DIM, STAGE_TILE,
+            SLOTS, PARTS, INTERPRETED)
 
     num_splits = tl.num_programs(2)
     per_split = tl.cdiv(pages, num_splits)
@@ -427,10 +461,11 @@ def _attention_kernel(
     if split == num_splits - 1:
         own_first = tl.maximum(full * PAGE_SIZE, sink_tokens)                            # [ROWS]
         running_max, running_sum, acc = _attend_full_precision(
-            query, running_max, running_sum, acc, own, stage_ptr, stage_row_ptr, new_key, new_value,
+            query, running_max, running_sum, acc, part_slot, stage_ptr, stage_row_ptr, new_key, new_value,
             tl.maximum(sink_tokens, (first_pos + 1) // PAGE_SIZE * PAGE_SIZE), last_pos + 1, context, first_pos,
             own_first, position, sink_blocks, ring_tokens_per_block, head,
-            stride_sb, stride_skv, stride_st, stride_sh, stride_nt, stride_nvt, PAGE_SIZE, HEAD_DIM, STAGE_TILE)
+            stride_sb, stride_skv, stride_st, stride_sh, stride_nt, stride_nvt, PAGE_SIZE, HEAD_DIM, STAGE_TILE,
+            SLOTS, PARTS, INTERPRETED)
 
     summed = ()
     for j in tl.static_range(4):
@@ -545,7 +580,7 @@ def kernel_constants(layout: PageLayout, num_heads: int, num_kv_heads: int, deco
         SLOTS=slots, PARTS=1 if slots > 1 else 3, PAGE_SIZE=layout.page_size, HEAD_DIM=head_dim,
         NUM_BOOST=layout.num_boost, BOOST_ROWS=max(MIN_BOOST_ROWS, layout.num_boost),
         TILE=max(MIN_DOT_SIZE, min(layout.page_size, TILE_CODES // head_dim)),
-        STAGE_TILE=max(MIN_DOT_SIZE, min(layout.page_size, TILE_CODES // 4 // head_dim)),
+        STAGE_TILE=max(MIN_DOT_SIZE, min(layout.page_size, STAGE_TILE)),
         INTERPRETED=os.environ.get("TRITON_INTERPRET") == "1", **section_offsets(layout))
 
 
