@@ -145,17 +145,21 @@ def _dot_parts(parts, first: tl.constexpr, values, acc, PARTS: tl.constexpr, INT
 
 
 @triton.jit
-def _stage_dot(parts, first: tl.constexpr, stage, acc, PARTS: tl.constexpr, INTERPRETED: tl.constexpr):
-    """acc + the sum of ``parts[first:first + PARTS]`` (from _bf16_parts) @ stage, a tile of the staging
-    cache split exactly into bfloat16 operands: itself if bfloat16; if float16 (11 significant bits),
-    its high 8 and the rest; if float32, _bf16_parts."""
+def _stage_dot(parts, first: tl.constexpr, stage, PARTS: tl.constexpr, INTERPRETED: tl.constexpr):
+    """The sum of ``parts[first:first + PARTS]`` (from _bf16_parts, low first) @ stage, a tile of the
+    staging cache split exactly into bfloat16 operands: itself if bfloat16; if float16 (11 significant
+    bits), the rest and its high 8; if float32, _bf16_parts. The dots run from a zero accumulator, the
+    small parts' products first and the high parts' last: a tensor core truncates what it adds to the
+    accumulator's precision, so the small terms are summed before the large ones and the caller adds the
+    result to its running sums in float32."""
+    acc = tl.zeros((parts[first].shape[0], stage.shape[1]), tl.float32)
     if stage.dtype == tl.bfloat16:
         acc = _dot_parts(parts, first, stage, acc, PARTS, INTERPRETED)
     else:
         wide = stage.to(tl.float32)
         if stage.dtype == tl.float16:
             high = _truncate_bf16(wide)
-            stage_parts = (_as_bf16(high), _as_bf16(wide - high))
+            stage_parts = (_as_bf16(wide - high), _as_bf16(high))
         else:
             stage_parts = _bf16_parts(wide, 0, 3)
         for k in tl.static_range(len(stage_parts)):
@@ -286,15 +290,15 @@ def _attend_full_precision(
         values = _load_quarters(tl.where(staged, row + stride_skv, new_value_ptr + step * stride_nvt), valid, Q)
         scores = tl.zeros((query[0].shape[0], TILE), tl.float32)
         for j in tl.static_range(4):
-            scores = _stage_dot(query_parts, PARTS * j, tl.trans(keys[j]), scores, PARTS, INTERPRETED)  # [ROWS, T]
+            scores += _stage_dot(query_parts, PARTS * j, tl.trans(keys[j]), PARTS, INTERPRETED)  # [ROWS, T]
         seen = (t[None, :] >= row_first[:, None]) & (t[None, :] <= row_last[:, None]) & valid[None, :]
         probs, running_max, running_sum, correction = _softmax_step(
             tl.where(seen, _sum_slots(scores, SLOTS), float("-inf")), running_max, running_sum)
         prob_parts = _bf16_parts(probs, part_slot, PARTS)
         updated = ()
         for j in tl.static_range(4):
-            updated = updated + (_stage_dot(prob_parts, 0, values[j], acc[j] * correction[:, None], PARTS,
-                                            INTERPRETED),)
+            updated = updated + (acc[j] * correction[:, None] + _stage_dot(prob_parts, 0, values[j], PARTS,
+                                                                          INTERPRETED),)
         acc = updated
     return running_max, running_sum, acc
 
