@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 
 import torch
 
@@ -159,34 +159,37 @@ class StageLayout:
     is the group's vLLM block size, so these blocks are prefix-cached under the request's own block
     hashes and a cache hit restores the sinks), then ``ring_blocks`` blocks holding the unfinished page
     (position ``p`` at ring slot ``p % page_size``, ``tokens_per_block`` slots per block).
+
+    The sizes are cached on first use: the scheduler asks for them for every running request in
+    every step (kitty_vllm.block_manager).
     """
 
     page: PageLayout
     num_kv_heads: int
     element_bytes: int
 
-    @property
+    @cached_property
     def block_bytes(self) -> int:
         return self.num_kv_heads * self.page.page_bytes
 
-    @property
+    @cached_property
     def tokens_per_block(self) -> int:
         return self.block_bytes // (2 * self.num_kv_heads * self.page.head_dim * self.element_bytes)
 
-    @property
+    @cached_property
     def block_tokens(self) -> int:
         """The staging group's vLLM block size: a power of two (so it divides the page), at most 16."""
         return min(MAX_STAGE_BLOCK_TOKENS, 1 << (self.tokens_per_block.bit_length() - 1))
 
-    @property
+    @cached_property
     def sink_blocks(self) -> int:
         return -(-self.page.sink_tokens // self.block_tokens)
 
-    @property
+    @cached_property
     def ring_blocks(self) -> int:
         return -(-(self.page.page_size - 1) // self.tokens_per_block)
 
-    @property
+    @cached_property
     def blocks_per_request(self) -> int:
         return self.sink_blocks + self.ring_blocks
 

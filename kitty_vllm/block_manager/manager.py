@@ -104,6 +104,8 @@ class KittyStageManager(SingleTypeKVCacheManager):
         apply_admission_cap: bool = False,
     ) -> int:
         held = len(self.req_to_blocks.get(request_id, ())) + len(new_computed_blocks)
+        if held >= self.layout.blocks_per_request and not new_computed_blocks:   # a running request's row is full
+            return 0
         new_blocks = max(self.layout.blocks_needed(num_tokens) - held, 0)
         # Cached sink blocks with no owner leave the free queue when touched, like new blocks.
         return new_blocks + self._get_num_evictable_blocks(new_computed_blocks)
@@ -111,6 +113,8 @@ class KittyStageManager(SingleTypeKVCacheManager):
     def allocate_new_blocks(self, request_id: str, num_tokens: int,
                             num_tokens_main_model: int) -> list[KVCacheBlock]:
         blocks = self.req_to_blocks[request_id]
+        if len(blocks) >= self.layout.blocks_per_request:
+            return []
         num_new = self.layout.blocks_needed(num_tokens) - len(blocks)
         if num_new <= 0:
             return []
@@ -140,6 +144,8 @@ class KittyStageManager(SingleTypeKVCacheManager):
         request_id = request.request_id
         # num_cached_block (semi-private): also marks the request as running for the coordinator.
         num_cached = self.num_cached_block.get(request_id, 0)
+        if num_cached >= self.layout.sink_blocks:
+            return
         num_full = min(num_tokens // self.block_size, self.layout.sink_blocks)
         if num_full <= num_cached:
             return
