@@ -104,8 +104,8 @@ class KittyStageManager(SingleTypeKVCacheManager):
         apply_admission_cap: bool = False,
     ) -> int:
         held = len(self.req_to_blocks.get(request_id, ())) + len(new_computed_blocks)
-        if held >= self.layout.blocks_per_request and not new_computed_blocks:   # a running request's row is full
-            return 0
+        if held >= self.layout.blocks_per_request and not new_computed_blocks:
+            return 0                                       # a running request whose row is full
         new_blocks = max(self.layout.blocks_needed(num_tokens) - held, 0)
         # Cached sink blocks with no owner leave the free queue when touched, like new blocks.
         return new_blocks + self._get_num_evictable_blocks(new_computed_blocks)
