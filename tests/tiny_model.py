@@ -7,12 +7,13 @@ text trains the byte-level BPE tokenizer, so token windows cut from the essays a
 
 The weights are random but scaled so that greedy decoding does not collapse to one repeated token,
 and deterministic for a given ``seed``. Built directories are cached under
-``<kitty cache>/models/tiny-llama-...`` (keyed by every parameter) and published with an atomic
-rename, like :mod:`kitty_vllm.assets`.
+``<kitty cache>/models/tiny-llama-...`` (keyed by every parameter and by the transformers version,
+whose files they are) and published with an atomic rename, like :mod:`kitty_vllm.assets`.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import shutil
 from pathlib import Path
@@ -40,8 +41,10 @@ _MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "t
 
 def tiny_model_name(*, head_dim: int = 64, num_kv_heads: int = 2, num_heads: int = 4,
                     num_layers: int = 2, hidden: int = 128, seed: int = 0) -> str:
-    return (f"tiny-llama-v{RECIPE_VERSION}-d{head_dim}-kv{num_kv_heads}-q{num_heads}-l{num_layers}"
-            f"-h{hidden}-s{seed}")
+    """The cache directory's name. It holds the transformers version, because config.json records it
+    (and a new version may write other defaults): a directory another version built is not reused."""
+    return (f"tiny-llama-v{RECIPE_VERSION}-tf{importlib.metadata.version('transformers')}-d{head_dim}"
+            f"-kv{num_kv_heads}-q{num_heads}-l{num_layers}-h{hidden}-s{seed}")
 
 
 def _complete(path: Path) -> bool:
