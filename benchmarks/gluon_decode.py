@@ -4,7 +4,7 @@ reference and the Triton decode kernel it replaces on GPUs.
     export PYTHONPATH=$PWD
     python benchmarks/gluon_decode.py          # writes $OUT/gluon.json (or /tmp)
 
-Checks: the pages' attention (merged partials) against kitty_vllm.reference at rtol 1e-4 for several
+Checks: the pages' attention before the window (merged partials) against kitty_vllm.reference at rtol 1e-4 for several
 presets, head sizes and GQA groups. Timing (CUDA graphs), one Qwen3-8B layer (32 query, 8 KV heads of
 128): the Gluon kernel alone (pages), decode_attention as it runs (Gluon pages, Triton sinks and ring,
 merge) and the Triton kernel alone (decode_attention with the Gluon path off), as milliseconds and as
@@ -59,7 +59,7 @@ def check(preset, D, Hq, H, B, pages, splits, seed=0):
     page_table = perm.view(B, pages).int()
     shuffled = torch.empty_like(packed)
     shuffled[perm] = packed
-    seq_lens = torch.full((B,), n + 3, dtype=torch.int32)
+    seq_lens = torch.full((B,), n + 3, dtype=torch.int32)     # the window: the last P positions
     dev = "cuda"
     partial = launch(query.to(dev), shuffled.to(dev), page_table.to(dev), seq_lens.to(dev), config, splits)
     got = merged(partial.cpu(), splits)
@@ -69,6 +69,7 @@ def check(preset, D, Hq, H, B, pages, splits, seed=0):
     q = query.float().view(B, H, group, D)
     scores = torch.einsum("bhgd,bthd->bhgt", q, kq) * D ** -0.5
     scores[..., :config.sink_tokens] = -torch.inf
+    scores[..., n + 3 - P:] = -torch.inf
     want = torch.einsum("bhgt,bthd->bhgd", torch.softmax(scores, -1), vq).reshape(B, Hq, D)
     err = ((got - want).abs() / (want.abs() + 1e-3)).max().item()
     ok = torch.allclose(got, want, rtol=1e-4, atol=1e-5)

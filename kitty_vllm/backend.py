@@ -1,7 +1,7 @@
 """The kitty attention backend for vLLM: Metadata, MetadataBuilder, Backend, Impl.
 
-The packed 2-bit pages live in this backend's KV-cache group; the full-precision sinks and unfinished
-page live in the staging group of the layer's companion (kitty_vllm.stage). ``Impl.forward`` only
+The packed 2-bit pages live in this backend's KV-cache group; the full-precision sinks and window of
+newest tokens live in the staging group of the layer's companion (kitty_vllm.stage). ``Impl.forward`` only
 orchestrates: requests with one new token go, on the GPU, through the decode store and paged-decode
 kernels together (a decode-only batch without any host work, so vLLM captures it in a full CUDA graph);
 every other request goes, all together, to ``PagedKittyCache.prefill`` (kitty_vllm.paged), which stores,

@@ -39,8 +39,10 @@ class KittyConfig:
     page_size: tokens per quantized page (one vLLM block); a multiple of 16.
     sink_tokens: the first tokens of each sequence, kept in full precision forever.
     boost_ratio: fraction of head_dim channels per page whose Keys get ``boost_bits``.
-    value_window: newest Values kept in full precision, quantized in one batch when the window fills.
-        Values share their page's schedule, so this equals ``page_size``.
+    value_window: the newest tokens whose Keys and Values a decode reads in full precision, from a ring
+        of that many slots per request. A page is quantized in one batch when its last token is stored
+        and read quantized by a decode once its tokens have left the window, so this equals
+        ``page_size``.
     key_bits, boost_bits, value_bits: code widths (2, 4 and 2).
     boost_policy: how a page picks its boosted channels: ``magnitude`` (largest mean |K| over the
         page's tokens), ``variance`` (largest variance) or ``random`` (a fixed pseudo-random set).
@@ -48,8 +50,8 @@ class KittyConfig:
         precision, as with vLLM's other quantized formats, and so the unfinished page before the step;
         the pages complete before it quantized (vLLM's FlashAttention runs over all of it, those pages
         dequantized). ``true``: every query reads the cache exactly as decoding would at its position,
-        so prompt log-probabilities equal decode-time teacher forcing and a prefix-cache hit equals a
-        miss whatever the chunking (kitty_vllm.reference).
+        its window included, so prompt log-probabilities equal decode-time teacher forcing whatever the
+        chunking (kitty_vllm.reference); prefix-cache lookups then miss (kitty_vllm.block_manager).
     """
 
     page_size: int = 128
@@ -76,8 +78,8 @@ class KittyConfig:
             raise KittyConfigError(f"boost_ratio={self.boost_ratio}: must be in [0, 1]")
         if self.value_window != self.page_size:
             raise KittyConfigError(
-                f"value_window={self.value_window}: must equal page_size={self.page_size} (Values are "
-                "quantized in one batch with their page's Keys)")
+                f"value_window={self.value_window}: must equal page_size={self.page_size} (a page is "
+                "quantized in one batch when full, from the ring that holds the window)")
         for name, bits in SUPPORTED_BITS.items():
             if getattr(self, name) != bits:
                 raise KittyConfigError(

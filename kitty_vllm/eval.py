@@ -15,8 +15,8 @@ Tasks (one engine per KV-cache dtype runs all of them, except as said for perple
   precision (kitty_vllm.reference), so prompt log-probabilities would see less quantization than
   decoding does, and depend on ``--max-num-batched-tokens``. A kitty dtype therefore scores
   perplexity in an engine of its own with ``exact_prefill`` on (KITTY_CONFIG set to a temporary copy
-  of its config), where the query at position p reads every page complete at p dequantized, in
-  prefill exactly as in decode (tests/test_accuracy.py checks that on the tiny model, prefill against
+  of its config), where the query at position p reads every token older than its window
+  dequantized, in prefill exactly as in decode (tests/test_accuracy.py checks that on the tiny model, prefill against
   decode steps through vLLM). The record keeps the dtype's label.
 * ``needle``: a pass key at 5 depths of 4k, 8k, 16k and 32k-token contexts (kitty_vllm.needle);
   score = fraction retrieved, one record per context length. Lengths beyond the model's context are
@@ -467,7 +467,7 @@ def evaluate(args: argparse.Namespace) -> list[dict[str, Any]]:
 def _engine_kwargs(args: argparse.Namespace, max_model_len: int) -> dict[str, Any]:
     kwargs = dict(dtype=args.dtype, max_model_len=max_model_len, max_num_seqs=args.max_num_seqs,
                   max_num_batched_tokens=args.max_num_batched_tokens, enforce_eager=not args.compile,
-                  seed=0, disable_log_stats=True,
+                  enable_prefix_caching=not args.no_prefix_caching, seed=0, disable_log_stats=True,
                   # FlashInfer's autotuning adds ~80 s to each GPU start and changes no result.
                   kernel_config={"enable_flashinfer_autotune": False})
     import torch
@@ -504,6 +504,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--kv-cache-gib", type=float, default=None,
                         help=f"fixed KV-cache size (default on the CPU: {CPU_KV_CACHE_GIB})")
     parser.add_argument("--compile", action="store_true", help="torch.compile and CUDA graphs (default: eager)")
+    parser.add_argument("--no-prefix-caching", action="store_true",
+                        help="turn vLLM's prefix caching off (its default: on); needs --json, so that these "
+                             "records do not replace those of a default run")
     parser.add_argument("--json", type=Path, default=None, help="results file (default: benchmarks/results/"
                         "accuracy-<gpu>-<date>.json)")
     args = parser.parse_args(argv)
@@ -524,6 +527,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error("--ablations are GSM8K runs: add gsm8k to --tasks")
     if args.limit is not None and args.limit < 1:
         parser.error("--limit must be positive")
+    if args.no_prefix_caching and args.json is None:
+        parser.error("--no-prefix-caching: write its records to a file of their own with --json")
     return args
 
 

@@ -157,8 +157,10 @@ class StageLayout:
     ``[2 (K, V), tokens_per_block, num_kv_heads, head_dim]`` in the model's dtype. A request's staging
     row is, in this order: ``sink_blocks`` blocks of ``block_tokens`` sink tokens each (``block_tokens``
     is the group's vLLM block size, so these blocks are prefix-cached under the request's own block
-    hashes and a cache hit restores the sinks), then ``ring_blocks`` blocks holding the unfinished page
-    (position ``p`` at ring slot ``p % page_size``, ``tokens_per_block`` slots per block).
+    hashes and a cache hit restores the sinks), then ``ring_blocks`` blocks holding the request's newest
+    ``page_size`` tokens, the window that attention reads in full precision (kitty_vllm.reference), which
+    also holds every page's tokens until the page is packed (position ``p`` at ring slot
+    ``p % page_size``, ``tokens_per_block`` slots per block).
 
     The sizes are cached on first use: the scheduler asks for them for every running request in
     every step (kitty_vllm.block_manager).
@@ -187,7 +189,7 @@ class StageLayout:
 
     @cached_property
     def ring_blocks(self) -> int:
-        return -(-(self.page.page_size - 1) // self.tokens_per_block)
+        return -(-self.page.page_size // self.tokens_per_block)
 
     @cached_property
     def blocks_per_request(self) -> int:
@@ -195,7 +197,7 @@ class StageLayout:
 
     def blocks_needed(self, num_tokens: int) -> int:
         """Staging blocks a request of ``num_tokens`` tokens holds (its ring grows up to one page)."""
-        ring_tokens = min(num_tokens, self.page.page_size - 1)
+        ring_tokens = min(num_tokens, self.page.page_size)
         return self.sink_blocks + -(-ring_tokens // self.tokens_per_block)
 
 

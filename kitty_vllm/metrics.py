@@ -2,7 +2,7 @@
 
 Two numbers per engine (per block pool):
 
-* **staging blocks held**: the full-precision staging blocks (sinks and unfinished-page ring, see
+* **staging blocks held**: the full-precision staging blocks (sinks and the ring of newest tokens, see
   kitty_vllm.stage) that live requests hold; a prefix-cached sink block counts once per request
   holding it. It must return to 0 when the server is idle: anything else is a leak.
 * **pages packed**: 128-token pages handed to the worker to quantize, since the engine started. A page

@@ -6,15 +6,15 @@ request at once (a few kernel launches per layer, however many requests the batc
 1. this step's sink tokens (positions < sink_tokens) are written to their requests' sink blocks;
 2. every page that fills in this step is quantized, from the ring (its older tokens) plus this step's
    tokens, into its packed block;
-3. attention: each query reads sinks in full precision, pages complete at its position dequantized
-   (pages packed in step 2 included, so a prefix-cache hit sees what a miss sees), and the rest of its
-   own page in full precision (kitty_vllm.kernels.prefill_attention). Without ``exact_prefill``
+3. attention: a one-token step (decode), and with ``exact_prefill`` every query, reads sinks and its
+   window (its newest ``page_size`` positions) in full precision and the older tokens dequantized, from
+   pages packed in step 2 too (kitty_vllm.kernels.prefill_attention). Without ``exact_prefill``
    (kitty_vllm.reference) a request's step of several tokens reads only the pages complete before it
    dequantized: those pages, dequantized into the model dtype, the sinks and ring before the step and
    the step's tokens are copied into one sequence, over which vLLM's FlashAttention runs
    (kitty_vllm.kernels.context_attention);
-4. the tokens of each new unfinished page are written to the ring. This comes last because they may
-   take ring slots of a page packed in step 2, which step 3 still read.
+4. each request's newest ``page_size`` tokens of the step are written to the ring. This comes last
+   because they take ring slots that steps 2 and 3 still read.
 
 Every request stores (1, 2) before any attends (3): vLLM publishes a block for prefix-cache hits when
 it is scheduled, so a request may read, in the same step, a page another one packs.
@@ -100,7 +100,7 @@ class PagedKittyCache:
                    packed.is_cuda if kernels is None else kernels)
 
     def _ring_columns(self, row: int, positions: torch.Tensor) -> list[torch.Tensor]:
-        """(row, staging-table column, slot) of unfinished-page positions: ring slot ``p % page_size``."""
+        """(row, staging-table column, slot) of window positions: ring slot ``p % page_size``."""
         s = self.stage_layout
         slot = positions % self.config.page_size
         return [torch.full_like(positions, row), s.sink_blocks + slot // s.tokens_per_block, slot % s.tokens_per_block]
@@ -128,7 +128,7 @@ class PagedKittyCache:
                 num_reads += len(old)
                 j = torch.arange(ring_start // page, full_pages)
                 pages.append(torch.stack([torch.full_like(j, span.row), j, j * page]))
-            tail = torch.arange(max(span.context, full_pages * page), end)             # 4.
+            tail = torch.arange(max(span.context, end - page), end)                    # 4.
             ring_writes.append(torch.stack([*self._ring_columns(span.row, tail), tail + token]))
         source = torch.cat(sources) if sources else torch.zeros(0, dtype=torch.int64)
         source = torch.where(source < 0, num_reads - 1 - source, source)
@@ -275,17 +275,20 @@ class PagedKittyCache:
     def _reference_attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, context_len: int,
                           page_row: torch.Tensor, stage_row: torch.Tensor, scale: float) -> torch.Tensor:
         """Step 3 of one request through kitty_vllm.reference: float32 [Tq, Hq, D]. Sinks and the ring
-        (positions of the unfinished page before ``context_len``) are read from the staging blocks."""
+        (the positions before ``context_len`` that the step reads in full precision) are read from the
+        staging blocks."""
         page, sinks, block_tokens = self.config.page_size, self.config.sink_tokens, self.stage_layout.block_tokens
         end = context_len + query.shape[0]
-        ring_start, full_pages = context_len // page * page, end // page
+        windowed = self.config.exact_prefill or query.shape[0] == 1
+        window = max(context_len - page, 0) if windowed else context_len // page * page
+        full_pages = end // page
         keys = torch.zeros(end, *key.shape[1:], dtype=key.dtype, device=key.device)
         values = torch.zeros_like(keys)
         keys[context_len:], values[context_len:] = key, value
-        old = torch.arange(ring_start, context_len, device=key.device)
+        old = torch.arange(window, context_len, device=key.device)
         _, columns, slots = self._ring_columns(0, old)
         keys[old], values[old] = self.stage[stage_row[columns], 0, slots], self.stage[stage_row[columns], 1, slots]
-        stored_sinks = torch.arange(min(sinks, ring_start), device=key.device)
+        stored_sinks = torch.arange(min(sinks, window), device=key.device)
         blocks = stage_row[stored_sinks // block_tokens]
         keys[stored_sinks] = self.stage[blocks, 0, stored_sinks % block_tokens]
         values[stored_sinks] = self.stage[blocks, 1, stored_sinks % block_tokens]

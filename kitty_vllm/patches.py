@@ -18,7 +18,7 @@ patch says why it is needed, how it is done, and when it can go.
    wrapped to return kitty's packed spec, whose page size is the true compressed size.
 4. ``Attention.__init__`` is wrapped to give every kitty decoder layer a staging companion layer
    (``<layer>.kitty_stage``, see kitty_vllm.stage), whose KV-cache group holds the full-precision sinks
-   and unfinished page, owned and freed by vLLM's KV-cache manager.
+   and window of newest tokens, owned and freed by vLLM's KV-cache manager.
 5. The KV-cache manager registry gets managers for both specs (kitty_vllm.block_manager).
 6. Ray workers build the KV-cache specs, so they must read the same ``KITTY_CONFIG`` as the engine.
    vLLM's default Ray executor (``RayExecutorV2``) hands them the driver's whole environment, but the

@@ -4,21 +4,22 @@ Rounding rule, shared with the kernels: ``code = clamp(floor((x - min) / scale +
 with ``min`` and ``scale`` first rounded to float16 (the stored values), and code 0 where scale is 0.
 
 Cache schedule, shared with the vLLM backend. Pages cover tokens ``[j * P, (j + 1) * P)``. A page is
-quantized as soon as its last token is stored, before attention in the same step, so the query at
-position ``p`` sees Key/Value ``t`` as
+quantized as soon as its last token is stored (its tokens stay in full precision in the ring, which
+holds each request's newest ``W = value_window = P`` tokens), so the query at position ``p`` sees
+Key/Value ``t`` as
 
-* the original (full precision) if ``t < sink_tokens``;
-* dequantized if ``t``'s page is complete at ``p``, i.e. ``(t // P + 1) * P <= p + 1``;
-* the original otherwise (the unfinished page: Keys wait for their page, Values for their window).
+* the original (full precision) if ``t < sink_tokens`` or ``p - t < W`` (the window: the ring);
+* dequantized otherwise (its page is complete at ``p``, since ``t <= p - P``).
 
 Sink tokens never enter page statistics: they are excluded from page 0's min/max and boost scores.
 
 That rule alone is ``exact_prefill`` (KittyConfig): it depends only on positions, so prefill, chunked
-prefill, decode and prefix-cache hits all see the same cache. By default the queries of a step of
-several tokens (a prefill or a prefill chunk) read only the pages complete before the step, ``(t // P +
-1) * P <= c`` for the step's first position ``c``, dequantized (sinks excepted), and everything else in
-the original: the unfinished page before the step and the step's own tokens, as vLLM's other formats
-prefill. A one-token step (decode) follows the rule alone in both modes.
+prefill and decode all see the same cache. By default the queries of a step of several tokens (a prefill
+or a prefill chunk) read the pages complete before the step, ``(t // P + 1) * P <= c`` for the step's
+first position ``c``, dequantized (sinks excepted), and everything else in the original: the unfinished
+page before the step and the step's own tokens, as vLLM's other formats prefill. So a step that starts on
+a page boundary, as a prefix-cache hit does (kitty_vllm.block_manager), needs no full-precision token
+from before it but the sinks. A one-token step (decode) follows the rule alone in both modes.
 """
 
 from __future__ import annotations
@@ -194,7 +195,7 @@ def quantized_sequence(keys: torch.Tensor, values: torch.Tensor, config: KittyCo
     """Every complete page of a sequence ``[N, H, D]``, quantized and dequantized (float32).
 
     Rows of incomplete pages are left as the input; sink rows are dequantized too (they are never
-    read from the page, see :func:`cache_as_seen`).
+    read from the page, see :func:`quantized_mask`).
     """
     page = config.page_size
     keys_q, values_q = keys.float().clone(), values.float().clone()
@@ -209,12 +210,12 @@ def quantized_mask(query_positions: torch.Tensor, num_keys: int, config: KittyCo
     """bool [Tq, N]: True where a step's queries at ``query_positions`` read key ``t`` from a quantized
     page (the cache schedule, module docstring)."""
     t = torch.arange(num_keys)
-    page_end = (t // config.page_size + 1) * config.page_size
     if config.exact_prefill or len(query_positions) < 2:
-        page_done = page_end <= query_positions[:, None] + 1
+        quantized = query_positions[:, None] - t >= config.value_window
     else:
-        page_done = (page_end <= query_positions.min()).expand(len(query_positions), -1)
-    return page_done & (t >= config.sink_tokens)
+        page_end = (t // config.page_size + 1) * config.page_size
+        quantized = (page_end <= query_positions.min()).expand(len(query_positions), -1)
+    return quantized & (t >= config.sink_tokens)
 
 
 def reference_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,

@@ -1,17 +1,18 @@
-"""The staging companion of a kitty attention layer: the full-precision sinks and unfinished page.
+"""The staging companion of a kitty attention layer: the full-precision sinks and newest tokens.
 
 Choice: the full-precision tokens live in a second vLLM KV-cache group, owned by vLLM's own KV-cache
 manager, rather than in a side pool keyed by block id. Why:
 
 * Memory follows the requests: each request holds ``StageLayout.blocks_per_request`` staging blocks
-  (sinks + a ring for the unfinished page), allocated and freed by vLLM with the request (finish,
+  (sinks + a ring for the newest page of tokens), allocated and freed by vLLM with the request (finish,
   abort, preemption), and counted by vLLM's memory budget and its "Maximum concurrency" line through
   ``KittyStageSpec.max_memory_usage_bytes``. A side pool would sit outside vLLM's budget, would be
   sized for ``max_num_seqs`` rather than for the requests that run, and would learn of frees only
   indirectly (the worker is not told when a block is freed).
 * Prefix caching: the sink blocks are cached under the request's own block hashes, so a prefix hit
-  (always page-aligned, where the ring is empty) finds both its packed pages and its sinks. A side
-  pool could not restore sinks on a hit without recomputing them.
+  (page-aligned, one page short of the cached prefix, so that the request's own steps fill its ring
+  before a decode reads it: kitty_vllm.block_manager) finds both its packed pages and its sinks. A side pool could not restore
+  sinks on a hit without recomputing them.
 * The cost: a companion layer per attention layer (this module), equal page sizes across the two
   groups (a staging block is exactly one layer's packed page), and reliance on vLLM's hybrid
   KV-cache manager, which must stay enabled.
@@ -54,8 +55,12 @@ class KittyStageCache(torch.nn.Module, AttentionLayerBase):
     def get_kv_cache_spec(self, vllm_config: VllmConfig) -> KVCacheSpec:
         from kitty_vllm.block_manager import kitty_specs
 
+        scheduler = vllm_config.scheduler_config
+        step_tokens = scheduler.max_num_batched_tokens
+        if scheduler.long_prefill_token_threshold > 0:
+            step_tokens = min(step_tokens, scheduler.long_prefill_token_threshold)
         return kitty_specs(load_config(self.kv_cache_dtype), self.num_kv_heads, self.head_size,
-                           self.dtype)[1]
+                           self.dtype, step_tokens)[1]
 
     def get_attn_backend(self) -> type[AttentionBackend]:
         return KittyStageBackend

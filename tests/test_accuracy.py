@@ -4,8 +4,8 @@ The perplexity part of the CPU version is tests/test_smollm2_perplexity.py.
 
 1. Why perplexity may be scored with prompt log-probabilities. With ``exact_prefill``
    (kitty_vllm.config), the eval's setting for perplexity, kitty's cache schedule
-   (kitty_vllm.reference) gives the query at position p every page complete at p, dequantized, in
-   prefill as in decode. So the log-probabilities of one long prefill equal those that decoding the
+   (kitty_vllm.reference) gives the query at position p every token older than its window, dequantized,
+   in prefill as in decode. So the log-probabilities of one long prefill equal those that decoding the
    same tokens one step at a time gives. Checked on the tiny model through vLLM: greedy decoding
    returns each new token's log-probability from a decode step; one prefill of prompt + those tokens
    must score them the same. The decode crosses page boundaries, so later steps read packed pages
@@ -317,6 +317,7 @@ def test_needle_prompts_fill_the_context_and_hold_the_pass_key():
     (["--reference"], "perplexity only"),
     (["--reference", "--tasks", "perplexity", "--dtype", "bfloat16"], "float32"),
     (["--tasks", "needle", "--ablations"], "add gsm8k"),
+    (["--no-prefix-caching"], "with --json"),
 ])
 def test_command_line_refuses_what_it_cannot_run(monkeypatch, capsys, argv, message):
     from kitty_vllm.eval import parse_args

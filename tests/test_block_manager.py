@@ -275,17 +275,38 @@ def test_prefix_hit_shares_sinks_and_pages(sim):
     first = sim.request("r1", PROMPT)
     prefill(sim, first)
     second = sim.request("r2", PROMPT[:650] + list(range(9000, 9300)))
-    assert sim.admit(second, 2048) == 640
+    assert sim.admit(second, 2048) == 512      # 5 pages cached; the last is recomputed for the ring
     sim.check(second)
     first_packed, first_stage = sim.block_ids(first)
     second_packed, second_stage = sim.block_ids(second)
-    assert second_packed[:5] == first_packed[:5]
+    assert second_packed[:4] == first_packed[:4] and second_packed[4] != first_packed[4]
     assert second_stage[:2] == first_stage[:2]
     assert not set(second_stage[2:]) & set(first_stage)  # the ring is private
     sinks = [sim.pool.blocks[i] for i in second_stage[:2]]
     assert [b.ref_cnt for b in sinks] == [2, 2]
     sim.manager.free(first)
     assert [b.ref_cnt for b in sinks] == [1, 1]
+
+
+def test_first_step_after_a_hit_computes_a_page(sim):
+    """A hit request whose first step would compute less than a page waits (kitty_vllm.block_manager:
+    its decodes must find only its own tokens in the ring), then takes the hit in a longer step."""
+    first = sim.request("r1", PROMPT)
+    prefill(sim, first)
+    second = sim.request("r2", PROMPT[:650] + list(range(9000, 9300)))
+    free = sim.pool.get_num_free_blocks()
+    assert sim.admit(second, KITTY2.page_size - 1) is None
+    assert sim.pool.get_num_free_blocks() == free
+    assert sim.admit(second, KITTY2.page_size) == 512
+    sim.check(second)
+
+
+@pytest.mark.parametrize("config, step_tokens, hits", [
+    (KITTY2, None, True), (KITTY2, 128, True), (KITTY2, 127, False),
+    (KITTY2.replace(exact_prefill=True), None, False)])
+def test_prefix_hits_need_page_steps_and_the_default_schedule(config, step_tokens, hits):
+    stage = kitty_specs(config, NUM_KV_HEADS, HEAD_DIM, MODEL_DTYPE, step_tokens)[1]
+    assert stage.prefix_hits is hits
 
 
 def test_preemption_abort_and_finish_free_the_pool(sim):
@@ -297,7 +318,7 @@ def test_preemption_abort_and_finish_free_the_pool(sim):
     sim.manager.free(first)  # finish
 
     sim.preempt(second)
-    assert sim.admit(second, 2048) == 896  # everything computed before, down to a page boundary
+    assert sim.admit(second, 2048) == 768  # everything computed before, down to a page boundary, less a page
     sim.check(second)
     assert sim.sink_ids(second) == sinks
 
@@ -330,7 +351,7 @@ def test_evicted_page_shortens_the_hit_but_keeps_the_sinks(sim):
     sim.manager.free(first)
     sim.pool.evict_blocks({packed[3]})
     later = sim.request("r4", PROMPT[:650])
-    assert sim.admit(later, 2048) == 3 * 128
+    assert sim.admit(later, 2048) == 2 * 128   # pages 0-2 cached, page 2 recomputed
     assert sim.sink_ids(later) == sinks
 
 

@@ -1,15 +1,17 @@
 """Determinism of greedy kitty2 output, and kitty's own counters (kitty_vllm.metrics).
 
-One batch (prompts shorter than, at and past page boundaries, two sharing a two-page prefix) runs twice
-in an engine with prefix caching off and twice in one with it on, in float32 on the tiny model, with
-``exact_prefill`` (kitty_vllm.config), under which a prefix-cache hit reads what a miss does:
+Ten prompts (shorter than, at and past page boundaries, two sharing a two-page prefix) run twice in an
+engine with prefix caching off and twice in one with it on, in float32 on the tiny model. kitty2 runs
+as users get it, one request at a time in page-sized steps: then a prefix-cache hit, which stops one
+page short of the cached pages (kitty_vllm.block_manager), is followed by the steps a miss takes there,
+which read the same cache:
 
-* the same batch composition gives the same tokens and the same logprobs, bit for bit, run after run;
-* prefix caching changes nothing: with it on, the first run shares the common prefix inside the batch
-  and the second run reads every prompt's packed pages and sinks from the cache, and both give the
-  tokens of the engine without caching;
+* the same requests give the same tokens and the same logprobs, bit for bit, run after run;
+* prefix caching changes nothing: with it on, the first run shares the common prefix between the two
+  requests and the second run reads every prompt's packed pages and sinks from the cache, and both
+  give the tokens and logprobs of the engine without caching;
 * kitty's page counter counts exactly the pages packed: every full page of the stored tokens without
-  caching, only the pages past the prefix-cache hit with it; and no staging block is held afterwards.
+  caching, only the pages past the prefix-cache hits with it; and no staging block is held afterwards.
 """
 
 from dataclasses import dataclass
@@ -25,8 +27,8 @@ PAGE = 128
 PROMPT_LENGTHS = (1, 31, 100, 127, 128, 129, 300, 520)
 SHARED_PREFIX, SHARED_SUFFIX = 2 * PAGE, 44
 NEW_TOKENS = 40
-ENGINE_ARGS = dict(kv_cache_dtype="kitty2", exact_prefill=True, dtype="float32", max_model_len=1024,
-                   max_num_seqs=16)
+ENGINE_ARGS = dict(kv_cache_dtype="kitty2", dtype="float32", max_model_len=1024, max_num_seqs=1,
+                   max_num_batched_tokens=PAGE)
 
 
 def tokens(seed: int, length: int) -> list[int]:
@@ -81,15 +83,17 @@ def test_same_batch_gives_the_same_output(runs):
 
 
 def test_prefix_caching_does_not_change_the_output(runs):
-    assert runs[True, 1].token_ids == runs[False, 1].token_ids
-    assert runs[True, 2].token_ids == runs[False, 1].token_ids
+    for number in (1, 2):
+        assert runs[True, number].token_ids == runs[False, 1].token_ids
+        assert runs[True, number].logprobs == runs[False, 1].logprobs
 
 
 def test_page_counter_counts_the_pages_packed(runs):
     for number in (1, 2):
         assert runs[False, number].pages_packed == sum(map(stored_pages, PROMPTS))
-    # The second run with caching hits every prompt's full pages, except the page holding its last
-    # token: vLLM always computes at least that token.
-    cached_pages = [(len(p) - 1) // PAGE for p in PROMPTS]
+    # A hit stops one page short of the cached full pages, which exclude the page holding the prompt's
+    # last token (vLLM always computes that token). The first run hits the shared prefix's first page.
+    cached_pages = [max((len(p) - 1) // PAGE - 1, 0) for p in PROMPTS]
+    assert runs[True, 1].pages_packed == sum(map(stored_pages, PROMPTS)) - 1
     assert runs[True, 2].pages_packed == sum(map(stored_pages, PROMPTS)) - sum(cached_pages)
     assert all(run.staging_blocks_held == 0 for run in runs.values())

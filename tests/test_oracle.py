@@ -113,18 +113,21 @@ def test_exact_prefill_and_decode_see_the_same_cache(prompts, chunk_size):
 
 def test_default_mode_reads_each_step_in_full_precision(prompts):
     """Without exact_prefill the tokens of one forward call read each other in full precision: one
-    prefill of the whole sequence is plain attention, bit for bit. Fed in page-sized steps, every query
-    reads the earlier pages quantized as under exact_prefill, except a page's last query: under
-    exact_prefill it alone reads its own page quantized too. One float64 layer, as above, so that
-    each position's logits depend on its own query's attention only.
+    prefill of the whole sequence is plain attention, bit for bit. Fed in page-sized steps, a query
+    reads the pages before its step quantized and its own page in full precision; under exact_prefill
+    it reads its window (the newest value_window tokens) in full precision instead. The two agree on
+    the first page and at each page's last query, whose window is its own page. One float64 layer, as
+    above, so that each position's logits depend on its own query's attention only.
     """
     one_layer = build_tiny_model(num_layers=1)
     sequence = prompts[0] + prompts[1][1:21]
     page = SMALL_PAGES.page_size
+    assert SMALL_PAGES.value_window == page
     whole = kitty_logits(one_layer, sequence, SMALL_PAGES, dtype=torch.float64)
     assert torch.equal(whole, kitty_logits(one_layer, sequence, None, dtype=torch.float64))
     paged = kitty_logits(one_layer, sequence, SMALL_PAGES, chunk_size=page, dtype=torch.float64)
     exact = kitty_logits(one_layer, sequence, EXACT, dtype=torch.float64)
-    last_of_page = torch.arange(len(sequence)) % page == page - 1
-    torch.testing.assert_close(paged[~last_of_page], exact[~last_of_page], atol=1e-4, rtol=0)
-    assert ((paged - exact)[last_of_page].abs().amax(dim=-1) > 1e-2).all()
+    position = torch.arange(len(sequence))
+    same = (position < page) | (position % page == page - 1)
+    torch.testing.assert_close(paged[same], exact[same], atol=1e-4, rtol=0)
+    assert ((paged - exact)[~same].abs().amax(dim=-1) > 1e-2).all()

@@ -5,13 +5,13 @@ step where request A's prefill completes the shared prefix, hits pages that A pa
 step. The backend must store every request before any attends; otherwise B reads a block whose
 page is not written yet (found by the H100 soak: a prefix request's first token flipped).
 
-The schedule of F (8 tokens, 2 out), A and B (the same 512-token prefix, then 40 different tokens),
-with a 256-token budget: step 1 prefills F and A[:248], step 2 F's last token and A[248:503], step 3
-B (a 512-token hit, in F's freed batch slot, so before A) and A[503:], which completes A's fourth page.
-B's first token is compared with B run without a hit (another cache_salt) beside its own F, so that
-its prefix is computed in the same steps as A's. It still prefills B[503:] in a step that a hit
-does not, so the engine runs kitty2 with ``exact_prefill``, where the steps do not change what a
-query reads.
+The schedule of F (8 tokens, 1 out), A and B (the same 512-token prefix, then 40 different tokens),
+with a 384-token budget: step 1 prefills F and A[:376]; step 2 A[376:], which packs A's third and
+fourth pages, and B in F's freed batch slot, so before A. B's hit stops one page short of the
+four cached pages (kitty_vllm.block_manager): 384 tokens, so it includes the third page, packed in
+that step; B computes its other 168 tokens in the same step. B's first token is compared with B's
+repeat, which hits the same 384 tokens once every page is written and computes the same 168 tokens
+in one step: the two read the same cache.
 """
 
 from transformers import AutoTokenizer
@@ -20,12 +20,12 @@ from vllm.inputs import TokensPrompt
 
 from engine import torch_threads, vllm_engine
 from kitty_vllm.assets import smollm2_path, token_windows
+from kitty_vllm.metrics import kv_stats
 
-PREFIX = 512          # four 128-token pages
-# Both runs compute the prefix's Keys and Values in the same batches, but its last 9 tokens beside
-# different ones (A's or B's suffix): float32 noise there, which 2-bit rounding may amplify, is all
-# that may move B's first-token logprobs (on an AVX-512 CPU they are equal, bit for bit). Reading the
-# unwritten page flipped the top token (1.2 nats).
+PREFIX, PAGE = 512, 128
+# B's first step computes its 168 tokens beside A's last 176 in one run and alone in the other:
+# float32 noise from the different batches, which 2-bit rounding may amplify, is all that may move
+# its first-token logprobs. Reading the unwritten page flipped the top token (1.2 nats).
 LOGPROB_TOLERANCE = 0.1
 
 
@@ -33,17 +33,18 @@ def first_token(output) -> dict[int, float]:
     return {token: lp.logprob for token, lp in output.outputs[0].logprobs[0].items()}
 
 
-def run_steps(engine, prompts: dict[str, list[int]], salt: str) -> dict:
-    """Add the requests in order (F: 2 tokens out, the others 1 with logprobs) and step the engine
-    until all finish; their outputs by name."""
+def run_steps(engine, prompts: dict[str, list[int]]) -> tuple[dict, list[int]]:
+    """Add the requests in order (one token out each, with logprobs) and step the engine until all
+    finish: their outputs by name, and the pages packed after each step."""
+    params = SamplingParams(max_tokens=1, temperature=0, logprobs=5)
     for name, prompt in prompts.items():
-        params = (SamplingParams(max_tokens=2, temperature=0, ignore_eos=True) if name == "F"
-                  else SamplingParams(max_tokens=1, temperature=0, logprobs=5))
-        engine.add_request(name + salt, TokensPrompt(prompt_token_ids=prompt, cache_salt=salt), params)
-    outputs = {}
+        engine.add_request(name, TokensPrompt(prompt_token_ids=prompt), params)
+    stats = kv_stats(engine.engine_core.engine_core.scheduler.kv_cache_manager.block_pool)
+    outputs, packed = {}, []
     while engine.has_unfinished_requests():
-        outputs.update((o.request_id.removesuffix(salt), o) for o in engine.step() if o.finished)
-    return outputs
+        outputs.update((o.request_id, o) for o in engine.step() if o.finished)
+        packed.append(stats.pages_packed)
+    return outputs, packed
 
 
 def test_a_hit_on_pages_packed_in_the_same_step_reads_them_packed():
@@ -51,13 +52,12 @@ def test_a_hit_on_pages_packed_in_the_same_step_reads_them_packed():
     windows = token_windows(AutoTokenizer.from_pretrained(str(model)), 4, 600)
     prefix = windows[0][:PREFIX]
     a, b, f = prefix + windows[1][:40], prefix + windows[2][:40], windows[3][:8]
-    with torch_threads(1), vllm_engine(model, exact_prefill=True, dtype="float32", kv_cache_dtype="kitty2",
-                                       max_model_len=1024, max_num_batched_tokens=256,
-                                       enable_prefix_caching=True) as llm:
-        alone = run_steps(llm.llm_engine, {"F": f, "B": b}, "alone")["B"]
-        outputs = run_steps(llm.llm_engine, {"F": f, "A": a, "B": b}, "step")
-    assert alone.num_cached_tokens == 0
-    assert outputs["B"].num_cached_tokens == PREFIX      # B did hit the pages A packed in its step
-    hit, alone = first_token(outputs["B"]), first_token(alone)
-    assert hit.keys() == alone.keys()                    # the same top tokens
-    assert max(abs(hit[t] - alone[t]) for t in alone) < LOGPROB_TOLERANCE
+    with torch_threads(1), vllm_engine(model, dtype="float32", kv_cache_dtype="kitty2", max_model_len=1024,
+                                       max_num_batched_tokens=384, enable_prefix_caching=True) as llm:
+        outputs, packed = run_steps(llm.llm_engine, {"F": f, "A": a, "B": b})
+        repeat = run_steps(llm.llm_engine, {"B again": b})[0]["B again"]
+    assert len(packed) == 2 and packed[0] == 2           # step 1 packed A's first two pages only
+    assert outputs["B"].num_cached_tokens == repeat.num_cached_tokens == PREFIX - PAGE
+    hit, repeat = first_token(outputs["B"]), first_token(repeat)
+    assert hit.keys() == repeat.keys()                   # the same top tokens
+    assert max(abs(hit[t] - repeat[t]) for t in repeat) < LOGPROB_TOLERANCE

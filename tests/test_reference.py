@@ -81,23 +81,25 @@ SMALL_EXACT = SMALL.replace(exact_prefill=True)
 
 
 def test_quantized_mask_follows_the_schedule():
-    mask = R.quantized_mask(torch.tensor([14, 15, 40]), 41, SMALL_EXACT)
-    assert not mask[0].any()                                    # page 0 still filling at 14
-    assert mask[1, 4:16].all() and not mask[1, :4].any()        # page 0 full at 15; sinks stay fp
-    assert mask[2, 4:32].all() and not mask[2, 32:].any()       # page 2 (32..47) unfinished at 40
+    mask = R.quantized_mask(torch.tensor([14, 15, 40, 47]), 48, SMALL_EXACT)
+    assert not mask[:2].any()                                   # page 0 full at 15, but in the window
+    assert mask[2, 4:25].all() and not mask[2, :4].any()        # 40 - t >= 16; sinks stay fp
+    assert not mask[2, 25:].any()                               # the window: 25..40
+    assert mask[3, 4:32].all() and not mask[3, 32:].any()       # page 1 leaves the window whole at 47
 
 
 def test_default_mask_reads_the_step_in_full_precision():
     """A step of queries 36..50: keys from 36 on are the step's own, read in full precision, and so is
-    the rest of page 2 (32..35), unfinished before the step, though the step completes it at 47 (exact:
-    quantized from then on); pages complete before the step are read quantized."""
+    the rest of page 2 (32..35), unfinished before the step; pages complete before the step are read
+    quantized. With exact_prefill each query at p reads keys up to p - 16 quantized, the step's own
+    included."""
     positions = torch.arange(36, 51)
     mask = R.quantized_mask(positions, 51, SMALL)
     assert not mask[:, 32:].any() and not mask[:, :4].any()     # page 2 and the step's own keys; sinks
     assert mask[:, 4:32].all()                                  # pages 0 and 1, complete before the step
     exact = R.quantized_mask(positions, 51, SMALL_EXACT)
-    assert torch.equal(mask[:, :32], exact[:, :32]) and exact[positions >= 47, 32:48].all()
-    assert not exact[positions < 47, 32:].any()
+    t = torch.arange(51)
+    assert torch.equal(exact, (positions[:, None] - t >= 16) & (t >= 4))
 
 
 def test_attention_without_full_pages_is_exact():
@@ -120,9 +122,9 @@ def test_exact_attention_depends_only_on_positions():
 
 
 def test_default_attention_of_a_step_reads_earlier_pages_quantized():
-    """A step 32..59 (page 2 completes inside it at 47): plain causal attention over pages 0 and 1
-    quantized (sinks aside) and everything from 32 on in full precision. Under exact_prefill the
-    queries from 47 on read page 2 quantized as well, and only they differ."""
+    """A step 32..59: plain causal attention over pages 0 and 1 quantized (sinks aside) and everything
+    from 32 on in full precision. Under exact_prefill a query at p reads keys up to p - 16 quantized
+    instead: the same keys only at 47."""
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(n, h, 32, generator=g) for n, h in [(28, 4), (60, 2), (60, 2)])
     out = R.reference_attention(q, k, v, SMALL)
@@ -133,14 +135,14 @@ def test_default_attention_of_a_step_reads_earlier_pages_quantized():
     plain = KittyConfig(page_size=64, value_window=64, sink_tokens=0)   # no page fills: plain attention
     torch.testing.assert_close(out, R.reference_attention(q, mixed_k, mixed_v, plain), rtol=1e-5, atol=1e-5)
     exact = R.reference_attention(q, k, v, SMALL_EXACT)
-    page_2_complete = torch.arange(32, 60) >= 47
-    assert torch.equal(out[~page_2_complete], exact[~page_2_complete])
-    assert ((out - exact)[page_2_complete].abs().amax(dim=(1, 2)) > 1e-2).all()
+    same = torch.arange(32, 60) == 47
+    assert torch.equal(out[same], exact[same])
+    assert (out - exact)[~same].abs().amax(dim=(1, 2)).gt(0).all()
 
 
 @pytest.mark.parametrize("position", [10, 15, 16, 47, 69])
 def test_a_decode_step_is_the_same_in_both_modes(position):
-    """One query, also where its own token completes a page (15, 47): then it reads that page packed,
-    its own token included, as vLLM's decode kernel does."""
+    """One query, also where its own token completes a page (15, 47): that page stays in its window, in
+    full precision, and at 47 page 1 (16..31) has just left it whole."""
     q, k, v = torch.randn(1, 4, 32), torch.randn(position + 1, 2, 32), torch.randn(position + 1, 2, 32)
     assert torch.equal(R.reference_attention(q, k, v, SMALL), R.reference_attention(q, k, v, SMALL_EXACT))

@@ -1,7 +1,7 @@
 """`vllm serve --kv-cache-dtype kitty2` end to end: OpenAI completions, chat and streaming on SmolLM2,
 then aborted streams, after which /metrics must show every KV-cache block released.
 
-Kitty's full-precision buffers (sinks and the unfinished page) are blocks of vLLM's own KV cache (the
+Kitty's full-precision buffers (sinks and the window of newest tokens) are blocks of vLLM's own KV cache (the
 staging KV-cache group, see kitty_vllm.stage), so ``vllm:kv_cache_usage_perc`` back at 0 means the
 packed pages and the staging blocks of the aborted requests were all freed.
 """

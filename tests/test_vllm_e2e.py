@@ -8,10 +8,10 @@ greedy, so any difference in quantization, packing, page bookkeeping, the stagin
 reuse or chunked prefill shows up as a different token.
 
 Most engines run with ``exact_prefill`` (kitty_vllm.config), where every query reads the cache as
-decoding would, so vLLM's 512-token steps, chunks and prefix hits need not match the oracle's steps
-(one prefill, then one token at a time). One engine runs kitty2 as users get it, where a step's tokens
-read each other in full precision: one request at a time in STEP-token prefill steps, against the
-oracle fed the same steps.
+decoding would, so vLLM's 512-token steps and chunks need not match the oracle's steps (one prefill,
+then one token at a time). Two engines run kitty2 as users get it, where a step's tokens read each
+other in full precision, one request at a time, against the oracle fed the same steps: one in STEP-token
+prefill steps, one with prefix caching (exact_prefill turns prefix-cache hits off).
 
 Prompts are real essay text (the tiny model's tokenizer) of 40, 120, 300 and 740 tokens (BOS
 first): one never completes a page (40 + 32 < 128), two complete a page while decoding (120 + 32 > 128,
@@ -35,13 +35,16 @@ from tiny_model import build_tiny_model
 NEW_TOKENS = 32
 PROMPT_LENS = (40, 120, 300, 740)
 PAGE = 128
-# The follow-up request shares this many leading tokens with the 740-token prompt: a prefix-cache hit
-# covers the whole pages of it, 3 pages = 384 tokens (sinks included). Its 620 tokens + 32 complete
-# page 4 while decoding.
+# The follow-up requests: one shares this many leading tokens with the 740-token prompt, whose whole
+# pages, 3 pages = 384 tokens (sinks included), are cached; one repeats it, 5 pages cached (its last token
+# is recomputed). A prefix-cache hit takes all but the last cached page (kitty_vllm.block_manager).
+# They run in default mode in HIT_STEP-token steps, one at a time, so the hits (256, 512) start steps
+# of the oracle's 128-token chunking. The first one's 620 tokens + 32 complete page 4 while decoding.
 SHARED_PREFIX = 450
 FOLLOW_UP_TAIL = 170
-EXPECTED_HITS = [SHARED_PREFIX // PAGE * PAGE,         # 384: the shared prefix, page-aligned
-                 (PROMPT_LENS[2] - 1) // PAGE * PAGE]  # 256: a repeated prompt (its last token is recomputed)
+HIT_STEP = 128
+EXPECTED_HITS = [SHARED_PREFIX // PAGE * PAGE - PAGE,          # 256
+                 (PROMPT_LENS[3] - 1) // PAGE * PAGE - PAGE]   # 512
 MAX_MODEL_LEN = 1024
 # Prompts come from essay windows FIRST_WINDOW.. (of 740 tokens). Earlier windows give greedy
 # continuations with near-ties (top-2 logit gaps down to 2e-5). Kitty's rounding is discontinuous: vLLM's
@@ -73,17 +76,17 @@ def model_dir():
 @pytest.fixture(scope="module")
 def prompts(model_dir):
     """``batch``: BOS + essay text of PROMPT_LENS tokens, each from its own window (no shared
-    prefixes); ``follow_up``: a prompt sharing SHARED_PREFIX tokens with the 740-token one, and an
-    exact repeat of the 300-token one; ``alone``: the ALONE prompts of the batch."""
+    prefixes); ``long``: the 740-token one; ``follow_up``: a prompt sharing SHARED_PREFIX tokens with
+    it, and an exact repeat of it; ``alone``: the ALONE prompts of the batch."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     count = FIRST_WINDOW + len(PROMPT_LENS) + 1
     windows = token_windows(tokenizer, count, max(PROMPT_LENS))[FIRST_WINDOW:]
     batch = [[tokenizer.bos_token_id] + windows[i][: n - 1] for i, n in enumerate(PROMPT_LENS)]
-    follow_up = [batch[3][:SHARED_PREFIX] + windows[-1][:FOLLOW_UP_TAIL], list(batch[2])]
+    follow_up = [batch[3][:SHARED_PREFIX] + windows[-1][:FOLLOW_UP_TAIL], list(batch[3])]
     assert [len(p) for p in batch] == list(PROMPT_LENS)
-    return {"batch": batch, "follow_up": follow_up, "alone": [batch[i] for i in ALONE]}
+    return {"batch": batch, "long": [batch[3]], "follow_up": follow_up, "alone": [batch[i] for i in ALONE]}
 
 
 class Oracle:
@@ -139,13 +142,16 @@ def run_engine(model_dir, prompt_sets: list[list[list[int]]], exact_prefill: boo
         return [generate(llm, p) for p in prompt_sets]
 
 
-# Engines: one per fixture, each run once per module; all but the last with exact_prefill.
+# Engines: one per fixture, each run once per module; all but kitty2_prefix_caching and the last with
+# exact_prefill.
 
 @pytest.fixture(scope="module")
 def kitty2_prefix_caching(model_dir, prompts):
-    """kitty2, prefix caching on: the batch, then the follow-up (which hits the batch's pages)."""
-    return run_engine(model_dir, [prompts["batch"], prompts["follow_up"]], kv_cache_dtype="kitty2",
-                      enable_prefix_caching=True)
+    """kitty2 as users get it, prefix caching on, one request at a time in HIT_STEP-token steps: the
+    740-token prompt, then the follow-ups (which hit its pages)."""
+    return run_engine(model_dir, [prompts["long"], prompts["follow_up"]], exact_prefill=False,
+                      kv_cache_dtype="kitty2", enable_prefix_caching=True, max_num_batched_tokens=HIT_STEP,
+                      max_num_seqs=1)
 
 
 @pytest.fixture(scope="module")
@@ -203,7 +209,8 @@ def test_oracle_choices_are_not_near_ties(oracle):
     gaps = {(preset, which): oracle.gap(preset, which)
             for preset, which in [("kitty2", "batch"), ("kitty2", "follow_up"), ("kitty2-lite", "batch"),
                                   ("kivi2", "batch")]}
-    gaps["kitty2", "alone", STEP] = oracle.gap("kitty2", "alone", STEP)
+    for which, step in [("alone", STEP), ("long", HIT_STEP), ("follow_up", HIT_STEP)]:
+        gaps["kitty2", which, step] = oracle.gap("kitty2", which, step)
     assert min(gaps.values()) >= MIN_GAP, gaps
 
 
@@ -215,18 +222,18 @@ def test_oracle_default_mode_differs_from_exact_prefill(oracle):
     assert all(d != exact[i] for d, i in zip(default, ALONE, strict=True))
 
 
-def test_kitty2_batch_with_prefix_caching_matches_oracle(kitty2_prefix_caching, oracle):
+def test_kitty2_prefix_caching_first_request_matches_oracle(kitty2_prefix_caching, oracle):
     (tokens, hits), _ = kitty2_prefix_caching
-    assert hits == [0] * len(PROMPT_LENS)          # distinct prompts: nothing to reuse
-    assert tokens == oracle("kitty2")
+    assert hits == [0]
+    assert tokens == oracle("kitty2", "long", HIT_STEP)
 
 
 def test_kitty2_prefix_cache_hit_matches_oracle(kitty2_prefix_caching, oracle):
-    """A request reusing the 740-token prompt's first 3 packed pages and sinks, and a repeated prompt
-    reusing 2 pages, decode what the oracle decodes from scratch."""
+    """A request reusing the 740-token prompt's first 2 packed pages and sinks, and a repeat reusing 4,
+    decode what the oracle decodes from scratch in the same steps."""
     _, (tokens, hits) = kitty2_prefix_caching
     assert hits == EXPECTED_HITS
-    assert tokens == oracle("kitty2", "follow_up")
+    assert tokens == oracle("kitty2", "follow_up", HIT_STEP)
 
 
 def test_kitty2_without_prefix_caching_matches_oracle(kitty2_no_prefix_caching, oracle):

@@ -1,5 +1,5 @@
 """Kitty's KV-cache specs and block managers: true bytes per page, and the full-precision staging
-blocks (sinks and the unfinished page) as a second vLLM KV-cache group sharing the one block pool."""
+blocks (sinks and the window of newest tokens) as a second vLLM KV-cache group sharing the one block pool."""
 
 from kitty_vllm.block_manager.manager import (
     KittyPackedManager,

@@ -1,11 +1,20 @@
 """Scheduler-side block managers of the two kitty KV-cache groups, and their registration with vLLM.
 
-Prefix caching stays correct because a cache hit always ends on a page boundary (the scheduler block
-is the page): the hitting request needs the packed pages before the hit and the sink blocks, nothing
-from a ring. Sinks are cached under the request's own block hashes, and a hit is granted only when
-the sinks are cached too. vLLM publishes a block when it schedules it, so a hit may land on a page
-that another request packs in the same step: the backend stores every request of a batch before any
-attends (PagedKittyCache.store).
+Prefix caching. A hit ends on a page boundary (the scheduler block is the page), one page short of
+the cached prefix, and the first step after it must compute at least a whole page:
+KittyStageManager.get_num_blocks_to_allocate refuses a shorter one, so the request waits for a step
+with room (a waiting request is never preempted for it). Why: a decode reads its window, the newest
+``page_size`` tokens, in full precision from the ring, which is per request and not cached; a step of
+several tokens that starts on a page boundary reads no full-precision token from before it but the
+sinks (kitty_vllm.reference). So the hitting request's ring holds only tokens it computed itself before
+any one-token step reads it. The page given up guarantees that at least page_size + 1 tokens are left to
+compute. With ``exact_prefill``, whose queries read their windows in prefill too, or a scheduler that
+never gives a request a whole page in one step, every lookup misses (KittyStageSpec.prefix_hits).
+
+Sinks are cached under the request's own block hashes, and a hit is granted only when the sinks are
+cached too. vLLM publishes a block when it schedules it, so a hit may land on a page that another
+request packs in the same step: the backend stores every request of a batch before any attends
+(PagedKittyCache.store).
 
 Pinned to vLLM 0.26.0: these classes lean on ``SingleTypeKVCacheManager`` internals, marked below.
 """
@@ -103,6 +112,10 @@ class KittyStageManager(SingleTypeKVCacheManager):
         num_tokens_main_model: int,
         apply_admission_cap: bool = False,
     ) -> int:
+        if new_computed_blocks and num_tokens_main_model - total_computed_tokens < self.layout.page.page_size:
+            # The first step after a prefix-cache hit computes a whole page (module docstring): a
+            # count above the pool leaves the request waiting for a step with room.
+            return self.block_pool.num_gpu_blocks + 1
         held = len(self.req_to_blocks.get(request_id, ())) + len(new_computed_blocks)
         if held >= self.layout.blocks_per_request and not new_computed_blocks:
             return 0                                       # a running request whose row is full
@@ -174,16 +187,19 @@ class KittyStageManager(SingleTypeKVCacheManager):
         dcp_world_size: int = 1,
         pcp_world_size: int = 1,
     ) -> tuple[tuple[list[KVCacheBlock], ...], int]:
-        """The sink blocks, accepting the packed group's candidate length, or a miss.
+        """The sink blocks, and the packed group's candidate length less one page, or a miss.
 
         The hybrid coordinator asks the full-attention (packed) group first, so ``max_length`` is
-        already its page-aligned hit; pages without their sinks are useless, so a missing sink
-        block turns the whole hit into a miss.
+        already its page-aligned hit; the coordinator trims that group's blocks to the length
+        returned here (module docstring: why a page less). Pages without their sinks are useless, so
+        a missing sink block turns the whole hit into a miss.
         """
         if drop_eagle_block:
             raise NotImplementedError("kitty: EAGLE/MTP speculative decoding is not supported")
         miss = tuple([] for _ in kv_cache_group_ids), 0
-        hit_length = max_length - max_length % alignment_tokens
+        if not kv_cache_spec.prefix_hits:
+            return miss
+        hit_length = max_length - max_length % alignment_tokens - kv_cache_spec.kitty_config.page_size
         sink_blocks = kv_cache_spec.layout.sink_blocks
         if hit_length < sink_blocks * kv_cache_spec.block_size:
             return miss

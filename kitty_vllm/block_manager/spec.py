@@ -4,8 +4,8 @@ Each kitty attention layer owns one block in each of two vLLM KV-cache groups:
 
 * ``KittyPackedSpec`` (group "packed"): one block is one quantized page, ``page_size`` tokens of
   every KV head, position-indexed like any full-attention cache.
-* ``KittyStageSpec`` (group "staging"): full-precision blocks for the sink tokens and the unfinished
-  page, in fixed roles rather than by position (see ``kitty_vllm.layout.StageLayout``).
+* ``KittyStageSpec`` (group "staging"): full-precision blocks for the sink tokens and the window of
+  newest tokens, in fixed roles rather than by position (see ``kitty_vllm.layout.StageLayout``).
 
 A staging block has the byte size of a packed page, so both groups share vLLM's one block pool with
 no padding and no block-size scaling. Every byte count comes from ``kitty_vllm.layout``.
@@ -57,7 +57,7 @@ class KittyPackedSpec(FullAttentionSpec):
 
 @dataclass(frozen=True, kw_only=True)
 class KittyStageSpec(AttentionSpec):
-    """Full-precision staging blocks: sink tokens, then a ring for the unfinished page.
+    """Full-precision staging blocks: sink tokens, then a ring for the newest page_size tokens.
 
     A request's row is ``[sink blocks..., ring blocks...]`` and grows to
     ``layout.blocks_needed(num_tokens)``, never beyond ``layout.blocks_per_request``. ``block_size``
@@ -71,6 +71,8 @@ class KittyStageSpec(AttentionSpec):
     """
 
     kitty_config: KittyConfig
+    # Whether KittyStageManager may grant prefix-cache hits (kitty_specs' ``step_tokens``).
+    prefix_hits: bool = True
 
     def __post_init__(self) -> None:
         if self.block_size != self.layout.block_tokens:
@@ -93,9 +95,13 @@ class KittyStageSpec(AttentionSpec):
         return self.layout.blocks_needed(max_model_len) * self.page_size_bytes
 
 
-def kitty_specs(config: KittyConfig, num_kv_heads: int, head_dim: int,
-                model_dtype: torch.dtype) -> tuple[KittyPackedSpec, KittyStageSpec]:
-    """The packed and staging specs of one kitty attention layer (per-rank ``num_kv_heads``)."""
+def kitty_specs(config: KittyConfig, num_kv_heads: int, head_dim: int, model_dtype: torch.dtype,
+                step_tokens: int | None = None) -> tuple[KittyPackedSpec, KittyStageSpec]:
+    """The packed and staging specs of one kitty attention layer (per-rank ``num_kv_heads``).
+
+    ``step_tokens``: the most tokens the scheduler gives one request in a step (None: no limit).
+    Prefix-cache hits are granted only where the first step after one can compute a whole page and
+    ``exact_prefill`` is off (kitty_vllm.block_manager.manager)."""
     if not model_dtype.is_floating_point:
         raise ValueError(f"model_dtype={model_dtype}: staged Keys and Values need a floating dtype")
     packed = KittyPackedSpec(
@@ -112,6 +118,7 @@ def kitty_specs(config: KittyConfig, num_kv_heads: int, head_dim: int,
         head_size=head_dim,
         dtype=model_dtype,
         kitty_config=config,
+        prefix_hits=not config.exact_prefill and (step_tokens is None or step_tokens >= config.page_size),
     )
     # Equal pages are what lets vLLM put both groups in one pool without padding.
     assert packed.page_size_bytes == stage.page_size_bytes == layout.block_bytes

@@ -1,12 +1,12 @@
 """Paged attention over the kitty cache, for decode and prefill (oracle: reference.schedule_attention).
 
 A query at position ``p`` of a request reads, following the cache schedule of kitty_vllm.reference,
-with ``full = (p + 1) // page_size`` pages complete at ``p``:
+with its window of the newest ``page_size`` positions starting at ``w = p + 1 - page_size``:
 
 * sinks, ``t < sink_tokens``: full precision, from the request's sink blocks of the staging group;
-* complete pages, ``sink_tokens <= t < full * page_size``: straight from the packed 2-bit pages;
-* the rest of its own page, ``max(sink_tokens, full * page_size) <= t <= p``: full precision, from the
-  ring for positions before the request's ``context`` and from this step's Keys and Values after it.
+* older tokens, ``sink_tokens <= t < w``: straight from the packed 2-bit pages (complete at ``p``);
+* the window, ``max(sink_tokens, w) <= t <= p``: full precision, from the ring for positions before the
+  request's ``context`` and from this step's Keys and Values after it.
 
 The cache must already hold what the schedule reads: this step's sinks and the pages this step
 completes (PagedKittyCache stores them before attention; kitty_vllm.kernels.store for decode).
@@ -76,8 +76,7 @@ PREFILL_ROWS = 64
 # 2-bit codes of one [tokens, head_dim] tile of Keys or Values: bounds the registers per tile.
 TILE_CODES = 8192
 # Full-precision tokens per tile: kitty2's 32 sinks in one tile. 64-token tiles cost fewer instructions
-# per token (sm_90 SASS, head_dim 64 and 128) but not per step: half of the sinks' tile and of the ring's
-# last (a ring holds 64 tokens on average) would be masked.
+# per token (sm_90 SASS, head_dim 64 and 128) but not per step: half of the sinks' tile would be masked.
 STAGE_TILE = 32
 # Decode stacks the three bfloat16 parts of its float32 operands in the rows of one dot (module
 # docstring): PART_SLOTS slots of GROUP_ROWS rows, one per part plus an empty one, where that makes at
@@ -365,9 +364,10 @@ def _attention_kernel(
     row_valid = (token < count) & (g < GROUP)
     position = first_pos + token                                                         # [ROWS]
     q_head = head * GROUP + g
-    full = (position + 1) // PAGE_SIZE                                                   # [ROWS]
+    window = position + 1 - PAGE_SIZE            # [ROWS]: each row's first full-precision position
     last_pos = first_pos + count - 1
-    pages = (last_pos + 1) // PAGE_SIZE if PACKED else 0
+    packed_end = last_pos + 1 - PAGE_SIZE        # the block reads positions before this from the pages
+    pages = tl.cdiv(tl.maximum(packed_end, 0), PAGE_SIZE) if PACKED else 0
 
     q_rows = (first_token + token).to(tl.int64) * stride_qt + q_head * stride_qh          # [ROWS]
     stored_query = _load_quarters(query_ptr + q_rows, row_valid, Q)
@@ -396,7 +396,7 @@ def _attention_kernel(
     # The packed pages' softmax runs once per query row: on the slots' sum, [ROWS / SLOTS, T].
     page_max = _first_slot(running_max, SLOTS)
     page_sum = _first_slot(running_sum, SLOTS)
-    page_full = _first_slot(full, SLOTS)
+    page_window = _first_slot(window, SLOTS)
     t = tl.arange(0, TILE)
     page_row_ptr = page_table_ptr + request * stride_page_table
     for page in range(split * per_split, tl.minimum(split * per_split + per_split, pages)):
@@ -430,8 +430,10 @@ def _attention_kernel(
             boost_parts = _bf16_parts(boost_query, part_slot, PARTS)
             high_bytes = KEY_HIGH_OFFSET + (tl.arange(0, BOOST_ROWS // 4) % quarter)[:, None]
         page_bias = _first_slot(key_bias, SLOTS)
-        # Page 0 starts with the sinks, read above in full precision: skip their whole tiles here.
-        for start in range(tl.maximum(sink_tokens - page * PAGE_SIZE, 0) // TILE * TILE, PAGE_SIZE, TILE):
+        # Page 0 starts with the sinks, read above in full precision, and the last page may end in the
+        # window: skip their whole tiles here.
+        for start in range(tl.maximum(sink_tokens - page * PAGE_SIZE, 0) // TILE * TILE,
+                           tl.minimum(packed_end - page * PAGE_SIZE, PAGE_SIZE), TILE):
             tt = start + t
             key_bytes = tl.load(page_ptr + KEY_LOW_OFFSET + tt[None, :] * Q + i[:, None])     # [Q, T]
             scores = tl.zeros((ROWS, TILE), tl.float32)
@@ -442,7 +444,7 @@ def _attention_kernel(
                 high = _high_values(tl.load(page_ptr + high_bytes + tt[None, :] * quarter), INTERPRETED)
                 scores = _dot_parts(boost_parts, 0, high, scores, PARTS, INTERPRETED)
             scores = _slot_sum(scores, SLOTS) + page_bias[:, None]                              # [ROWS / SLOTS, T]
-            seen = (page * PAGE_SIZE + tt >= sink_tokens)[None, :] & (page < page_full)[:, None]
+            seen = (page * PAGE_SIZE + tt >= sink_tokens)[None, :] & (page * PAGE_SIZE + tt < page_window[:, None])
             probs, page_max, page_sum, correction = _softmax_step(
                 tl.where(seen, scores, float("-inf")), page_max, page_sum)
             correction = _to_slots(correction, SLOTS)
@@ -463,11 +465,10 @@ def _attention_kernel(
     running_max = _to_slots(page_max, SLOTS)
     running_sum = _to_slots(page_sum, SLOTS)
     if split == num_splits - 1:
-        own_first = tl.maximum(full * PAGE_SIZE, sink_tokens)                            # [ROWS]
         running_max, running_sum, acc = _attend_full_precision(
             query, running_max, running_sum, acc, part_slot, stage_ptr, stage_row_ptr, new_key, new_value,
-            tl.maximum(sink_tokens, (first_pos + 1) // PAGE_SIZE * PAGE_SIZE), last_pos + 1, context, first_pos,
-            own_first, position, sink_blocks, ring_tokens_per_block, head,
+            tl.maximum(sink_tokens, first_pos + 1 - PAGE_SIZE), last_pos + 1, context, first_pos,
+            tl.maximum(window, sink_tokens), position, sink_blocks, ring_tokens_per_block, head,
             stride_sb, stride_skv, stride_st, stride_sh, stride_nt, stride_nvt, PAGE_SIZE, HEAD_DIM, STAGE_TILE,
             SLOTS, PARTS, INTERPRETED)
 
@@ -618,10 +619,10 @@ def decode_attention(query: torch.Tensor, packed: torch.Tensor, stage: torch.Ten
     query [B, Hq, D] (float16, bfloat16 or float32) at position ``seq_lens[b] - 1``, already stored
     (kitty_vllm.kernels.store); packed uint8 [num_blocks, H, page_bytes]; stage [num_stage_blocks, 2
     (K, V), tokens_per_block, H, D] in the query's dtype (``PagedKittyCache.stage``); page_table int32
-    [B, max_pages] (at least ``seq_lens[b] // page_size`` valid entries per row); stage_table int32
-    [B, max_stage_blocks] (at least ``stage_layout.blocks_needed(seq_lens[b])``); seq_lens int32 [B]
-    (0: an empty row, e.g. padding). Hq is a multiple of H. Returns ``out`` [B, Hq, D], allocated in the
-    query's dtype if not given. No host synchronization: CUDA graphs can capture it.
+    [B, max_pages] (valid for the pages before the window, ``ceil(seq_lens[b] / page_size) - 1`` per
+    row); stage_table int32 [B, max_stage_blocks] (at least ``stage_layout.blocks_needed(seq_lens[b])``);
+    seq_lens int32 [B] (0: an empty row, e.g. padding). Hq is a multiple of H. Returns ``out`` [B, Hq, D],
+    allocated in the query's dtype if not given. No host synchronization: CUDA graphs can capture it.
     """
     layout = _check(query, None, None, packed, stage, page_table, stage_table, config, stage_layout, out)
     num_requests, num_heads, head_dim = query.shape
@@ -695,9 +696,9 @@ def prefill_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     query's device: tokens ``first:end`` of query [N, Hq, D] and of key/value [N, H, D] are one request
     at positions from ``context`` on, with row ``row`` of page_table and stage_table (as in
     :func:`decode_attention`). The cache must hold this step's sinks and the pages this step completes;
-    the ring must hold positions ``[context // page_size * page_size, context)`` (PagedKittyCache orders
-    its store so). Writes the spans' rows of ``out`` [N, Hq, D] (allocated in the query's dtype if not
-    given) and returns it.
+    the ring must hold positions ``[context - page_size, context)`` (PagedKittyCache orders its store
+    so). Writes the spans' rows of ``out`` [N, Hq, D] (allocated in the query's dtype if not given) and
+    returns it.
     """
     layout = _check(query, key, value, packed, stage, page_table, stage_table, config, stage_layout, out)
     if blocks.dtype != torch.int64 or blocks.dim() != 2 or blocks.shape[1] != 5 or not blocks.is_contiguous():

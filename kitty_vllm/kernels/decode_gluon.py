@@ -3,7 +3,7 @@
 kitty_vllm.kernels.decode_attention uses it on GPUs where :func:`supported` holds (GQA groups up to 4,
 head_dim 64 or 128, 0 or at least 16 boosted channels, pages a multiple of TILE): it writes the
 split-K partials ``[B, Hq, splits + 1, D + 2]`` (accumulator, max, sum) of splits ``0 .. splits - 1``,
-and the Triton kernel the last one (sinks and ring, full precision) before the merge. Gluon has no
+and the Triton kernel the last one (sinks and window, full precision) before the merge. Gluon has no
 interpreter, so on the CPU decode stays on the Triton kernel; the GPU tests (tests/test_decode_kernel.py,
 ``cuda``) and benchmarks/gluon_decode.py check this one against the float32 reference.
 
@@ -306,13 +306,14 @@ def page_decode_kernel(
     split = gl.program_id(2)
     num_splits = gl.num_programs(2)
     seq_len = gl.load(seq_lens_ptr + request)
-    pages = seq_len // PAGE_SIZE
+    packed_end = seq_len - PAGE_SIZE      # positions before the window (the newest PAGE_SIZE) are read here
+    pages = gl.cdiv(gl.maximum(packed_end, 0), PAGE_SIZE)
     per_split = gl.cdiv(pages, num_splits)
     first_page = split * per_split
     end_page = gl.minimum(first_page + per_split, pages)
-    # Tiles, numbered over the request's pages, that hold a token past the sinks.
+    # Tiles, numbered over the request's pages, that hold a token past the sinks and before the window.
     first_tile = gl.maximum(first_page * TPP, sink_tokens // TILE)
-    end_tile = end_page * TPP
+    end_tile = gl.minimum(end_page * TPP, gl.cdiv(packed_end, TILE))
 
     # Query [4, Q] per plane, in the order of the key bytes each thread reads: B row k of a plane's
     # dot is byte column kp (Q / 4 consecutive bytes per thread and token).
@@ -385,7 +386,7 @@ def page_decode_kernel(
             boost_query = boost_query * (scale_log2 * 16.0) * boost_scale[None, :]
             page_bias += gl.convert_layout(-gl.sum(boost_query, axis=1), gl.SliceLayout(1, LGT), assert_trivial=True)
             boost_parts = _stack_parts(boost_query, LB3, A)
-        for t in range(page_first, (page + 1) * TPP):
+        for t in range(page_first, gl.minimum((page + 1) * TPP, end_tile)):
             async_copy.wait_group(STAGES - 2)
             gl.thread_barrier()
             _issue_tile(t + STAGES - 1, first_tile, end_tile, page_row_ptr, head_base, stride_pb, stages, OFFSETS,
@@ -405,7 +406,7 @@ def page_decode_kernel(
                 high = _relabel(high, HIGH_RELABEL, B)                                        # [BOOST_K, TILE]
                 scores = mma_v2(boost_parts, _lane_plane_values(high, high_shift), scores)
             s = _slot_sum(scores, LT3) + page_bias[:, None]                                   # [4, TILE]
-            s = gl.where((t * TILE + tt >= sink_tokens)[None, :], s, float("-inf"))
+            s = gl.where(((t * TILE + tt >= sink_tokens) & (t * TILE + tt < packed_end))[None, :], s, float("-inf"))
             m_new = gl.maximum(m_i, gl.max(s, axis=1))
             correction = gl.exp2(m_i - m_new)
             p = gl.exp2(s - m_new[:, None])
@@ -466,7 +467,8 @@ def supported(layout: PageLayout, group: int, device: torch.device) -> bool:
 def decode_pages(query: torch.Tensor, packed: torch.Tensor, page_table: torch.Tensor, seq_lens: torch.Tensor,
                  partial: torch.Tensor, splits: int, config: KittyConfig, layout: PageLayout, scale: float) -> None:
     """Splits 0 .. splits - 1 of ``partial`` [B, Hq, splits + 1, D + 2] (float32, contiguous): each
-    request's complete pages (sinks excluded) for the query [B, Hq, D] at position seq_lens - 1.
+    request's packed positions before its window (sinks excluded) for the query [B, Hq, D] at position
+    seq_lens - 1.
     Arguments as kitty_vllm.kernels.decode_attention."""
     num_requests, num_heads, head_dim = query.shape
     num_kv_heads = packed.shape[1]

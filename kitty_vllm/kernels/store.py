@@ -5,7 +5,7 @@ The token at position ``p = seq_len - 1`` goes, following the cache schedule of 
 * to its sink slot too if ``p < sink_tokens``;
 * if it completes its page (``seq_len % page_size == 0``): with the page's older tokens, read from the
   ring, into the page's packed block (kitty_vllm.kernels.quantize.pack_page);
-* otherwise to its ring slot ``p % page_size``.
+* to its ring slot ``p % page_size`` (the window: attention reads the newest ``page_size`` tokens there).
 
 One fused kernel, one program per (request, KV head), nothing decided on the host: the launch is the
 same for every batch of the same size, so it can be captured in a CUDA graph. A request with
@@ -60,13 +60,12 @@ def _store_decode_kernel(
         sink_ptr = stage_ptr + sink_block * stride_sb + (position % sink_block_tokens) * stride_st + head_offset
         tl.store(sink_ptr + c, key)
         tl.store(sink_ptr + stride_skv + c, value)
-    if seq_len % PAGE_SIZE != 0:
-        slot = position % PAGE_SIZE
-        ring_block = tl.load(stage_row_ptr + sink_blocks + slot // ring_tokens_per_block).to(tl.int64)
-        ring_ptr = stage_ptr + ring_block * stride_sb + (slot % ring_tokens_per_block) * stride_st + head_offset
-        tl.store(ring_ptr + c, key)
-        tl.store(ring_ptr + stride_skv + c, value)
-    else:
+    slot = position % PAGE_SIZE
+    ring_block = tl.load(stage_row_ptr + sink_blocks + slot // ring_tokens_per_block).to(tl.int64)
+    ring_ptr = stage_ptr + ring_block * stride_sb + (slot % ring_tokens_per_block) * stride_st + head_offset
+    tl.store(ring_ptr + c, key)
+    tl.store(ring_ptr + stride_skv + c, value)
+    if seq_len % PAGE_SIZE == 0:
         # The page is complete: its first PAGE_SIZE - 1 tokens are in the ring, the last one is this.
         t = tl.arange(0, PAGE_SIZE)
         older = t < PAGE_SIZE - 1
