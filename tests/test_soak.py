@@ -1,13 +1,13 @@
-"""The soak of kitty_vllm.soak at CI size: 200 requests against ``vllm serve --kv-cache-dtype kitty2`` on
+"""The soak of kitty_vllm.tools.soak at CI size: 200 requests against ``vllm serve --kv-cache-dtype kitty2`` on
 the tiny model (float32), 16 clients, outputs of 1..32 tokens, prompts up to 480 tokens, a KV pool of
 eight 512-token requests and a burst that preempts.
 
 Every check of the runner must pass: no 5xx and no failed request, the server still up, preemptions
-from the burst on, prefix-cache hits, streams cut midway, every completed output equal to its prompt run
-alone (in float32 no near-tie is expected; the runner serves kitty2 with exact_prefill, so prefix hits,
-prefill steps and preemption do not change what a query reads), vLLM's KV-cache usage back at 0,
+from the burst on, prefix-cache lookups that miss (exact_prefill turns hits off), streams cut midway,
+every completed output equal to its prompt run alone (in float32 no near-tie is expected; the runner
+serves kitty2 with exact_prefill, so prefill steps and preemption do not change what a query reads), vLLM's KV-cache usage back at 0,
 kitty's log line (kitty_vllm.metrics) back at 0 staging blocks, and the server's RSS flat. The full size
-(2,000 requests, 64 clients, outputs up to 256 tokens) runs on a GPU with ``python -m kitty_vllm.soak``.
+(2,000 requests, 64 clients, outputs up to 256 tokens) runs on a GPU with ``python -m kitty_vllm.tools.soak``.
 
 The rule that accepts a divergence only as a near-tie is tested on hand-made logprobs.
 """
@@ -15,7 +15,7 @@ The rule that accepts a divergence only as a near-tie is tested on hand-made log
 import pytest
 
 from kitty_vllm.config import KittyConfig
-from kitty_vllm.soak import Completion, SoakOptions, compare, format_report, run
+from kitty_vllm.tools.soak import Completion, SoakOptions, compare, format_report, run
 from tiny_model import build_tiny_model
 
 OPTIONS = dict(requests=200, concurrency=16, max_model_len=512, max_output=32, dtype="float32",
