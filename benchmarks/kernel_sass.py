@@ -11,7 +11,7 @@ the program's warps.
 
 That count is what a decode step issues: an H100 issues about 132 x 4 x 1.75e9 warp instructions per
 second, so a kernel that must stream a page's bytes at a given bandwidth has a matching instruction
-budget per token (README, Benchmarks). Kernel changes can be weighed here before any device time.
+budget per token (benchmarks/RESULTS.md). Kernel changes can be weighed here before any device time.
 
     python benchmarks/kernel_sass.py --preset kitty2 --head-dim 128 --heads 32 8 [--gluon]
 

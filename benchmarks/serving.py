@@ -102,7 +102,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def model_dir() -> Path:
     """The folder holding the Qwen3-8B-shaped config.json (written once, atomically)."""
-    from kitty_vllm.assets import cache_dir
+    from kitty_vllm.tools.assets import cache_dir
 
     folder = cache_dir() / "models" / MODEL_NAME
     config = json.dumps(QWEN3_8B_SHAPE, indent=1) + "\n"

@@ -16,6 +16,7 @@ from typing import ClassVar
 
 import torch
 
+from vllm.config import get_current_vllm_config
 from vllm.forward_context import get_forward_context
 from vllm.v1.attention.backend import (AttentionBackend, AttentionCGSupport, AttentionImpl,
                                        AttentionMetadataBuilder, AttentionType, CommonAttentionMetadata,
@@ -25,7 +26,7 @@ from kitty_vllm.kernels import decode_attention
 from kitty_vllm.kernels.common import SUPPORTED_HEAD_DIMS
 from kitty_vllm.layout import StageLayout, stage_layout
 from kitty_vllm.paged import PagedKittyCache, Span, StorePlan
-from kitty_vllm.config import PRESETS, KittyConfig, KittyConfigError, load_config
+from kitty_vllm.config import PRESETS, KittyConfig, KittyConfigError, load_config_for
 
 
 @dataclass(frozen=True)
@@ -169,7 +170,7 @@ class KittyAttentionImpl(AttentionImpl):
         self.head_size = head_size
         self.scale = float(scale)
         self.num_kv_heads = num_kv_heads or num_heads
-        self.config = load_config(kv_cache_dtype)
+        self.config = load_config_for(kv_cache_dtype, get_current_vllm_config())
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata: KittyMetadata | None,
                 output=None, output_scale=None, output_block_scale=None):

@@ -1,24 +1,37 @@
 """KittyConfig: the frozen description of one kitty KV-cache format, and its presets.
 
-A preset is a YAML file in ``configs/`` with one key per field. ``--kv-cache-dtype kitty2`` selects
-``configs/kitty2.yaml``; ``KITTY_CONFIG=/path/to/file.yaml`` replaces the preset's file with the user's.
-Every error names the field (or file) at fault and what is allowed.
+A preset is a YAML file inside the package (``kitty_vllm/presets/``) with one key per field.
+``--kv-cache-dtype kitty2`` selects ``presets/kitty2.yaml``. A deployment changes it in two ways:
+
+* ``KITTY_CONFIG=/path/to/file.yaml`` replaces the preset's file with the user's (fields it leaves out
+  take KittyConfig's defaults);
+* ``--additional-config '{"kitty": {"boost_ratio": 0.125}}'`` (vLLM's channel for plugin options) sets
+  single fields on top of the preset or file.
+
+Every error names the field (or file) at fault and what is allowed. The engine resolves the config once
+and passes every field to its workers inside ``additional_config`` (kitty_vllm.patches), so that
+multiprocessing and Ray workers build the same cache without reading the file or the environment.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
 PRESETS = ("kitty2", "kitty2-lite", "kivi2")
 BOOST_POLICIES = ("magnitude", "variance", "random")
 CONFIG_FILE_ENV = "KITTY_CONFIG"
+# The key of kitty's fields in vLLM's ``--additional-config`` mapping.
+ADDITIONAL_CONFIG_KEY = "kitty"
+ADDITIONAL_CONFIG_EXAMPLE = '{"kitty": {"boost_ratio": 0.125}}'
 
 # The layout splits each 4-bit boosted Key code into two uniform 2-bit planes, so these are the only
 # widths the page layout and the kernels implement.
@@ -119,22 +132,14 @@ class KittyConfig:
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike) -> KittyConfig:
-        path = Path(path)
-        try:
-            text = path.read_text()
-        except OSError as e:
-            raise KittyConfigError(f"cannot read kitty config file {path}: {e.strerror}") from None
-        try:
-            values = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            raise KittyConfigError(f"{path}: not valid YAML: {e}") from None
-        return cls.from_dict(values if values is not None else {}, source=str(path))
+        return _parse_yaml(_read_config_file(Path(path)), str(path))
 
     @classmethod
     def from_preset(cls, name: str) -> KittyConfig:
         if name not in PRESETS:
             raise KittyConfigError(f"unknown kitty preset {name!r}; valid presets: {', '.join(PRESETS)}")
-        return cls.from_yaml(PRESET_DIR / f"{name}.yaml")
+        return _parse_yaml(resources.files("kitty_vllm.presets").joinpath(f"{name}.yaml").read_text(),
+                           f"preset {name}")
 
     def replace(self, **changes: Any) -> KittyConfig:
         return dataclasses.replace(self, **changes)
@@ -146,12 +151,64 @@ class KittyConfig:
         return path
 
 
-def load_config(preset: str) -> KittyConfig:
-    """The config for ``--kv-cache-dtype preset``: the file named by $KITTY_CONFIG if set, else the preset."""
-    override = os.environ.get(CONFIG_FILE_ENV)
-    if override:
-        return KittyConfig.from_yaml(override)
-    return KittyConfig.from_preset(preset)
+_FIELD_NAMES = frozenset(f.name for f in fields(KittyConfig))
+
+
+def load_config(preset: str, fields_set: Mapping[str, Any] | None = None) -> KittyConfig:
+    """The config for ``--kv-cache-dtype preset``: the file named by $KITTY_CONFIG if set, else the
+    preset, with ``fields_set`` (the ``"kitty"`` mapping of ``--additional-config``) on top. A mapping
+    that sets every field is the whole config: neither the file nor the preset is read then.
+
+    Each distinct preset, file text and mapping is parsed once per process (every layer asks).
+    """
+    if fields_set is not None and not isinstance(fields_set, Mapping):
+        raise KittyConfigError(
+            f'--additional-config: "{ADDITIONAL_CONFIG_KEY}" must be a mapping of field: value, got '
+            f"{type(fields_set).__name__}; for example '{ADDITIONAL_CONFIG_EXAMPLE}'")
+    frozen = None if fields_set is None else tuple(sorted(fields_set.items()))
+    file = os.environ.get(CONFIG_FILE_ENV)
+    file_text = None
+    if file and not (fields_set is not None and set(fields_set) >= _FIELD_NAMES):
+        file_text = (file, _read_config_file(Path(file)))
+    try:
+        hash(frozen)
+    except TypeError:   # a list or mapping as a value: refused by the field's type check, uncached
+        return _resolve.__wrapped__(preset, file_text, frozen)
+    return _resolve(preset, file_text, frozen)
+
+
+def load_config_for(preset: str, vllm_config: Any) -> KittyConfig:
+    """``load_config`` with the ``"kitty"`` mapping of ``vllm_config.additional_config``, if any."""
+    additional = getattr(vllm_config, "additional_config", None)
+    fields_set = additional.get(ADDITIONAL_CONFIG_KEY) if isinstance(additional, dict) else None
+    return load_config(preset, fields_set)
+
+
+@functools.lru_cache(maxsize=64)
+def _resolve(preset: str, file_text: tuple[str, str] | None,
+             fields_set: tuple[tuple[str, Any], ...] | None) -> KittyConfig:
+    if fields_set is not None and {name for name, _ in fields_set} >= _FIELD_NAMES:
+        return KittyConfig.from_dict(dict(fields_set), source="--additional-config")
+    base = _parse_yaml(file_text[1], file_text[0]) if file_text else KittyConfig.from_preset(preset)
+    if not fields_set:
+        return base
+    return KittyConfig.from_dict({**dataclasses.asdict(base), **dict(fields_set)},
+                                 source=f'--additional-config "{ADDITIONAL_CONFIG_KEY}"')
+
+
+def _read_config_file(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError as e:
+        raise KittyConfigError(f"cannot read kitty config file {path}: {e.strerror}") from None
+
+
+def _parse_yaml(text: str, source: str) -> KittyConfig:
+    try:
+        values = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise KittyConfigError(f"{source}: not valid YAML: {e}") from None
+    return KittyConfig.from_dict(values if values is not None else {}, source=source)
 
 
 def _check_type(name: str, value: Any, annotation: str) -> None:

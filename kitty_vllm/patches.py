@@ -20,26 +20,39 @@ patch says why it is needed, how it is done, and when it can go.
    (``<layer>.kitty_stage``, see kitty_vllm.stage), whose KV-cache group holds the full-precision sinks
    and window of newest tokens, owned and freed by vLLM's KV-cache manager.
 5. The KV-cache manager registry gets managers for both specs (kitty_vllm.block_manager).
-6. Ray workers build the KV-cache specs, so they must read the same ``KITTY_CONFIG`` as the engine.
-   vLLM's default Ray executor (``RayExecutorV2``) hands them the driver's whole environment, but the
-   older one (``VLLM_USE_RAY_V2_EXECUTOR_BACKEND=0``) copies only vLLM's own variables
-   (``vllm/ray/ray_env.py``). The name is added to ``DEFAULT_EXTRA_ENV_VARS``, the set it copies besides.
-   Goes with that executor (until then ``VLLM_RAY_EXTRA_ENV_VARS_TO_COPY=KITTY_CONFIG`` does the same).
+6. Every worker must build the same cache as the engine, but a Ray worker on another node (or under the
+   older Ray executor, which copies only vLLM's variables) has neither the engine's ``KITTY_CONFIG`` nor
+   its file. The platform's ``check_and_update_config``, which ``VllmConfig.__post_init__`` calls in the
+   engine's process, is wrapped to resolve the kitty config there (preset, file, ``--additional-config``
+   fields; a broken one fails at once, before any worker starts) and to write every field into
+   ``additional_config["kitty"]``, which travels to every worker inside the ``VllmConfig``
+   (kitty_vllm.config). Goes when vLLM passes plugin options to workers by itself.
+7. Kitty's counters (kitty_vllm.metrics) live in the engine-core process, ``/metrics`` in the API
+   server, and the only stats that cross are vLLM's ``SchedulerStats`` (``v1/metrics/stats.py``), a
+   fixed dataclass inside the msgspec Struct ``EngineCoreOutputs``, decoded by its declared fields.
+   ``Scheduler.make_stats`` is wrapped to return, for kitty dtypes, a ``KittySchedulerStats``: the same
+   fields plus a ``kitty`` mapping of the counters. The annotation of ``EngineCoreOutputs.scheduler_stats``
+   is set to the subclass before any decoder of it is built (msgspec reads it then), so the API server
+   decodes the mapping and ``KittyStatLogger`` (a ``vllm.stat_logger_plugins`` entry point) sets the
+   gauges. Goes when ``SchedulerStats`` carries plugin counters.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import typing
 
 import torch
 
-from kitty_vllm.config import CONFIG_FILE_ENV, PRESETS, load_config
+from kitty_vllm.config import (ADDITIONAL_CONFIG_EXAMPLE, ADDITIONAL_CONFIG_KEY, PRESETS, KittyConfigError,
+                               load_config_for)
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED_VLLM_VERSION = "0.26.0"
+# The releases this version is tested on; pyproject.toml requires the same range.
+SUPPORTED_VLLM = (">=0.26.0,<0.27", (0, 26))
 BACKEND_PATH = "kitty_vllm.backend.KittyAttentionBackend"
 _applied = False
 
@@ -55,18 +68,27 @@ def apply() -> None:
         return
     import vllm
 
-    if vllm.__version__ != SUPPORTED_VLLM_VERSION:
-        raise RuntimeError(
-            f"kitty_vllm patches vLLM {SUPPORTED_VLLM_VERSION} internals, but vLLM {vllm.__version__} is "
-            f"installed: install vllm=={SUPPORTED_VLLM_VERSION} or a kitty_vllm release for your vLLM")
+    check_vllm_version(vllm.__version__)
     _extend_cache_dtypes()
     _route_backend_selection()
+    _resolve_config_in_the_engine()
     _wrap_attention_layer()
-    _copy_config_to_ray_workers()
     from kitty_vllm.block_manager import register_kv_cache_managers
 
     register_kv_cache_managers()
+    _carry_kitty_stats()
     _applied = True
+
+
+def check_vllm_version(version: str) -> None:
+    """Refuse a vLLM release outside the tested range, naming the range and how to install it."""
+    from packaging.version import Version
+
+    spec, (major, minor) = SUPPORTED_VLLM
+    if Version(version).release[:2] != (major, minor):
+        raise RuntimeError(
+            f"kitty_vllm patches vLLM internals and is tested with vllm{spec}, but vLLM {version} is "
+            f"installed: pip install 'vllm{spec}', or a kitty_vllm release for your vLLM")
 
 
 def _extend_cache_dtypes() -> None:
@@ -100,7 +122,9 @@ def _route_backend_selection() -> None:
             return original(selected_backend, attn_selector_config, num_heads)
         from kitty_vllm.backend import KittyAttentionBackend
 
-        config = load_config(dtype)  # a broken KITTY_CONFIG file fails here, naming file and field
+        from vllm.config import get_current_vllm_config
+
+        config = load_config_for(dtype, get_current_vllm_config())
         reasons = KittyAttentionBackend.unsupported_reasons(attn_selector_config, config)
         if reasons:
             raise ValueError(f"--kv-cache-dtype {dtype} cannot serve this model: {'; '.join(reasons)}")
@@ -129,14 +153,54 @@ def _wrap_attention_layer() -> None:
             return original_spec(self, vllm_config)
         from kitty_vllm.block_manager import kitty_specs
 
-        return kitty_specs(load_config(self.kv_cache_dtype), self.num_kv_heads, self.head_size,
-                           self.dtype)[0]
+        return kitty_specs(load_config_for(self.kv_cache_dtype, vllm_config), self.num_kv_heads,
+                           self.head_size, self.dtype)[0]
 
     Attention.__init__ = __init__
     Attention.get_kv_cache_spec = get_kv_cache_spec
 
 
-def _copy_config_to_ray_workers() -> None:
-    from vllm.ray import ray_env
+def _carry_kitty_stats() -> None:
+    from vllm.v1.core.sched.scheduler import Scheduler
+    from vllm.v1.engine import EngineCoreOutputs
+    from vllm.v1.metrics.stats import SchedulerStats
 
-    ray_env.DEFAULT_EXTRA_ENV_VARS.add(CONFIG_FILE_ENV)
+    from kitty_vllm.metrics import KittySchedulerStats, kv_stats
+
+    # msgspec reads the annotation when a decoder is built; apply() runs before vLLM builds one.
+    EngineCoreOutputs.__annotations__["scheduler_stats"] = KittySchedulerStats | None
+    names = [field.name for field in dataclasses.fields(SchedulerStats)]
+    original = Scheduler.make_stats
+
+    @functools.wraps(original)
+    def make_stats(self, *args, **kwargs):
+        stats = original(self, *args, **kwargs)
+        if stats is None or not is_kitty_dtype(self.cache_config.cache_dtype):
+            return stats
+        gauges = kv_stats(self.kv_cache_manager.block_pool).gauges(self.kv_cache_config.kv_cache_groups)
+        return KittySchedulerStats(**{name: getattr(stats, name) for name in names}, kitty=gauges)
+
+    Scheduler.make_stats = make_stats
+
+
+def _resolve_config_in_the_engine() -> None:
+    from vllm.platforms import current_platform
+
+    platform_cls = type(current_platform)
+    original = platform_cls.check_and_update_config
+
+    def check_and_update_config(cls, vllm_config) -> None:
+        original(vllm_config)
+        dtype = vllm_config.cache_config.cache_dtype
+        if not is_kitty_dtype(dtype):
+            return
+        if not isinstance(vllm_config.additional_config, dict):
+            raise KittyConfigError(
+                f"--kv-cache-dtype {dtype} keeps its options in --additional-config as a JSON mapping "
+                f"(for example '{ADDITIONAL_CONFIG_EXAMPLE}'), not {type(vllm_config.additional_config).__name__}")
+        config = load_config_for(dtype, vllm_config)
+        # A new mapping: the one given may be the caller's (EngineArgs.additional_config).
+        vllm_config.additional_config = {**vllm_config.additional_config,
+                                         ADDITIONAL_CONFIG_KEY: dataclasses.asdict(config)}
+
+    platform_cls.check_and_update_config = classmethod(check_and_update_config)

@@ -31,7 +31,7 @@ from vllm.v1.attention.backend import (AttentionBackend, AttentionCGSupport, Att
                                        CommonAttentionMetadata, MultipleOf)
 from vllm.v1.kv_cache_interface import KVCacheSpec
 
-from kitty_vllm.config import load_config
+from kitty_vllm.config import load_config_for
 
 STAGE_SUFFIX = "kitty_stage"
 
@@ -59,8 +59,8 @@ class KittyStageCache(torch.nn.Module, AttentionLayerBase):
         step_tokens = scheduler.max_num_batched_tokens
         if scheduler.long_prefill_token_threshold > 0:
             step_tokens = min(step_tokens, scheduler.long_prefill_token_threshold)
-        return kitty_specs(load_config(self.kv_cache_dtype), self.num_kv_heads, self.head_size,
-                           self.dtype, step_tokens)[1]
+        return kitty_specs(load_config_for(self.kv_cache_dtype, vllm_config), self.num_kv_heads,
+                           self.head_size, self.dtype, step_tokens)[1]
 
     def get_attn_backend(self) -> type[AttentionBackend]:
         return KittyStageBackend

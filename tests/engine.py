@@ -48,7 +48,7 @@ def vllm_engine(model: str | Path, exact_prefill: bool = False, **kwargs) -> Ite
             mp.setenv(CONFIG_FILE_ENV, str(config.to_yaml(Path(tmp) / f"{dtype}-exact-prefill.yaml")))
         from vllm import LLM
 
-        from kitty_vllm.eval import shutdown
+        from kitty_vllm.tools.eval import shutdown
 
         start = time.perf_counter()
         llm = LLM(model=str(model), **{**ENGINE_DEFAULTS, **kwargs})

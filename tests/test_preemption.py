@@ -4,7 +4,7 @@ sinks back), and the greedy output still equals the oracle's. With ``exact_prefi
 request prefills its decoded tokens again, which must read the cache as their decode steps did."""
 
 from engine import prompt_inputs, vllm_engine
-from oracle import kitty_greedy
+from kitty_vllm.tools.oracle import kitty_greedy
 from tiny_model import build_tiny_model
 
 from kitty_vllm.config import KittyConfig

@@ -19,7 +19,7 @@ from vllm import SamplingParams
 from vllm.inputs import TokensPrompt
 
 from engine import torch_threads, vllm_engine
-from kitty_vllm.assets import smollm2_path, token_windows
+from kitty_vllm.tools.assets import smollm2_path, token_windows
 from kitty_vllm.metrics import kv_stats
 
 PREFIX, PAGE = 512, 128

@@ -3,7 +3,8 @@ then aborted streams, after which /metrics must show every KV-cache block releas
 
 Kitty's full-precision buffers (sinks and the window of newest tokens) are blocks of vLLM's own KV cache (the
 staging KV-cache group, see kitty_vllm.stage), so ``vllm:kv_cache_usage_perc`` back at 0 means the
-packed pages and the staging blocks of the aborted requests were all freed.
+packed pages and the staging blocks of the aborted requests were all freed. Kitty's own gauges
+(kitty_vllm.metrics), sent from the engine core with vLLM's stats, must say the same.
 """
 
 import re
@@ -12,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from kitty_vllm.assets import paul_graham_text, smollm2_path
+from kitty_vllm.tools.assets import paul_graham_text, smollm2_path
 from server import VllmServer, metric
 
 STARTUP_TIMEOUT_S = 300
@@ -21,6 +22,13 @@ KV_USAGE = "vllm:kv_cache_usage_perc"          # a fraction in [0, 1] despite th
 RUNNING = "vllm:num_requests_running"
 WAITING = "vllm:num_requests_waiting"
 GENERATED = "vllm:generation_tokens_total"      # counter
+STAGING_BLOCKS = "kitty:staging_blocks_held"
+PAGES_PACKED = "kitty:pages_packed"             # cumulative
+FULL_PRECISION_BYTES = "kitty:full_precision_bytes"
+PACKED_BYTES = "kitty:packed_bytes"
+KITTY_GAUGES = (STAGING_BLOCKS, PAGES_PACKED, FULL_PRECISION_BYTES, PACKED_BYTES)
+# All 0 once every request has ended.
+RELEASED = (KV_USAGE, RUNNING, WAITING, STAGING_BLOCKS, FULL_PRECISION_BYTES, PACKED_BYTES)
 NUM_ABORTED, ABORT_MAX_TOKENS, CHUNKS_BEFORE_ABORT, MIN_PROMPT_TOKENS = 8, 200, 3, 200
 
 SERVE_ARGS = ["--kv-cache-dtype", "kitty2", "--max-model-len", "2048", "--max-num-batched-tokens", "512",
@@ -67,6 +75,12 @@ def test_startup_reports_kv_cache_size(server):
     assert size and concurrency, server.log_tail()
     assert int(size.group(1).replace(",", "")) >= 2048
     assert float(concurrency.group(2)) >= 1.0
+
+
+def test_metrics_lists_kitty_gauges(server, model):
+    samples = server.metrics()
+    for name in KITTY_GAUGES:
+        metric(samples, name, model_name=model, engine="0")     # raises if missing
 
 
 def test_completion(client, model):
@@ -124,7 +138,7 @@ def _wait_released(server, timeout):
     deadline = time.monotonic() + timeout
     while True:
         samples = server.metrics()
-        state = {name: metric(samples, name) for name in (KV_USAGE, RUNNING, WAITING)}
+        state = {name: metric(samples, name) for name in RELEASED}
         if all(v == 0 for v in state.values()) or time.monotonic() > deadline:
             return state, samples
         time.sleep(0.5)
@@ -134,7 +148,8 @@ def test_aborted_streams_release_every_kv_block(server, client, model):
     prompts, counts = _long_prompts(server, model)
     before = server.metrics()
     assert metric(before, KV_USAGE) == 0 and metric(before, RUNNING) == 0, "server not idle"
-    generated_before = metric(before, GENERATED)
+    assert metric(before, STAGING_BLOCKS) == 0
+    generated_before, packed_before = metric(before, GENERATED), metric(before, PAGES_PACKED)
 
     start = time.monotonic()
     with ThreadPoolExecutor(NUM_ABORTED) as pool:
@@ -143,10 +158,12 @@ def test_aborted_streams_release_every_kv_block(server, client, model):
     busy = server.metrics()
     print(f"\n{NUM_ABORTED} streams of {min(counts)}-{max(counts)} prompt tokens, {CHUNKS_BEFORE_ABORT} "
           f"chunks each after {time.monotonic() - start:.0f} s; before abort: "
-          f"{KV_USAGE}={metric(busy, KV_USAGE):.4f} {RUNNING}={metric(busy, RUNNING):.0f}")
+          f"{KV_USAGE}={metric(busy, KV_USAGE):.4f} {RUNNING}={metric(busy, RUNNING):.0f} "
+          + " ".join(f"{name}={metric(busy, name):g}" for name in KITTY_GAUGES))
     assert all(text for _, text in opened)
     assert metric(busy, RUNNING) + metric(busy, WAITING) == NUM_ABORTED
     assert metric(busy, KV_USAGE) > 0
+    assert all(metric(busy, name) > 0 for name in (STAGING_BLOCKS, FULL_PRECISION_BYTES, PACKED_BYTES))
 
     for stream, _ in opened:
         stream.close()      # drops the HTTP connection midway: vLLM aborts the request
@@ -155,7 +172,10 @@ def test_aborted_streams_release_every_kv_block(server, client, model):
     state, after = _wait_released(server, RELEASE_TIMEOUT_S)
     print(f"after abort ({time.monotonic() - closed:.1f} s): "
           + " ".join(f"{k}={v:g}" for k, v in state.items()))
-    assert state == {KV_USAGE: 0, RUNNING: 0, WAITING: 0}, server.log_tail()
+    assert state == dict.fromkeys(RELEASED, 0), server.log_tail()
+    # Every prompt spans over a page, and the passages share no page-long prefix: prefill packs a page
+    # or more per request.
+    assert metric(after, PAGES_PACKED) - packed_before >= NUM_ABORTED
     # The requests were cut short, not run to max_tokens (an aborted request is not counted in
     # vllm:request_success_total in vLLM 0.26.0, so count the tokens generated instead).
     generated = metric(after, GENERATED) - generated_before
@@ -167,4 +187,4 @@ def test_aborted_streams_release_every_kv_block(server, client, model):
     out = client.completions.create(model=model, prompt=prompts[0], max_tokens=8, temperature=0)
     assert out.choices[0].text.strip()
     state, _ = _wait_released(server, RELEASE_TIMEOUT_S)
-    assert state == {KV_USAGE: 0, RUNNING: 0, WAITING: 0}
+    assert state == dict.fromkeys(RELEASED, 0)

@@ -1,7 +1,7 @@
 """Perplexity of a real trained model through vLLM with each KV-cache dtype: kitty2 costs little, kivi2 more.
 
-The CPU version of ``python -m kitty_vllm.eval --tasks perplexity`` (its scoring functions, on shorter
-windows): SmolLM2-135M-Instruct (kitty_vllm.assets, head_dim 64, 3 KV heads, 30 layers) scores WINDOWS
+The CPU version of ``python -m kitty_vllm.tools.eval --tasks perplexity`` (its scoring functions, on shorter
+windows): SmolLM2-135M-Instruct (kitty_vllm.tools.assets, head_dim 64, 3 KV heads, 30 layers) scores WINDOWS
 windows of WINDOW tokens of Paul Graham's essays with vLLM's prompt log-probabilities, one prefill
 per window (in CHUNK-token steps): every token after a window's first is scored given all the tokens
 before it, and late tokens read up to 15 quantized pages. The kitty dtypes run with ``exact_prefill``,
@@ -17,7 +17,7 @@ auto 24.0, kitty2 +4.1%, kitty2-lite +7.8%, kivi2 +24.0%).
 The margins are wide on purpose. Kitty's rounding is discontinuous, and in a 30-layer model a code
 or fp16 scale that float32 rounding flips in one layer changes the next layer's Keys, which flips
 more codes. On the first window, kivi2 perplexity is 31.16 unchunked (vLLM and the transformers
-oracle of tests/oracle.py agree exactly) but 31.72 through vLLM in 64-token chunks and 31.63 through
+oracle of kitty_vllm/tools/oracle.py agree exactly) but 31.72 through vLLM in 64-token chunks and 31.63 through
 the oracle in 64-token chunks: the same schedule, a different float32 summation order. So one
 window's perplexity moves by up to about 2% with the chunking.
 """
@@ -29,8 +29,8 @@ import time
 import pytest
 
 from engine import torch_threads, vllm_engine
-from kitty_vllm.assets import smollm2_path, token_windows
-from kitty_vllm.eval import perplexity, window_nlls
+from kitty_vllm.tools.assets import smollm2_path, token_windows
+from kitty_vllm.tools.eval import perplexity, window_nlls
 
 WINDOWS, WINDOW = 2, 2048
 CHUNK = 512

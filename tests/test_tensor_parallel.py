@@ -37,7 +37,7 @@ import pytest
 import torch
 
 from engine import prompt_inputs, torch_threads, vllm_engine
-from kitty_vllm.assets import token_windows
+from kitty_vllm.tools.assets import token_windows
 from kitty_vllm.block_manager import KittyPackedSpec, KittyStageSpec
 from kitty_vllm.config import load_config
 from kitty_vllm.layout import page_layout

@@ -2,7 +2,7 @@
 
 The tiny random Llama (tests/tiny_model.py: 2 layers, head_dim 64, 2 KV heads) runs in an in-process
 vLLM engine (tests/engine.py) with ``--kv-cache-dtype kitty2`` (and kitty2-lite, kivi2); the oracle
-(tests/oracle.py ``kitty_greedy``) runs the same weights in transformers with every attention layer
+(kitty_vllm/tools/oracle.py ``kitty_greedy``) runs the same weights in transformers with every attention layer
 reading the cache through kitty_vllm.reference, under the same cache schedule. Both are float32 and
 greedy, so any difference in quantization, packing, page bookkeeping, the staging ring, prefix-cache
 reuse or chunked prefill shows up as a different token.
@@ -27,9 +27,9 @@ import pytest
 import torch
 
 from engine import prompt_inputs, torch_threads, vllm_engine
-from kitty_vllm.assets import token_windows
+from kitty_vllm.tools.assets import token_windows
 from kitty_vllm.config import KittyConfig
-from oracle import kitty_greedy
+from kitty_vllm.tools.oracle import kitty_greedy
 from tiny_model import build_tiny_model
 
 NEW_TOKENS = 32

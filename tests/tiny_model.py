@@ -8,7 +8,7 @@ text trains the byte-level BPE tokenizer, so token windows cut from the essays a
 The weights are random but scaled so that greedy decoding does not collapse to one repeated token,
 and deterministic for a given ``seed``. Built directories are cached under
 ``<kitty cache>/models/tiny-llama-...`` (keyed by every parameter and by the transformers version,
-whose files they are) and published with an atomic rename, like :mod:`kitty_vllm.assets`.
+whose files they are) and published with an atomic rename, like :mod:`kitty_vllm.tools.assets`.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import json
 import shutil
 from pathlib import Path
 
-from kitty_vllm.assets import _publish_dir, cache_dir, paul_graham_text
+from kitty_vllm.tools.assets import _publish_dir, cache_dir, paul_graham_text
 
 # Bump when the recipe changes (init scales, tokenizer training, config fields): it is part of the
 # cache key, so stale directories are never reused.

@@ -37,8 +37,9 @@ from kitty_vllm.metrics import kv_stats
 class KittyPackedManager(FullAttentionManager):
     """Full attention over packed pages, except that an unfinished page is never cached.
 
-    Counts the pages it hands to the worker to pack (kitty_vllm.metrics): a request's pages up to
-    its prefix-cache hit came packed; each later page is packed in the step that fills it.
+    Counts the pages it hands to the worker to pack, and the full pages requests hold
+    (kitty_vllm.metrics): a request's pages up to its prefix-cache hit came packed; each later page is
+    packed in the step that fills it.
     """
 
     def __init__(self, kv_cache_spec: KittyPackedSpec, **kwargs) -> None:
@@ -54,6 +55,7 @@ class KittyPackedManager(FullAttentionManager):
         super().add_local_computed_blocks(request_id, new_computed_blocks, num_local_computed_tokens,
                                           num_external_computed_tokens)
         self._full_pages[request_id] = num_local_computed_tokens // self.block_size
+        self.stats.add_pages_held(self.kv_cache_group_id, self._full_pages[request_id])
 
     def allocate_new_blocks(self, request_id: str, num_tokens: int,
                             num_tokens_main_model: int) -> list[KVCacheBlock]:
@@ -64,11 +66,12 @@ class KittyPackedManager(FullAttentionManager):
         if packed > 0:
             self._full_pages[request_id] = full_pages
             self.stats.add_pages_packed(packed)
+            self.stats.add_pages_held(self.kv_cache_group_id, packed)
         return new_blocks
 
     def pop_blocks_for_free(self, request_id: str) -> list[KVCacheBlock]:
         # pop_blocks_for_free (semi-private): every free (finish, abort, preemption) goes through it.
-        self._full_pages.pop(request_id, None)
+        self.stats.add_pages_held(self.kv_cache_group_id, -self._full_pages.pop(request_id, 0))
         return super().pop_blocks_for_free(request_id)
 
     def cache_blocks(self, request: Request, num_tokens: int,
@@ -100,7 +103,7 @@ class KittyStageManager(SingleTypeKVCacheManager):
                                   num_external_computed_tokens: int) -> None:
         super().add_local_computed_blocks(request_id, new_computed_blocks, num_local_computed_tokens,
                                           num_external_computed_tokens)
-        self.stats.add_staging_blocks(len(self.req_to_blocks[request_id]))
+        self.stats.add_staging_blocks(self.kv_cache_group_id, len(self.req_to_blocks[request_id]))
 
     def get_num_blocks_to_allocate(
         self,
@@ -133,12 +136,12 @@ class KittyStageManager(SingleTypeKVCacheManager):
             return []
         new_blocks = self.block_pool.get_new_blocks(num_new)
         blocks.extend(new_blocks)
-        self.stats.add_staging_blocks(num_new)
+        self.stats.add_staging_blocks(self.kv_cache_group_id, num_new)
         return new_blocks
 
     def pop_blocks_for_free(self, request_id: str) -> list[KVCacheBlock]:
         blocks = super().pop_blocks_for_free(request_id)
-        self.stats.add_staging_blocks(-len(blocks))
+        self.stats.add_staging_blocks(self.kv_cache_group_id, -len(blocks))
         self.stats.log()
         return blocks
 

@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from kitty_vllm.assets import paul_graham_text
+from kitty_vllm.tools.assets import paul_graham_text
 
 CONTEXT_LENGTHS = (4096, 8192, 16384, 32768)
 DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)

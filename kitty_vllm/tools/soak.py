@@ -1,10 +1,10 @@
-"""A bounded soak of ``vllm serve --kv-cache-dtype kitty2``: mixed traffic, aborts, prefix hits and a
+"""A bounded soak of ``vllm serve --kv-cache-dtype kitty2``: mixed traffic, aborts, shared prefixes and a
 preemption burst, then checks that nothing failed, leaked or changed the greedy output.
 
-    python -m kitty_vllm.soak --requests 2000 --concurrency 64 [--model DIR] [--json report.json] \\
+    python -m kitty_vllm.tools.soak --requests 2000 --concurrency 64 [--model DIR] [--json report.json] \\
         [-- extra vllm serve arguments]
 
-It starts ``vllm serve`` on 127.0.0.1 (SmolLM2-135M by default, see kitty_vllm.assets) with a KV cache
+It starts ``vllm serve`` on 127.0.0.1 (SmolLM2-135M by default, see kitty_vllm.tools.assets) with a KV cache
 that holds ``--kv-requests`` requests of ``--max-model-len`` tokens (``--num-gpu-blocks-override``, so
 the pool is small on any machine; half the concurrency by default), and drives it with
 ``--concurrency`` clients. Every prompt is a window of Paul Graham's essays, tokenized by the server;
@@ -12,8 +12,8 @@ every request is greedy with ``ignore_eos``, ``max_tokens`` drawn from 1..``--ma
 lengths from 1..max_model_len - max_tokens:
 
 * ``abort`` (20%): streams, and disconnects after reading half of its tokens;
-* ``prefix`` (10%): one of four long shared prefixes (at least two pages) plus its own suffix, so
-  later ones hit the prefix cache;
+* ``prefix`` (10%): one of four long shared prefixes (at least two pages) plus its own suffix, which
+  the prefix cache is asked for (under ``exact_prefill`` every lookup misses, see the checks);
 * ``stream`` (10%): streams to the end;
 * ``plain``: one JSON response;
 * ``burst``: when half of the rest have started, requests with prompts of 1..32 tokens and
@@ -36,12 +36,13 @@ in bfloat16 and 0.016 in float16: the default gap is about two such steps (0.25,
 is 1e-3, well above the differences that a batch's summation order makes. ``--verify-budget-s`` bounds this phase (the requests are verified kind by
 kind in turn, so each kind is covered).
 
-Checks (exit status 1 if any fails): every request answered 200 (no 5xx, no error); the server stays
-up; the burst preempted; the prefix cache hit; streams really were cut midway; every verified output
-equals its run alone (near-ties aside); once idle, vLLM's KV-cache usage and kitty's staging blocks
-held (its log line, kitty_vllm.metrics) are back at 0; the server's memory (RSS of its process tree,
-and device memory from nvidia-smi where there is a GPU) grew by at most ``--max-memory-growth-mib``
-between the warm-up and the end of the soak. Every wait is bounded.
+Checks (exit status 1 if any fails): every request answered 200 (no 5xx, no error); the server stays up;
+the burst preempted; the prefix cache was asked and, as ``exact_prefill`` requires, never hit; streams
+really were cut midway; every verified output equals its run alone (near-ties aside); once idle, vLLM's
+KV-cache usage and kitty's staging blocks held (its log line, kitty_vllm.metrics) are back at 0; the
+server's memory (RSS of its process tree, and device memory from nvidia-smi where there is a GPU) grew
+by at most ``--max-memory-growth-mib`` between the warm-up and the end of the soak. Every wait is
+bounded.
 """
 
 from __future__ import annotations
@@ -98,13 +99,15 @@ class VllmServer:
     """
 
     def __init__(self, model: str | os.PathLike, args: list[str], log_path: Path,
-                 env: dict[str, str | None] | None = None):
-        """``env`` is laid over os.environ; a value of None removes that variable."""
+                 env: dict[str, str | None] | None = None, python: str | os.PathLike = sys.executable,
+                 cwd: str | os.PathLike | None = None):
+        """``env`` is laid over os.environ; a value of None removes that variable. ``python`` is the
+        interpreter that runs vLLM (this one by default), ``cwd`` its working directory."""
         self.model = str(model)
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.log_path = Path(log_path)
-        self.cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", self.model,
+        self.cmd = [str(python), "-m", "vllm.entrypoints.cli.main", "serve", self.model,
                     "--host", "127.0.0.1", "--port", str(self.port), *args]
         full_env = dict(os.environ)
         for key, value in (env or {}).items():
@@ -114,7 +117,7 @@ class VllmServer:
                 full_env[key] = value
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, env=full_env, start_new_session=True)
+                                     stdin=subprocess.DEVNULL, env=full_env, cwd=cwd, start_new_session=True)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -383,7 +386,7 @@ class KVPool:
 
 def essay_tokens(server: VllmServer, model: str, max_tokens: int) -> list[int]:
     """Paul Graham's essays as token ids, tokenized by the server, a paragraph batch at a time."""
-    from kitty_vllm.assets import paul_graham_text
+    from kitty_vllm.tools.assets import paul_graham_text
 
     tokens: list[int] = []
     paragraphs = paul_graham_text().split("\n\n")
@@ -665,7 +668,10 @@ def checks(report: dict, options: SoakOptions) -> list[dict]:
         ("the burst preempted", report["burst_preemptions"] > 0,
          f"{report['burst_preemptions']:g} preemptions from the burst on, "
          f"{counters_['num_preemptions']:g} in all"),
-        ("prefix-cache hits", counters_["prefix_cache_hits"] > 0,
+        # exact_prefill turns prefix-cache lookups off (kitty_vllm.block_manager): a hit would skip the
+        # window of full-precision tokens that its prompt's queries read, which is private to a request.
+        ("prefix-cache lookups miss under exact_prefill",
+         counters_["prefix_cache_queries"] > 0 and counters_["prefix_cache_hits"] == 0,
          f"{counters_['prefix_cache_hits']:g} of {counters_['prefix_cache_queries']:g} tokens hit"),
         ("streams cut midway", aborts.get("cut_midway", 0) > 0,
          f"{aborts.get('cut_midway', 0)} cut, {aborts.get('finished_before_cut', 0)} finished first"),
@@ -731,7 +737,7 @@ def main(argv: list[str] | None = None) -> int:
         epilog="Arguments after -- go to vllm serve (e.g. -- --enforce-eager).")
     defaults = SoakOptions(model="")
     parser.add_argument("--model", help="model directory (default: SmolLM2-135M-Instruct, converted "
-                                        "offline by kitty_vllm.assets)")
+                                        "offline by kitty_vllm.tools.assets)")
     parser.add_argument("--requests", type=int, default=defaults.requests)
     parser.add_argument("--concurrency", type=int, default=defaults.concurrency)
     parser.add_argument("--max-model-len", type=int, default=defaults.max_model_len)
@@ -756,7 +762,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("serve_args", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
     if args.model is None:
-        from kitty_vllm.assets import smollm2_path
+        from kitty_vllm.tools.assets import smollm2_path
 
         args.model = str(smollm2_path())
     serve_args = args.serve_args[1:] if args.serve_args[:1] == ["--"] else args.serve_args

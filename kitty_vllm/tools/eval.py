@@ -1,13 +1,13 @@
 """Accuracy of KV-cache dtypes on real models, through vLLM's offline ``LLM`` API.
 
-    python -m kitty_vllm.eval --model qwen-1.5b \\
+    python -m kitty_vllm.tools.eval --model qwen-1.5b \\
         --kv-cache-dtypes auto fp8 int4_per_token_head kitty2 kitty2-lite kivi2 \\
         --tasks gsm8k perplexity needle [--ablations] [--limit N] [--json PATH]
 
 Tasks (one engine per KV-cache dtype runs all of them, except as said for perplexity):
 
 * ``gsm8k``: the test set (``--limit`` keeps the first N problems), 8-shot chain of thought, greedy,
-  exact match on the final number (kitty_vllm.gsm8k); score = accuracy.
+  exact match on the final number (kitty_vllm.tools.gsm8k); score = accuracy.
 * ``perplexity``: ``--ppl-windows`` consecutive windows of ``--ppl-window`` tokens of Paul Graham's
   essays, each scored with vLLM's prompt log-probabilities in one prefill; score = perplexity over
   every token after each window's first. These must be the log-probabilities that decoding with
@@ -18,7 +18,7 @@ Tasks (one engine per KV-cache dtype runs all of them, except as said for perple
   of its config), where the query at position p reads every token older than its window
   dequantized, in prefill exactly as in decode (tests/test_accuracy.py checks that on the tiny model, prefill against
   decode steps through vLLM). The record keeps the dtype's label.
-* ``needle``: a pass key at 5 depths of 4k, 8k, 16k and 32k-token contexts (kitty_vllm.needle);
+* ``needle``: a pass key at 5 depths of 4k, 8k, 16k and 32k-token contexts (kitty_vllm.tools.needle);
   score = fraction retrieved, one record per context length. Lengths beyond the model's context are
   skipped.
 
@@ -32,14 +32,15 @@ the comma-separated ``LAYERS`` (indices from 0) left unquantized, in the model's
 ``kv_cache_dtype_skip_layers``), labelled e.g. ``fp8 (layer 0 unquantized)``; vLLM cannot do this
 for the kitty dtypes. ``--ablations`` adds the GSM8K ablations of the boost: policy
 (magnitude = kitty2, variance, random; 25% of channels) and ratio (0 = kivi2, 12.5% = kitty2-lite,
-25% = kitty2, 50%), from configs/ablations/.
+25% = kitty2, 50%), from kitty_vllm/tools/ablations/.
 
 ``--reference`` scores perplexity with the float32 decode-time simulation instead of vLLM: the
 model in transformers with every attention layer reading the cache through kitty_vllm.reference with
-``exact_prefill`` (tests/oracle.py, so it needs the repository checkout), on the same windows; compare
+``exact_prefill`` (kitty_vllm.tools.oracle), on the same windows; compare
 it with a vLLM run in ``--dtype float32``.
 
-Results merge into ``--json`` (default ``benchmarks/results/accuracy-<gpu>-<yyyy-mm-dd>.json``) as
+Results merge into ``--json`` (default ``<--results-dir>/accuracy-<gpu>-<yyyy-mm-dd>.json``, the directory
+``benchmarks/results`` of the working directory unless given) as
 records ``{"model", "task", "kv_cache_dtype", "n", "score", "ci95"}`` (a new record replaces one with
 the same model, task and dtype), written after every dtype with the file's markdown table beside it
 (``.md``, also printed at the end). ``ci95`` is the half-width of a 95% interval: 1.96 standard
@@ -52,9 +53,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import functools
 import gc
-import importlib.util
 import json
 import logging
 import math
@@ -68,14 +67,12 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from kitty_vllm import assets, gsm8k, needle
+from kitty_vllm.tools import assets, gsm8k, needle
 from kitty_vllm.config import CONFIG_FILE_ENV, PRESETS, KittyConfig
 
-logger = logging.getLogger("kitty_vllm.eval")
+logger = logging.getLogger("kitty_vllm.tools.eval")
 
-REPO = Path(__file__).resolve().parent.parent
-RESULTS_DIR = REPO / "benchmarks" / "results"
-ABLATION_DIR = REPO / "configs" / "ablations"
+ABLATION_DIR = Path(__file__).resolve().parent / "ablations"
 TASKS = ("gsm8k", "perplexity", "needle")
 KV_CACHE_DTYPES = ("auto", "fp8", "int4_per_token_head", "kitty2", "kitty2-lite", "kivi2")
 # GSM8K ablations beyond the presets: boost policy at kitty2's 25% ratio, and a 50% ratio.
@@ -123,7 +120,7 @@ class CacheSpec:
         if dtype not in PRESETS:
             raise ValueError(f"{text}: a config file applies to kitty dtypes only ({', '.join(PRESETS)})")
         path = Path(file)
-        if path.suffix != ".yaml":   # "kitty2:boost-random" names configs/ablations/boost-random.yaml
+        if path.suffix != ".yaml":   # "kitty2:boost-random" names ablations/boost-random.yaml here
             path = ABLATION_DIR / f"{file}.yaml"
         KittyConfig.from_yaml(path)   # refuse a bad file now, not in the middle of a run
         return cls(dtype, path)
@@ -214,12 +211,13 @@ def window_nlls(llm, windows: Sequence[Sequence[int]], use_tqdm: bool = True) ->
 
 
 def reference_window_nlls(model_dir: Path, windows: Sequence[Sequence[int]], spec: CacheSpec) -> list[float]:
-    """``window_nlls`` of the float32 decode-time simulation (tests/oracle.py) of ``spec``'s cache."""
+    """``window_nlls`` of the float32 decode-time simulation (kitty_vllm.tools.oracle) of ``spec``'s cache."""
     import torch
 
     if spec.kv_cache_dtype != "auto" and spec.kv_cache_dtype not in PRESETS:
         raise ValueError(f"the float32 simulation covers auto and the kitty dtypes, not {spec.kv_cache_dtype}")
-    oracle = _load_oracle()
+    from kitty_vllm.tools import oracle
+
     config = spec.kitty_config()
     if config is not None:
         config = config.replace(exact_prefill=True)   # decode-time, as the perplexity engine runs it
@@ -311,8 +309,8 @@ def device_name() -> str:
     return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(0).lower()).strip("-")
 
 
-def default_json_path() -> Path:
-    return RESULTS_DIR / f"accuracy-{device_name()}-{datetime.date.today().isoformat()}.json"
+def default_json_path(results_dir: Path) -> Path:
+    return results_dir / f"accuracy-{device_name()}-{datetime.date.today().isoformat()}.json"
 
 
 def merge_records(path: Path, new: Sequence[Record]) -> list[dict[str, Any]]:
@@ -362,17 +360,6 @@ def _cell(task: str, record: dict[str, Any] | None, auto: dict[str, Any] | None)
 
 
 # ---------------------------------------------------------------------------------------- driver
-
-@functools.lru_cache(maxsize=1)
-def _load_oracle():
-    path = REPO / "tests" / "oracle.py"
-    if not path.is_file():
-        raise RuntimeError(f"--reference needs the repository checkout: {path} is missing")
-    spec = importlib.util.spec_from_file_location("kitty_oracle", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 def _tokens(count: int) -> str:
     """``8k`` for 8192, else the number."""
@@ -442,7 +429,7 @@ def evaluate(args: argparse.Namespace) -> list[dict[str, Any]]:
     runs = [run for spec in args.specs for run in engine_runs(spec, args.tasks)]
     if args.ablations:
         runs += [(CacheSpec.parse(a), ("gsm8k",)) for a in ABLATIONS]
-    path = args.json or default_json_path()
+    path = args.json or default_json_path(args.results_dir)
     records: list[dict[str, Any]] = []
     for spec, tasks in runs:
         new = []
@@ -481,7 +468,7 @@ def _engine_kwargs(args: argparse.Namespace, max_model_len: int) -> dict[str, An
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m kitty_vllm.eval", description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog="python -m kitty_vllm.tools.eval", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--model", required=True, choices=sorted(assets.MODELS))
     parser.add_argument("--kv-cache-dtypes", nargs="+", default=list(KV_CACHE_DTYPES), metavar="DTYPE[:CONFIG]",
@@ -507,7 +494,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-prefix-caching", action="store_true",
                         help="turn vLLM's prefix caching off (its default: on); needs --json, so that these "
                              "records do not replace those of a default run")
-    parser.add_argument("--json", type=Path, default=None, help="results file (default: benchmarks/results/"
+    parser.add_argument("--results-dir", type=Path, default=Path("benchmarks/results"),
+                        help="where the default results file goes (relative to the working directory)")
+    parser.add_argument("--json", type=Path, default=None, help="results file (default: RESULTS_DIR/"
                         "accuracy-<gpu>-<date>.json)")
     args = parser.parse_args(argv)
     if os.environ.get(CONFIG_FILE_ENV):

@@ -1,9 +1,9 @@
 """Serve SmolLM2-135M-Instruct with ``--kv-cache-dtype kitty2`` and ask it one question.
 
-    python -m kitty_vllm.demo [--kv-cache-dtype kitty2] [--port 8765]
+    python -m kitty_vllm.tools.demo [--kv-cache-dtype kitty2] [--port 8765]
 
 Starts ``vllm serve`` on 127.0.0.1 (the model is converted offline from a PyPI wheel on first use,
-see kitty_vllm.assets), waits until it is healthy, sends one chat completion through the OpenAI
+see kitty_vllm.tools.assets), waits until it is healthy, sends one chat completion through the OpenAI
 client, prints vLLM's KV-cache lines and the answer, and stops the server.
 """
 
@@ -20,7 +20,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from kitty_vllm.assets import smollm2_path
+from kitty_vllm.tools.assets import smollm2_path
 
 STARTUP_TIMEOUT_S = 600
 QUESTION = "In one sentence: why does a smaller KV cache let a server run more requests at once?"
