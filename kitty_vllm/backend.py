@@ -22,6 +22,9 @@ from vllm.v1.attention.backend import (AttentionBackend, AttentionCGSupport, Att
                                        AttentionMetadataBuilder, AttentionType, CommonAttentionMetadata,
                                        MultipleOf)
 
+from vllm.v1.kv_cache_layout import KVCacheLayout
+
+from kitty_vllm.block_manager.spec import KV_CACHE_LAYOUTS
 from kitty_vllm.kernels import decode_attention
 from kitty_vllm.kernels.common import SUPPORTED_HEAD_DIMS
 from kitty_vllm.layout import StageLayout, stage_layout
@@ -114,21 +117,16 @@ class KittyAttentionBackend(AttentionBackend):
         return list(SUPPORTED_HEAD_DIMS)
 
     @staticmethod
-    def get_supported_kernel_block_sizes() -> list[int | MultipleOf]:
+    def get_supported_kernel_block_sizes(kv_cache_spec=None) -> list[int | MultipleOf]:
         return [MultipleOf(16)]
+
+    @classmethod
+    def supported_kv_cache_layouts(cls) -> tuple[KVCacheLayout, ...]:
+        return KV_CACHE_LAYOUTS
 
     @classmethod
     def supports_attn_type(cls, attn_type: str) -> bool:
         return attn_type == AttentionType.DECODER
-
-    @staticmethod
-    def get_kv_cache_shape(num_blocks: int, block_size: int, num_kv_heads: int, head_size: int,
-                           cache_dtype_str: str = "kitty2") -> tuple[int, ...]:
-        """uint8 [num_blocks, num_kv_heads, page_bytes]: one packed page per block and KV head.
-
-        vLLM passes ``cache_dtype_str="auto"`` for specs without a vLLM quantization mode, so the
-        page size is left for the view to infer from the spec's true page bytes."""
-        return num_blocks, num_kv_heads, -1
 
     @classmethod
     def unsupported_reasons(cls, selector_config, config: KittyConfig) -> list[str]:

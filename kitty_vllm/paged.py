@@ -90,14 +90,16 @@ class PagedKittyCache:
     @classmethod
     def from_raw(cls, config: KittyConfig, stage_layout: StageLayout, packed: torch.Tensor,
                  stage_cache: torch.Tensor, dtype: torch.dtype, kernels: bool | None = None) -> PagedKittyCache:
-        """Views over vLLM's tensors: packed [num_blocks, H, page_bytes] and the staging group's
-        [num_blocks, block_bytes] bytes, as uint8 or already viewed as ``dtype``. ``kernels`` defaults
-        to whether the cache is on a GPU (tests run them on the CPU in Triton's interpreter)."""
+        """Views over vLLM's tensors, each one layer's contiguous blocks: the packed group's
+        [num_blocks, H, (1,) page_bytes] uint8 and the staging group's blocks of the same byte size, as
+        uint8 or already viewed as ``dtype``. ``kernels`` defaults to whether the cache is on a GPU (tests
+        run them on the CPU in Triton's interpreter)."""
         s = stage_layout
         tokens, heads, dim = s.tokens_per_block, s.num_kv_heads, s.page.head_dim
-        stage = stage_cache.view(dtype)[:, : 2 * tokens * heads * dim]
-        return cls(config, s, packed, stage.view(stage_cache.shape[0], 2, tokens, heads, dim),
-                   packed.is_cuda if kernels is None else kernels)
+        num_blocks = stage_cache.shape[0]
+        stage = stage_cache.view(num_blocks, -1).view(dtype)[:, : 2 * tokens * heads * dim]
+        return cls(config, s, packed.view(packed.shape[0], heads, -1),
+                   stage.view(num_blocks, 2, tokens, heads, dim), packed.is_cuda if kernels is None else kernels)
 
     def _ring_columns(self, row: int, positions: torch.Tensor) -> list[torch.Tensor]:
         """(row, staging-table column, slot) of window positions: ring slot ``p % page_size``."""

@@ -1,7 +1,10 @@
-"""Every change kitty_vllm makes to vLLM, in one place, for vLLM 0.26.0 only.
+"""Every change kitty_vllm makes to vLLM, in one place, for vLLM 0.32 (``SUPPORTED_VLLM``).
 
-vLLM 0.26.0 has no plugin hook for a new KV-cache format, so the plugin adapts these points. Each
-patch says why it is needed, how it is done, and when it can go.
+vLLM 0.32 has no plugin hook for a new KV-cache format, so the plugin adapts these points. Each patch
+says why it is needed, how it is done, and when it can go. What 0.32 offers and why none of it replaces
+a patch: docs/vllm-0.32-map.md (section 1). Its new spec geometry (``tokens_per_state``,
+``state_content_bytes``) and ``supported_kv_cache_layouts`` need no patch: kitty's specs and backends
+declare them (kitty_vllm.block_manager.spec).
 
 1. ``kv_cache_dtype``: ``CacheDType`` (vllm/config/cache.py) is a closed ``Literal`` checked by pydantic
    (``CacheConfig.cache_dtype``), by argparse ``choices`` (``engine/arg_utils._compute_kwargs``,
@@ -52,7 +55,7 @@ from kitty_vllm.config import (ADDITIONAL_CONFIG_EXAMPLE, ADDITIONAL_CONFIG_KEY,
 logger = logging.getLogger(__name__)
 
 # The releases this version is tested on; pyproject.toml requires the same range.
-SUPPORTED_VLLM = (">=0.26.0,<0.27", (0, 26))
+SUPPORTED_VLLM = (">=0.32.0,<0.33", (0, 32))
 BACKEND_PATH = "kitty_vllm.backend.KittyAttentionBackend"
 _applied = False
 

@@ -30,7 +30,9 @@ from vllm.model_executor.layers.attention_layer_base import AttentionLayerBase
 from vllm.v1.attention.backend import (AttentionBackend, AttentionCGSupport, AttentionMetadataBuilder,
                                        CommonAttentionMetadata, MultipleOf)
 from vllm.v1.kv_cache_interface import KVCacheSpec
+from vllm.v1.kv_cache_layout import KVCacheLayout
 
+from kitty_vllm.block_manager.spec import KV_CACHE_LAYOUTS
 from kitty_vllm.config import load_config_for
 
 STAGE_SUFFIX = "kitty_stage"
@@ -104,12 +106,9 @@ class KittyStageBackend(AttentionBackend):
         return KittyStageMetadataBuilder
 
     @staticmethod
-    def get_supported_kernel_block_sizes() -> list[int | MultipleOf]:
+    def get_supported_kernel_block_sizes(kv_cache_spec=None) -> list[int | MultipleOf]:
         return [MultipleOf(1)]
 
-    @staticmethod
-    def get_kv_cache_shape(num_blocks: int, block_size: int, num_kv_heads: int, head_size: int,
-                           cache_dtype_str: str = "kitty2") -> tuple[int, ...]:
-        """[num_blocks, elements] in the model dtype: one packed page's worth of bytes per block (the
-        view infers the count from the spec's page bytes; vLLM passes ``cache_dtype_str="auto"``)."""
-        return num_blocks, -1
+    @classmethod
+    def supported_kv_cache_layouts(cls) -> tuple[KVCacheLayout, ...]:
+        return KV_CACHE_LAYOUTS

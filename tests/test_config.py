@@ -152,7 +152,7 @@ def test_the_engine_hands_every_field_to_its_workers(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("version, supported", [
-    ("0.26.0", True), ("0.26.0+cpu", True), ("0.26.1", True), ("0.25.2", False), ("0.27.0", False),
+    ("0.32.0", True), ("0.32.0+cpu", True), ("0.32.1", True), ("0.26.0", False), ("0.33.0", False),
     ("0.34.0", False)])
 def test_vllm_version_check_names_the_range(version, supported):
     from kitty_vllm.patches import check_vllm_version
@@ -160,6 +160,6 @@ def test_vllm_version_check_names_the_range(version, supported):
     if supported:
         check_vllm_version(version)
         return
-    with pytest.raises(RuntimeError, match=rf"tested with vllm>=0.26.0,<0.27, but vLLM {version} is "
-                                           r"installed: pip install 'vllm>=0.26.0,<0.27'"):
+    with pytest.raises(RuntimeError, match=rf"tested with vllm>=0.32.0,<0.33, but vLLM {version} is "
+                                           r"installed: pip install 'vllm>=0.32.0,<0.33'"):
         check_vllm_version(version)

@@ -42,7 +42,7 @@ def test_dockerfile_lints_clean():
 
 @pytest.fixture(scope="module")
 def serve_parser():
-    from vllm.entrypoints.openai.cli_args import make_arg_parser
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
     return make_arg_parser(FlexibleArgumentParser())

@@ -1,4 +1,4 @@
-"""The environment CI builds really holds vLLM 0.26.0 (CPU) with kitty_vllm registered as its plugin."""
+"""The environment CI builds really holds vLLM 0.32.0 (CPU) with kitty_vllm registered as its plugin."""
 
 import importlib.metadata
 import os
@@ -7,11 +7,11 @@ import sys
 from pathlib import Path
 
 
-def test_vllm_0_26_imports():
+def test_vllm_0_32_imports():
     import vllm
 
-    assert vllm.__version__ == "0.26.0"
-    assert importlib.metadata.version("vllm").startswith("0.26.0")
+    assert vllm.__version__ == "0.32.0"
+    assert importlib.metadata.version("vllm").startswith("0.32.0")
 
 
 def test_vllm_cli_reports_its_version():
@@ -19,7 +19,7 @@ def test_vllm_cli_reports_its_version():
     out = subprocess.run([str(cli), "--version"], capture_output=True, text=True, timeout=300,
                          env={**os.environ, "VLLM_LOGGING_LEVEL": "ERROR"})
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.strip().splitlines()[-1].startswith("0.26.0")
+    assert out.stdout.strip().splitlines()[-1].startswith("0.32.0")
 
 
 def test_kitty_is_a_vllm_general_plugin():

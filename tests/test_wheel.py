@@ -125,7 +125,7 @@ def test_user_config_file_and_additional_config_from_the_wheel(wheel_python, out
         result = next(line for line in out.stdout.splitlines() if line.startswith("RESULT "))
         runs[name] = json.loads(result.removeprefix("RESULT "))
         # Logged by the engine-core process from the specs its worker built.
-        runs[name]["kv_tokens"] = int(re.search(r"GPU KV cache size: ([\d,]+) tokens",
+        runs[name]["kv_tokens"] = int(re.search(r"[GC]PU KV cache size: ([\d,]+) tokens",
                                                 out.stdout + out.stderr).group(1).replace(",", ""))
     for run in runs.values():
         assert not run["module"].startswith(str(REPO)), run["module"]

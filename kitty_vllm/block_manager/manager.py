@@ -16,12 +16,13 @@ cached too. vLLM publishes a block when it schedules it, so a hit may land on a 
 request packs in the same step: the backend stores every request of a batch before any attends
 (PagedKittyCache.store).
 
-Pinned to vLLM 0.26.0: these classes lean on ``SingleTypeKVCacheManager`` internals, marked below.
+Pinned to vLLM 0.32: these classes lean on ``SingleTypeKVCacheManager`` internals, marked below.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import ClassVar
 
 from vllm.v1.core.block_pool import BlockPool
 from vllm.v1.core.kv_cache_utils import BlockHashList, KVCacheBlock, resolve_block_hashes
@@ -41,6 +42,10 @@ class KittyPackedManager(FullAttentionManager):
     (kitty_vllm.metrics): a request's pages up to its prefix-cache hit came packed; each later page is
     packed in the step that fills it.
     """
+
+    # A hit ends on a page boundary (module docstring), never inside a page at the finer granularity of
+    # the staging group's block hashes.
+    supports_fine_grained_hash_lookup: ClassVar[bool] = False
 
     def __init__(self, kv_cache_spec: KittyPackedSpec, **kwargs) -> None:
         super().__init__(kv_cache_spec, **kwargs)
@@ -74,12 +79,12 @@ class KittyPackedManager(FullAttentionManager):
         self.stats.add_pages_held(self.kv_cache_group_id, -self._full_pages.pop(request_id, 0))
         return super().pop_blocks_for_free(request_id)
 
-    def cache_blocks(self, request: Request, num_tokens: int,
-                     retention_interval: int | None = None) -> None:
+    def cache_blocks(self, request: Request, num_tokens: int, retention_interval: int | None = None, *,
+                     replay_boundaries: Sequence[int] = ()) -> None:
         # Skip FullAttentionManager._cache_partial_tail_block: it would publish the prompt's last,
         # partly filled page, whose tokens still live in the staging ring and are not packed.
-        SingleTypeKVCacheManager.cache_blocks(self, request, num_tokens,
-                                              retention_interval=retention_interval)
+        SingleTypeKVCacheManager.cache_blocks(self, request, num_tokens, retention_interval=retention_interval,
+                                              replay_boundaries=replay_boundaries)
 
 
 class KittyStageManager(SingleTypeKVCacheManager):
@@ -114,6 +119,7 @@ class KittyStageManager(SingleTypeKVCacheManager):
         num_local_computed_tokens: int,
         num_tokens_main_model: int,
         apply_admission_cap: bool = False,
+        prefill_end: int = 0,
     ) -> int:
         if new_computed_blocks and num_tokens_main_model - total_computed_tokens < self.layout.page.page_size:
             # The first step after a prefix-cache hit computes a whole page (module docstring): a
@@ -150,12 +156,12 @@ class KittyStageManager(SingleTypeKVCacheManager):
         self.stats.log()
 
     def allocate_external_computed_blocks(self, request_id: str, num_local_computed_tokens: int,
-                                          num_external_computed_tokens: int) -> None:
+                                          num_external_computed_tokens: int, record_for_zeroing: bool = True) -> None:
         if num_external_computed_tokens > 0:
             raise NotImplementedError("kitty: KV connectors cannot fill the staging blocks")
 
-    def cache_blocks(self, request: Request, num_tokens: int,
-                     retention_interval: int | None = None) -> None:
+    def cache_blocks(self, request: Request, num_tokens: int, retention_interval: int | None = None, *,
+                     replay_boundaries: Sequence[int] = ()) -> None:
         """Cache the sink blocks only: ring contents depend on the request's length, not its prefix."""
         request_id = request.request_id
         # num_cached_block (semi-private): also marks the request as running for the coordinator.
@@ -218,10 +224,6 @@ class KittyStageManager(SingleTypeKVCacheManager):
             for group_hits, block in zip(hits, cached):
                 group_hits.append(block)
         return hits, hit_length
-
-    def get_num_common_prefix_blocks(self, running_request_id: str) -> int:
-        # Rows are in role order, not position order: no shared prefix for cascade attention.
-        return 0
 
 
 def register_kv_cache_managers() -> None:

@@ -13,13 +13,14 @@ no padding and no block-size scaling. Every byte count comes from ``kitty_vllm.l
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 from typing_extensions import Self
 from vllm.utils.torch_utils import get_dtype_size
 from vllm.v1.kv_cache_interface import AttentionSpec, FullAttentionSpec
+from vllm.v1.kv_cache_layout import KVCacheLayout
 
 from kitty_vllm.config import KittyConfig
 from kitty_vllm.layout import StageLayout, page_layout, stage_layout
@@ -27,32 +28,32 @@ from kitty_vllm.layout import StageLayout, page_layout, stage_layout
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
 
+# The layouts (vLLM's choice for the whole model) in which a layer's cache is one contiguous
+# [num_blocks, H, 1, page_bytes] tensor, layer outermost then block: kitty's kernels address pages and
+# staging blocks by block id within it. With one state per block the two orders are the same bytes.
+KV_CACHE_LAYOUTS = (KVCacheLayout.LBNHC, KVCacheLayout.LBHNC)
+
 
 @dataclass(frozen=True, kw_only=True)
 class KittyPackedSpec(FullAttentionSpec):
     """Full attention over quantized pages: block ``i`` of a request is its page ``i``.
 
-    ``block_size`` is the kitty page size; a block holds one page per KV head,
-    ``[num_kv_heads, packed_page_bytes]`` as uint8.
+    ``block_size`` is the kitty page size; a block holds one page per KV head. In vLLM's page geometry
+    ``[H, N, C]`` that is ``H = num_kv_heads`` slots of ``N = 1`` state (``tokens_per_state`` =
+    ``block_size``) of ``C = state_content_bytes`` = the page's bytes, as uint8.
     """
 
-    # The default only serves FullAttentionSpec.merge, which rebuilds the spec without this field
-    # before our merge puts it back.
-    packed_page_bytes: int = 0
-
     @property
-    def real_page_size_bytes(self) -> int:
-        assert self.packed_page_bytes > 0, "KittyPackedSpec needs packed_page_bytes"
-        return self.num_kv_heads * self.packed_page_bytes
+    def packed_page_bytes(self) -> int:
+        return self.state_content_bytes
 
     @classmethod
     def merge(cls, specs: list[Self]) -> Self:
-        # FullAttentionSpec.merge rebuilds the spec from its own fields only, dropping ours. vLLM
-        # reads an AssertionError from merge as "these layers cannot share a group", hence asserts.
-        merged = super().merge(specs)
-        assert all(spec.packed_page_bytes == specs[0].packed_page_bytes for spec in specs), (
+        # vLLM reads an AssertionError from merge as "these layers cannot share a group"; kitty's own
+        # message names the reason.
+        assert all(spec.state_content_bytes == specs[0].state_content_bytes for spec in specs), (
             "kitty layers of one KV-cache group must share one page layout")
-        return replace(merged, packed_page_bytes=specs[0].packed_page_bytes)
+        return super().merge(specs)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -63,7 +64,6 @@ class KittyStageSpec(AttentionSpec):
     ``layout.blocks_needed(num_tokens)``, never beyond ``layout.blocks_per_request``. ``block_size``
     (``layout.block_tokens``) is nominal: it sets the hash granularity of the sink blocks and the
     worker's block-table row length, while the kitty kernels address tokens inside blocks themselves.
-    ``dtype`` is the model's dtype, the dtype of the staged Keys and Values.
 
     The spec keeps the ``KittyConfig`` rather than copies of the derived sizes, so ``layout`` is
     rebuilt by ``kitty_vllm.layout`` alone; the config is frozen, so the spec stays hashable and
@@ -71,10 +71,15 @@ class KittyStageSpec(AttentionSpec):
     """
 
     kitty_config: KittyConfig
+    # The dtype of the staged Keys and Values. ``dtype`` is uint8, as for the packed group: vLLM zeroes
+    # every new block of a pool whose groups differ in dtype, and kitty writes each byte before it
+    # reads it.
+    model_dtype: torch.dtype
     # Whether KittyStageManager may grant prefix-cache hits (kitty_specs' ``step_tokens``).
     prefix_hits: bool = True
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.block_size != self.layout.block_tokens:
             raise ValueError(f"KittyStageSpec block_size={self.block_size}: the staging layout needs "
                              f"{self.layout.block_tokens} (StageLayout.block_tokens)")
@@ -82,11 +87,7 @@ class KittyStageSpec(AttentionSpec):
     @property
     def layout(self) -> StageLayout:
         return stage_layout(self.kitty_config, self.head_size, self.num_kv_heads,
-                            get_dtype_size(self.dtype))
-
-    @property
-    def real_page_size_bytes(self) -> int:
-        return self.layout.block_bytes
+                            get_dtype_size(self.model_dtype))
 
     def max_memory_usage_bytes(self, vllm_config: VllmConfig) -> int:
         # What a request of max_model_len holds: this is what vLLM's capacity report and admission
@@ -104,19 +105,26 @@ def kitty_specs(config: KittyConfig, num_kv_heads: int, head_dim: int, model_dty
     ``exact_prefill`` is off (kitty_vllm.block_manager.manager)."""
     if not model_dtype.is_floating_point:
         raise ValueError(f"model_dtype={model_dtype}: staged Keys and Values need a floating dtype")
+    page_bytes = page_layout(config, head_dim).page_bytes
     packed = KittyPackedSpec(
         block_size=config.page_size,
         num_kv_heads=num_kv_heads,
         head_size=head_dim,
         dtype=torch.uint8,
-        packed_page_bytes=page_layout(config, head_dim).page_bytes,
+        tokens_per_state=config.page_size,
+        state_content_bytes=page_bytes,
     )
     layout = stage_layout(config, head_dim, num_kv_heads, get_dtype_size(model_dtype))
+    # The same geometry as a packed block, [num_kv_heads, 1, page_bytes] uint8: kitty's kernels address
+    # the staged tokens inside it themselves (kitty_vllm.layout.StageLayout).
     stage = KittyStageSpec(
         block_size=layout.block_tokens,
         num_kv_heads=num_kv_heads,
         head_size=head_dim,
-        dtype=model_dtype,
+        dtype=torch.uint8,
+        tokens_per_state=layout.block_tokens,
+        state_content_bytes=page_bytes,
+        model_dtype=model_dtype,
         kitty_config=config,
         prefix_hits=not config.exact_prefill and (step_tokens is None or step_tokens >= config.page_size),
     )

@@ -38,6 +38,12 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
 
+# Names Triton 3.9 changed (vLLM 0.32's CPU torch brings 3.9; the GPU image has 3.6), same arguments:
+# the cp.async copy into shared memory (async_copy_global_to_shared before), and the CTA barrier
+# (thread_barrier before).
+async_load = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
+cta_barrier = getattr(gl, "barrier", None) or gl.thread_barrier
+
 from kitty_vllm.config import KittyConfig
 from kitty_vllm.kernels.common import LANE_PLANE_PTX, LOG2E, PLANE_PTX, SCORE_FLOOR, section_offsets
 from kitty_vllm.layout import PageLayout
@@ -234,25 +240,25 @@ def _issue_tile(t, first_tile, end_tile, page_row_ptr, head_base, stride_pb, sta
     LC: gl.constexpr = copy_layout(TILE, Q)
     codes = (gl.arange(0, TILE, layout=gl.SliceLayout(1, LC))[:, None] * Q
              + gl.arange(0, Q, layout=gl.SliceLayout(0, LC))[None, :] + start * Q)
-    async_copy.async_copy_global_to_shared(key.index(slot), page_ptr + KEY_LOW + codes, mask=valid)
-    async_copy.async_copy_global_to_shared(value.index(slot), page_ptr + VALUE_CODES + codes, mask=valid)
+    async_load(key.index(slot), page_ptr + KEY_LOW + codes, mask=valid)
+    async_load(value.index(slot), page_ptr + VALUE_CODES + codes, mask=valid)
     tokens = gl.arange(0, TILE, layout=gl.BlockedLayout([max(2, TILE // 32)], [32], [1], [0])) + start
-    async_copy.async_copy_global_to_shared(value_scale.index(slot), _halves(page_ptr + VALUE_SCALE) + tokens,
+    async_load(value_scale.index(slot), _halves(page_ptr + VALUE_SCALE) + tokens,
                                            mask=valid)
-    async_copy.async_copy_global_to_shared(value_min.index(slot), _halves(page_ptr + VALUE_MIN) + tokens, mask=valid)
+    async_load(value_min.index(slot), _halves(page_ptr + VALUE_MIN) + tokens, mask=valid)
     page_start = valid & ((start == 0) | (t == first_tile))
     channels = gl.arange(0, HEAD_DIM, layout=gl.BlockedLayout([HEAD_DIM // 32], [32], [1], [0]))
-    async_copy.async_copy_global_to_shared(key_scale.index(slot), _halves(page_ptr + KEY_SCALE) + channels,
+    async_load(key_scale.index(slot), _halves(page_ptr + KEY_SCALE) + channels,
                                            mask=page_start)
-    async_copy.async_copy_global_to_shared(key_min.index(slot), _halves(page_ptr + KEY_MIN) + channels,
+    async_load(key_min.index(slot), _halves(page_ptr + KEY_MIN) + channels,
                                            mask=page_start)
     if NUM_BOOST > 0:
         LH: gl.constexpr = copy_layout(TILE, QUARTER)
         high_bytes = (gl.arange(0, TILE, layout=gl.SliceLayout(1, LH))[:, None] * QUARTER
                       + gl.arange(0, QUARTER, layout=gl.SliceLayout(0, LH))[None, :] + start * QUARTER)
-        async_copy.async_copy_global_to_shared(high.index(slot), page_ptr + KEY_HIGH + high_bytes, mask=valid)
+        async_load(high.index(slot), page_ptr + KEY_HIGH + high_bytes, mask=valid)
         boosted = gl.arange(0, NUM_BOOST, layout=gl.BlockedLayout([4], [32], [1], [0]))
-        async_copy.async_copy_global_to_shared(index.index(slot), page_ptr + BOOST_INDEX + boosted, mask=page_start)
+        async_load(index.index(slot), page_ptr + BOOST_INDEX + boosted, mask=page_start)
     async_copy.commit_group()
 
 
@@ -388,7 +394,7 @@ def page_decode_kernel(
             boost_parts = _stack_parts(boost_query, LB3, A)
         for t in range(page_first, gl.minimum((page + 1) * TPP, end_tile)):
             async_copy.wait_group(STAGES - 2)
-            gl.thread_barrier()
+            cta_barrier()
             _issue_tile(t + STAGES - 1, first_tile, end_tile, page_row_ptr, head_base, stride_pb, stages, OFFSETS,
                         PAGE_SIZE, HEAD_DIM, NUM_BOOST, TILE, STAGES)
             # Key bytes: physical [TILE, Q] (LKX), relabeled to the B operand [Q, TILE] whose row k is byte
