@@ -203,8 +203,6 @@ class KittyStageManager(SingleTypeKVCacheManager):
         returned here (module docstring: why a page less). Pages without their sinks are useless, so
         a missing sink block turns the whole hit into a miss.
         """
-        if drop_eagle_block:
-            raise NotImplementedError("kitty: EAGLE/MTP speculative decoding is not supported")
         miss = tuple([] for _ in kv_cache_group_ids), 0
         if not kv_cache_spec.prefix_hits:
             return miss
