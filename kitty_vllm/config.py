@@ -65,6 +65,11 @@ class KittyConfig:
         dequantized). ``true``: every query reads the cache exactly as decoding would at its position,
         its window included, so prompt log-probabilities equal decode-time teacher forcing whatever the
         chunking (kitty_vllm.reference); prefix-cache lookups then miss (kitty_vllm.block_manager).
+    draft_tokens: the most draft tokens a verification step of speculative decoding stores per request
+        (vLLM's ``num_speculative_tokens``; 0 without speculation). The engine sets it from
+        ``--speculative-config`` (kitty_vllm.patches). Drafts that verification rejects are stored
+        before anyone knows, so the ring keeps ``draft_tokens - 1`` slots beyond the window
+        (``ring_slots``): a rejected draft then never overwrites a token that later steps still read.
     """
 
     page_size: int = 128
@@ -76,6 +81,7 @@ class KittyConfig:
     value_bits: int = 2
     boost_policy: str = "magnitude"
     exact_prefill: bool = False
+    draft_tokens: int = 0
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -98,9 +104,30 @@ class KittyConfig:
                 raise KittyConfigError(
                     f"{name}={getattr(self, name)}: only {bits} is supported (the layout stores "
                     "every code as uniform 2-bit planes)")
+        if not 0 <= self.draft_tokens < self.page_size:
+            raise KittyConfigError(
+                f"draft_tokens={self.draft_tokens}: must be in [0, page_size={self.page_size}) (speculative "
+                "tokens per verification step)")
         if self.boost_policy not in BOOST_POLICIES:
             raise KittyConfigError(
                 f"boost_policy={self.boost_policy!r}: must be one of {', '.join(BOOST_POLICIES)}")
+
+    @property
+    def ring_slots(self) -> int:
+        """Full-precision slots per request for the window and the unfinished page: position ``p`` sits
+        in slot ``p % ring_slots``. A verification step from position ``c`` (the request's newest token)
+        stores up to position ``c + draft_tokens``; the steps after it start at ``c + 1`` or later and read
+        back to ``c + 2 - page_size`` at the earliest (the window of their first query, or the first token
+        of a page that a rejected draft completed and that is packed again), so ``page_size +
+        draft_tokens - 1`` slots keep every such token."""
+        return self.page_size + max(self.draft_tokens - 1, 0)
+
+    def reads_as_decode(self, step_tokens: int) -> bool:
+        """Whether the queries of a request's step of ``step_tokens`` tokens read the cache as decodes at
+        their positions do (kitty_vllm.reference): always with ``exact_prefill``; else a decode and a
+        verification step of speculative decoding (its newest token and up to ``draft_tokens`` drafts),
+        so that speculation reads what the decodes it replaces would read."""
+        return self.exact_prefill or step_tokens <= 1 + self.draft_tokens
 
     def num_boost_channels(self, head_dim: int) -> int:
         """Boosted channels per page for ``head_dim``; raises if the layout cannot split that head."""

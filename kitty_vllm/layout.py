@@ -159,8 +159,9 @@ class StageLayout:
     is the group's vLLM block size, so these blocks are prefix-cached under the request's own block
     hashes and a cache hit restores the sinks), then ``ring_blocks`` blocks holding the request's newest
     ``page_size`` tokens, the window that attention reads in full precision (kitty_vllm.reference), which
-    also holds every page's tokens until the page is packed (position ``p`` at ring slot
-    ``p % page_size``, ``tokens_per_block`` slots per block).
+    also holds every page's tokens until the page is packed: ``ring_slots`` slots (``page_size``, more
+    under speculative decoding: KittyConfig.ring_slots), position ``p`` at slot ``p % ring_slots``,
+    ``tokens_per_block`` slots per block.
 
     The sizes are cached on first use: the scheduler asks for them for every running request in
     every step (kitty_vllm.block_manager).
@@ -169,6 +170,7 @@ class StageLayout:
     page: PageLayout
     num_kv_heads: int
     element_bytes: int
+    ring_slots: int
 
     @cached_property
     def block_bytes(self) -> int:
@@ -189,15 +191,15 @@ class StageLayout:
 
     @cached_property
     def ring_blocks(self) -> int:
-        return -(-self.page.page_size // self.tokens_per_block)
+        return -(-self.ring_slots // self.tokens_per_block)
 
     @cached_property
     def blocks_per_request(self) -> int:
         return self.sink_blocks + self.ring_blocks
 
     def blocks_needed(self, num_tokens: int) -> int:
-        """Staging blocks a request of ``num_tokens`` tokens holds (its ring grows up to one page)."""
-        ring_tokens = min(num_tokens, self.page.page_size)
+        """Staging blocks a request of ``num_tokens`` tokens holds (its ring grows up to ``ring_slots``)."""
+        ring_tokens = min(num_tokens, self.ring_slots)
         return self.sink_blocks + -(-ring_tokens // self.tokens_per_block)
 
 
@@ -205,4 +207,4 @@ MAX_STAGE_BLOCK_TOKENS = 16
 
 
 def stage_layout(config: KittyConfig, head_dim: int, num_kv_heads: int, element_bytes: int) -> StageLayout:
-    return StageLayout(page_layout(config, head_dim), num_kv_heads, element_bytes)
+    return StageLayout(page_layout(config, head_dim), num_kv_heads, element_bytes, config.ring_slots)

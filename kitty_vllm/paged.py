@@ -6,9 +6,10 @@ request at once (a few kernel launches per layer, however many requests the batc
 1. this step's sink tokens (positions < sink_tokens) are written to their requests' sink blocks;
 2. every page that fills in this step is quantized, from the ring (its older tokens) plus this step's
    tokens, into its packed block;
-3. attention: a one-token step (decode), and with ``exact_prefill`` every query, reads sinks and its
-   window (its newest ``page_size`` positions) in full precision and the older tokens dequantized, from
-   pages packed in step 2 too (kitty_vllm.kernels.prefill_attention). Without ``exact_prefill``
+3. attention: a one-token step (decode), a verification step of speculative decoding, and with
+   ``exact_prefill`` every query, reads sinks and its window (its newest ``page_size`` positions) in
+   full precision and the older tokens dequantized, from pages packed in step 2 too
+   (kitty_vllm.kernels.prefill_attention; KittyConfig.reads_as_decode). Otherwise
    (kitty_vllm.reference) a request's step of several tokens reads only the pages complete before it
    dequantized: those pages, dequantized into the model dtype, the sinks and ring before the step and
    the step's tokens are copied into one sequence, over which vLLM's FlashAttention runs
@@ -54,7 +55,7 @@ class StorePlan:
     position); ``sources`` [num_pages * P] indexes, for every row of every page to pack, the
     concatenation of the ring reads and the batch's tokens. Step 3, with the kernels (else all empty):
     ``query_blocks`` (kitty_vllm.kernels.prefill_blocks) of the spans the attention kernel reads, all
-    with ``exact_prefill`` and one-token spans without; the other spans' sequences for context_attention,
+    that read as decodes do (KittyConfig.reads_as_decode); the other spans' sequences for context_attention,
     positions from 0, one after another: ``context_pages`` [2, n] (table row, page index) of the pages
     complete before the step, ``context_rows`` [n] the place of each one's first row,
     ``context_stage`` [4, m] (table row, staging-table column, slot, place) of the sinks and ring before
@@ -102,9 +103,9 @@ class PagedKittyCache:
                    stage.view(num_blocks, 2, tokens, heads, dim), packed.is_cuda if kernels is None else kernels)
 
     def _ring_columns(self, row: int, positions: torch.Tensor) -> list[torch.Tensor]:
-        """(row, staging-table column, slot) of window positions: ring slot ``p % page_size``."""
+        """(row, staging-table column, slot) of window positions: ring slot ``p % ring_slots``."""
         s = self.stage_layout
-        slot = positions % self.config.page_size
+        slot = positions % s.ring_slots
         return [torch.full_like(positions, row), s.sink_blocks + slot // s.tokens_per_block, slot % s.tokens_per_block]
 
     def plan(self, spans: list[Span], device: torch.device, num_heads: int) -> StorePlan:
@@ -137,7 +138,7 @@ class PagedKittyCache:
         blocks = torch.zeros(0, 5, dtype=torch.int64)
         exact, sequences = [], []
         for s in spans if self.kernels else ():
-            (exact if self.config.exact_prefill or s.end - s.first == 1 else sequences).append(s)
+            (exact if self.config.reads_as_decode(s.end - s.first) else sequences).append(s)
         if exact:
             from kitty_vllm.kernels import prefill_blocks
 
@@ -281,7 +282,7 @@ class PagedKittyCache:
         staging blocks."""
         page, sinks, block_tokens = self.config.page_size, self.config.sink_tokens, self.stage_layout.block_tokens
         end = context_len + query.shape[0]
-        windowed = self.config.exact_prefill or query.shape[0] == 1
+        windowed = self.config.reads_as_decode(query.shape[0])
         window = max(context_len - page, 0) if windowed else context_len // page * page
         full_pages = end // page
         keys = torch.zeros(end, *key.shape[1:], dtype=key.dtype, device=key.device)

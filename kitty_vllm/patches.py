@@ -29,9 +29,10 @@ declare them (kitty_vllm.block_manager.spec).
    engine's process, is wrapped to resolve the kitty config there (preset, file, ``--additional-config``
    fields; a broken one fails at once, before any worker starts) and to write every field into
    ``additional_config["kitty"]``, which travels to every worker inside the ``VllmConfig``
-   (kitty_vllm.config). It also refuses speculative decoding, whose rejected drafts would overwrite
-   ring slots that later queries read (the ring must first hold page_size + k - 1 tokens). Goes when
-   vLLM passes plugin options to workers by itself.
+   (kitty_vllm.config). With speculative decoding it sets ``draft_tokens`` (the ring then holds
+   page_size + k - 1 tokens, so that rejected drafts overwrite nothing that later queries read:
+   KittyConfig.ring_slots) and refuses methods whose draft layers keep a KV cache of their own, which
+   kitty has not been tested with. Goes when vLLM passes plugin options to workers by itself.
 7. Kitty's counters (kitty_vllm.metrics) live in the engine-core process, ``/metrics`` in the API
    server, and the only stats that cross are vLLM's ``SchedulerStats`` (``v1/metrics/stats.py``), a
    fixed dataclass inside the msgspec Struct ``EngineCoreOutputs``, decoded by its declared fields.
@@ -204,13 +205,16 @@ def _resolve_config_in_the_engine() -> None:
                 f"--kv-cache-dtype {dtype} keeps its options in --additional-config as a JSON mapping "
                 f"(for example '{ADDITIONAL_CONFIG_EXAMPLE}'), not {type(vllm_config.additional_config).__name__}")
         config = load_config_for(dtype, vllm_config)
-        if vllm_config.speculative_config is not None:
-            raise ValueError(
-                f"--kv-cache-dtype {dtype} does not support speculative decoding yet (--speculative-config): "
-                f"a draft token that verification rejects has already overwritten, in kitty's ring of the "
-                f"newest {config.page_size} tokens, the full-precision copy of the token {config.page_size} "
-                "positions before it, which later queries still read. Serve without --speculative-config, or "
-                "speculate with --kv-cache-dtype auto or fp8")
+        speculative = vllm_config.speculative_config
+        if speculative is not None:
+            if speculative.uses_draft_kv_cache():
+                raise ValueError(
+                    f"--kv-cache-dtype {dtype} does not support speculative method {speculative.method!r} yet: "
+                    "its draft layers keep a KV cache of their own, which kitty has not been tested with. "
+                    "Speculate without draft layers (ngram, suffix, medusa; for example --speculative-config "
+                    "'{\"method\": \"ngram\", \"num_speculative_tokens\": 4, \"prompt_lookup_max\": 4}'), "
+                    "or use the draft model with --kv-cache-dtype auto or fp8")
+            config = config.replace(draft_tokens=speculative.num_speculative_tokens)
         # A new mapping: the one given may be the caller's (EngineArgs.additional_config).
         vllm_config.additional_config = {**vllm_config.additional_config,
                                          ADDITIONAL_CONFIG_KEY: dataclasses.asdict(config)}

@@ -19,7 +19,9 @@ or a prefill chunk) read the pages complete before the step, ``(t // P + 1) * P 
 first position ``c``, dequantized (sinks excepted), and everything else in the original: the unfinished
 page before the step and the step's own tokens, as vLLM's other formats prefill. So a step that starts on
 a page boundary, as a prefix-cache hit does (kitty_vllm.block_manager), needs no full-precision token
-from before it but the sinks. A one-token step (decode) follows the rule alone in both modes.
+from before it but the sinks. A one-token step (decode) follows the rule alone in both modes, and so
+does a verification step of speculative decoding (at most ``1 + draft_tokens`` tokens), which stands
+for that many decodes (KittyConfig.reads_as_decode).
 """
 
 from __future__ import annotations
@@ -210,7 +212,7 @@ def quantized_mask(query_positions: torch.Tensor, num_keys: int, config: KittyCo
     """bool [Tq, N]: True where a step's queries at ``query_positions`` read key ``t`` from a quantized
     page (the cache schedule, module docstring)."""
     t = torch.arange(num_keys)
-    if config.exact_prefill or len(query_positions) < 2:
+    if config.reads_as_decode(len(query_positions)):
         quantized = query_positions[:, None] - t >= config.value_window
     else:
         page_end = (t // config.page_size + 1) * config.page_size

@@ -163,3 +163,22 @@ def test_vllm_version_check_names_the_range(version, supported):
     with pytest.raises(RuntimeError, match=rf"tested with vllm>=0.32.0,<0.33, but vLLM {version} is "
                                            r"installed: pip install 'vllm>=0.32.0,<0.33'"):
         check_vllm_version(version)
+
+
+def test_the_engine_sizes_the_ring_for_the_drafts():
+    """With --speculative-config the engine sets draft_tokens (kitty_vllm.patches, 6), so each request's
+    ring holds page_size + k - 1 tokens and vLLM's capacity count includes them."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    from kitty_vllm.layout import stage_layout
+    from tiny_model import build_tiny_model
+
+    args = EngineArgs(model=str(build_tiny_model()), kv_cache_dtype="kitty2", max_model_len=512,
+                      speculative_config={"method": "ngram", "num_speculative_tokens": 5, "prompt_lookup_max": 3})
+    vllm_config = args.create_engine_config()
+    config = KittyConfig.from_dict(vllm_config.additional_config["kitty"])
+    assert config == KittyConfig.from_preset("kitty2").replace(draft_tokens=5)
+    assert config.ring_slots == 132
+    plain, speculative = (stage_layout(c, 64, 2, 4) for c in (KittyConfig(), config))
+    assert speculative.ring_blocks * speculative.tokens_per_block >= 132
+    assert speculative.blocks_needed(512) == speculative.blocks_per_request > plain.blocks_per_request

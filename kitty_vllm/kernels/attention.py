@@ -43,10 +43,10 @@ rounding at about 30 warp instructions per token and KV head (sm_90, decode, hea
 stage), where widening them to float32 for tf32x3 dots on 16-token tiles took about 190.
 
 **Prefill schedules** (kitty_vllm.reference). With ``exact_prefill`` every query of a prefill reads
-the cache as above, here. By default a step of several tokens reads only the pages complete before it
+the cache as above, here, and so do verification steps of speculative decoding
+(KittyConfig.reads_as_decode). By default a longer step reads only the pages complete before it
 dequantized and everything else in full precision: PagedKittyCache copies those into one sequence in the
-model dtype and runs :func:`context_attention` (vLLM's FlashAttention) over it, and only its one-token
-steps come here.
+model dtype and runs :func:`context_attention` (vLLM's FlashAttention) over it.
 """
 
 from __future__ import annotations
@@ -259,14 +259,15 @@ def _attend_full_precision(
     stage_row_ptr,      # [max_stage_blocks] int32: the request's staging blocks
     new_key_ptr, new_value_ptr,   # this step's Key / Value of the block's first query position, head offset applied
     first, end, context, first_pos, row_first, row_last,   # row_first / row_last [ROWS]: positions each row reads
-    first_row, tokens_per_block, head,
+    first_row, tokens_per_block, ring_slots, head,
     stride_sb, stride_skv, stride_st, stride_sh, stride_nt, stride_nvt,
-    PAGE_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, TILE: tl.constexpr, SLOTS: tl.constexpr,
+    HEAD_DIM: tl.constexpr, TILE: tl.constexpr, SLOTS: tl.constexpr,
     PARTS: tl.constexpr, INTERPRETED: tl.constexpr,
 ):
     """Attend to full-precision positions [first, end): position t < context sits at staging slot
-    ``t % PAGE_SIZE``, in row ``first_row + slot // tokens_per_block`` at ``slot % tokens_per_block``
-    (sinks and the ring both follow this rule with their own first_row and tokens_per_block);
+    ``t % ring_slots``, in row ``first_row + slot // tokens_per_block`` at ``slot % tokens_per_block``
+    (sinks and the ring both follow this rule with their own first_row and tokens_per_block; sinks come
+    before ``ring_slots``);
     t >= context is this step's token ``t - first_pos`` after the block's first query.
 
     The stage's values are exact bfloat16 dot operands (_stage_dot) that the query's and the probabilities'
@@ -280,7 +281,7 @@ def _attend_full_precision(
         t = start + tl.arange(0, TILE)
         valid = t < end
         staged = t < context
-        slot = t % PAGE_SIZE
+        slot = t % ring_slots
         block = tl.load(stage_row_ptr + first_row + slot // tokens_per_block, mask=valid & staged, other=0)
         row = stage_ptr + (block.to(tl.int64) * stride_sb + (slot % tokens_per_block) * stride_st
                            + head * stride_sh)                                            # [T]
@@ -322,7 +323,7 @@ def _attention_kernel(
     stride_page_table, stride_stage_table,
     stride_ot, stride_oh,
     scale_log2,        # softmax scale times log2(e)
-    sink_tokens, sink_block_tokens, sink_blocks, ring_tokens_per_block,
+    sink_tokens, sink_block_tokens, sink_blocks, ring_tokens_per_block, ring_slots,
     split_base, partial_splits,   # SPLIT only: this launch's splits are partial_ptr's splits split_base + split
     DECODE: tl.constexpr, SPLIT: tl.constexpr, PACKED: tl.constexpr,
     GROUP: tl.constexpr, GROUP_ROWS: tl.constexpr, ROWS: tl.constexpr, SLOTS: tl.constexpr, PARTS: tl.constexpr,
@@ -387,8 +388,8 @@ def _attention_kernel(
         running_max, running_sum, acc = _attend_full_precision(
             query, running_max, running_sum, acc, part_slot, stage_ptr, stage_row_ptr, new_key, new_value,
             0, tl.minimum(last_pos + 1, sink_tokens), last_pos + 1, first_pos,
-            tl.zeros((ROWS,), tl.int32), position, 0, sink_block_tokens, head,
-            stride_sb, stride_skv, stride_st, stride_sh, stride_nt, stride_nvt, PAGE_SIZE, HEAD_DIM, STAGE_TILE,
+            tl.zeros((ROWS,), tl.int32), position, 0, sink_block_tokens, ring_slots, head,
+            stride_sb, stride_skv, stride_st, stride_sh, stride_nt, stride_nvt, HEAD_DIM, STAGE_TILE,
             SLOTS, PARTS, INTERPRETED)
 
     num_splits = tl.num_programs(2)
@@ -468,8 +469,8 @@ def _attention_kernel(
         running_max, running_sum, acc = _attend_full_precision(
             query, running_max, running_sum, acc, part_slot, stage_ptr, stage_row_ptr, new_key, new_value,
             tl.maximum(sink_tokens, first_pos + 1 - PAGE_SIZE), last_pos + 1, context, first_pos,
-            tl.maximum(window, sink_tokens), position, sink_blocks, ring_tokens_per_block, head,
-            stride_sb, stride_skv, stride_st, stride_sh, stride_nt, stride_nvt, PAGE_SIZE, HEAD_DIM, STAGE_TILE,
+            tl.maximum(window, sink_tokens), position, sink_blocks, ring_tokens_per_block, ring_slots, head,
+            stride_sb, stride_skv, stride_st, stride_sh, stride_nt, stride_nvt, HEAD_DIM, STAGE_TILE,
             SLOTS, PARTS, INTERPRETED)
 
     summed = ()
@@ -540,10 +541,12 @@ def _check(query, new_key, new_value, packed, stage, page_table, stage_table, co
     num_kv_heads = packed.shape[1]
     if num_heads % num_kv_heads:
         raise ValueError(f"{num_heads} query heads are not a multiple of {num_kv_heads} KV heads")
-    if stage_layout.page != layout or stage_layout.num_kv_heads != num_kv_heads:
+    if (stage_layout.page != layout or stage_layout.num_kv_heads != num_kv_heads
+            or stage_layout.ring_slots != config.ring_slots):
         raise ValueError(f"stage_layout is for page_size {stage_layout.page.page_size}, head_dim "
-                         f"{stage_layout.page.head_dim}, {stage_layout.num_kv_heads} KV heads; the cache "
-                         f"has page_size {layout.page_size}, head_dim {head_dim}, {num_kv_heads} KV heads")
+                         f"{stage_layout.page.head_dim}, {stage_layout.num_kv_heads} KV heads, "
+                         f"{stage_layout.ring_slots} ring slots; the cache has page_size {layout.page_size}, "
+                         f"head_dim {head_dim}, {num_kv_heads} KV heads, {config.ring_slots} ring slots")
     stage_shape = (2, stage_layout.tokens_per_block, num_kv_heads, head_dim)
     if stage.dim() != 5 or tuple(stage.shape[1:]) != stage_shape or stage.dtype != query.dtype:
         raise ValueError(f"expected stage [num_stage_blocks, {', '.join(map(str, stage_shape))}] in "
@@ -604,7 +607,7 @@ def _launch(query, new_key, new_value, packed, stage, page_table, stage_table, b
         out.stride(0), out.stride(1),
         scale * LOG2E,
         config.sink_tokens, stage_layout.block_tokens, stage_layout.sink_blocks, stage_layout.tokens_per_block,
-        split_base, grid[2] if partial_splits is None else partial_splits,
+        stage_layout.ring_slots, split_base, grid[2] if partial_splits is None else partial_splits,
         **kernel_constants(layout, query.shape[1], packed.shape[1], decode, partial is not out, read_pages),
         num_warps=num_warps,
     )

@@ -5,7 +5,8 @@ The token at position ``p = seq_len - 1`` goes, following the cache schedule of 
 * to its sink slot too if ``p < sink_tokens``;
 * if it completes its page (``seq_len % page_size == 0``): with the page's older tokens, read from the
   ring, into the page's packed block (kitty_vllm.kernels.quantize.pack_page);
-* to its ring slot ``p % page_size`` (the window: attention reads the newest ``page_size`` tokens there).
+* to its ring slot ``p % ring_slots`` (the window: attention reads the newest ``page_size`` tokens there;
+  kitty_vllm.config.KittyConfig.ring_slots).
 
 One fused kernel, one program per (request, KV head), nothing decided on the host: the launch is the
 same for every batch of the same size, so it can be captured in a CUDA graph. A request with
@@ -36,7 +37,7 @@ def _store_decode_kernel(
     stride_pb, stride_ph,
     stride_sb, stride_skv, stride_st, stride_sh,
     stride_page_table, stride_stage_table,
-    sink_tokens, sink_block_tokens, sink_blocks, ring_tokens_per_block,
+    sink_tokens, sink_block_tokens, sink_blocks, ring_tokens_per_block, ring_slots,
     PAGE_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, NUM_BOOST: tl.constexpr,
     BOOST_POLICY: tl.constexpr,
     KEY_LOW_OFFSET: tl.constexpr, KEY_HIGH_OFFSET: tl.constexpr, BOOST_INDEX_OFFSET: tl.constexpr,
@@ -60,21 +61,22 @@ def _store_decode_kernel(
         sink_ptr = stage_ptr + sink_block * stride_sb + (position % sink_block_tokens) * stride_st + head_offset
         tl.store(sink_ptr + c, key)
         tl.store(sink_ptr + stride_skv + c, value)
-    slot = position % PAGE_SIZE
+    slot = position % ring_slots
     ring_block = tl.load(stage_row_ptr + sink_blocks + slot // ring_tokens_per_block).to(tl.int64)
     ring_ptr = stage_ptr + ring_block * stride_sb + (slot % ring_tokens_per_block) * stride_st + head_offset
     tl.store(ring_ptr + c, key)
     tl.store(ring_ptr + stride_skv + c, value)
     if seq_len % PAGE_SIZE == 0:
         # The page is complete: its first PAGE_SIZE - 1 tokens are in the ring, the last one is this.
+        first_pos = position - (PAGE_SIZE - 1)
         t = tl.arange(0, PAGE_SIZE)
         older = t < PAGE_SIZE - 1
-        blocks = tl.load(stage_row_ptr + sink_blocks + t // ring_tokens_per_block, mask=older, other=0)
-        row = blocks.to(tl.int64) * stride_sb + (t % ring_tokens_per_block) * stride_st + head_offset
+        slots = (first_pos + t) % ring_slots
+        blocks = tl.load(stage_row_ptr + sink_blocks + slots // ring_tokens_per_block, mask=older, other=0)
+        row = blocks.to(tl.int64) * stride_sb + (slots % ring_tokens_per_block) * stride_st + head_offset
         ring = stage_ptr + row[:, None] + c[None, :]
         x = tl.where(older[:, None], tl.load(ring, mask=older[:, None], other=0.0), key[None, :])
         y = tl.where(older[:, None], tl.load(ring + stride_skv, mask=older[:, None], other=0.0), value[None, :])
-        first_pos = position - (PAGE_SIZE - 1)
         page_block = tl.load(page_table_ptr + request * stride_page_table + first_pos // PAGE_SIZE)
         page_ptr = packed_ptr + page_block.to(tl.int64) * stride_pb + head.to(tl.int64) * stride_ph
         pack_page(x.to(tl.float32), y.to(tl.float32), first_pos, page_ptr, sink_tokens,
@@ -114,7 +116,7 @@ def store_decode(key: torch.Tensor, value: torch.Tensor, seq_lens: torch.Tensor,
         stage.stride(0), stage.stride(1), stage.stride(2), stage.stride(3),
         page_table.stride(0), stage_table.stride(0),
         config.sink_tokens, stage_layout.block_tokens, stage_layout.sink_blocks, stage_layout.tokens_per_block,
-        PAGE_SIZE=layout.page_size, HEAD_DIM=head_dim, NUM_BOOST=layout.num_boost,
+        stage_layout.ring_slots, PAGE_SIZE=layout.page_size, HEAD_DIM=head_dim, NUM_BOOST=layout.num_boost,
         BOOST_POLICY=BOOST_POLICY_IDS[config.boost_policy],
         **section_offsets(layout), num_warps=8,
     )
