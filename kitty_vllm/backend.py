@@ -45,11 +45,14 @@ class MixedBatch:
 @dataclass
 class KittyMetadata:
     num_reqs: int
-    decode_only: bool                # every request has one new token: the batch CUDA graphs capture
+    # Every request reads the cache as decodes do (one new token, or a verification step of speculative
+    # decoding): the decode kernels take the batch whole, without host work (the batches CUDA graphs capture).
+    decode_only: bool
+    max_query_len: int
     seq_lens: torch.Tensor           # int32 [num_reqs], device: context + this step's tokens
     block_table: torch.Tensor        # int32 [num_reqs, max_pages], device: packed page of each page index
-    query_start_loc: list[int] | None = None   # [num_reqs + 1], host; mixed batches only
-    seq_lens_host: list[int] | None = None     # [num_reqs], host; mixed batches only
+    query_start: torch.Tensor        # int32 [num_reqs + 1], device: each request's first token
+    query_start_host: torch.Tensor   # the same on the host (vLLM's copy)
     # Mixed batches, built by the first layer and reused by the rest: the split (per whether the cache
     # runs the kernels) and the prefill StorePlan per cache format.
     mixed: dict[bool, MixedBatch] = field(default_factory=dict)
@@ -59,9 +62,7 @@ class KittyMetadata:
         """The MixedBatch of this step: with the kernels, one-token requests are stored and attended
         together through the decode kernels; without them (CPU), every request is a span."""
         if kernels not in self.mixed:
-            starts, seq_lens = self.query_start_loc, self.seq_lens_host
-            if starts is None:     # decode-only batch on the CPU: one-token steps
-                starts, seq_lens = list(range(self.num_reqs + 1)), self.seq_lens.tolist()
+            starts, seq_lens = self.query_start_host.tolist(), self.seq_lens.tolist()
             decodes = [r for r in range(len(seq_lens)) if starts[r + 1] - starts[r] == 1] if kernels else []
             batched = set(decodes)
             spans = [Span(r, starts[r], starts[r + 1], seq_len - (starts[r + 1] - starts[r]))
@@ -73,25 +74,24 @@ class KittyMetadata:
 
 
 class KittyMetadataBuilder(AttentionMetadataBuilder[KittyMetadata]):
-    """Decode-only batches are built from views of vLLM's persistent device buffers and read nothing
-    on the host, so vLLM can capture them in full CUDA graphs; mixed batches carry host copies of
-    their lengths for the prefill path (run outside graphs)."""
+    """Views of vLLM's persistent device buffers, and nothing read on the host, so vLLM can capture
+    decode-only batches in full CUDA graphs; mixed batches read their lengths on the host when the first
+    layer splits them (KittyMetadata.split; the prefill path runs outside graphs)."""
 
     _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
 
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        self.draft_tokens = load_config_for(vllm_config.cache_config.cache_dtype, vllm_config).draft_tokens
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> KittyMetadata:
         cm = common_attn_metadata
-        metadata = KittyMetadata(num_reqs=cm.num_reqs, decode_only=cm.max_query_len == 1,
-                                 seq_lens=cm.seq_lens[: cm.num_reqs],
-                                 block_table=cm.block_table_tensor[: cm.num_reqs])
-        if not metadata.decode_only:
-            metadata.query_start_loc = cm.query_start_loc_cpu[: cm.num_reqs + 1].tolist()
-            metadata.seq_lens_host = metadata.seq_lens.cpu().tolist()
-        return metadata
+        return KittyMetadata(num_reqs=cm.num_reqs, decode_only=cm.max_query_len <= 1 + self.draft_tokens,
+                             max_query_len=cm.max_query_len, seq_lens=cm.seq_lens[: cm.num_reqs],
+                             block_table=cm.block_table_tensor[: cm.num_reqs],
+                             query_start=cm.query_start_loc[: cm.num_reqs + 1],
+                             query_start_host=cm.query_start_loc_cpu[: cm.num_reqs + 1])
 
 
 class KittyAttentionBackend(AttentionBackend):
@@ -187,10 +187,8 @@ class KittyAttentionImpl(AttentionImpl):
         stage_table = stage_metadata[stage.prefix].block_table
         if attn_metadata.decode_only and cache.kernels:
             n = attn_metadata.num_reqs
-            cache.store_decode(key[:n], value[:n], attn_metadata.seq_lens, attn_metadata.block_table,
-                               stage_table[:n])
-            decode_attention(query[:n], cache.packed, cache.stage, attn_metadata.block_table, stage_table[:n],
-                             attn_metadata.seq_lens, self.config, cache.stage_layout, self.scale, out=output[:n])
+            cache.decode(query, key, value, attn_metadata.query_start, attn_metadata.seq_lens,
+                         attn_metadata.max_query_len, attn_metadata.block_table, stage_table[:n], self.scale, output)
             return output
         batch = attn_metadata.split(cache.kernels, query.device)
         if batch.decode_rows is not None:

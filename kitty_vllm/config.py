@@ -68,8 +68,8 @@ class KittyConfig:
     draft_tokens: the most draft tokens a verification step of speculative decoding stores per request
         (vLLM's ``num_speculative_tokens``; 0 without speculation). The engine sets it from
         ``--speculative-config`` (kitty_vllm.patches). Drafts that verification rejects are stored
-        before anyone knows, so the ring keeps ``draft_tokens - 1`` slots beyond the window
-        (``ring_slots``): a rejected draft then never overwrites a token that later steps still read.
+        before anyone knows, so the ring keeps ``draft_tokens`` slots beyond the window (``ring_slots``):
+        a rejected draft then never overwrites a token that is still read.
     """
 
     page_size: int = 128
@@ -116,11 +116,12 @@ class KittyConfig:
     def ring_slots(self) -> int:
         """Full-precision slots per request for the window and the unfinished page: position ``p`` sits
         in slot ``p % ring_slots``. A verification step from position ``c`` (the request's newest token)
-        stores up to position ``c + draft_tokens``; the steps after it start at ``c + 1`` or later and read
-        back to ``c + 2 - page_size`` at the earliest (the window of their first query, or the first token
-        of a page that a rejected draft completed and that is packed again), so ``page_size +
-        draft_tokens - 1`` slots keep every such token."""
-        return self.page_size + max(self.draft_tokens - 1, 0)
+        stores up to position ``c + draft_tokens``, on the decode path before any of its queries attends
+        (PagedKittyCache.decode); its first query reads back to ``c + 1 - page_size``, and the steps after
+        it start at ``c + 1`` or later (their windows, and the first token of a page that a rejected
+        draft completed and that is packed again, start later still). So ``page_size + draft_tokens``
+        slots keep every token that is read."""
+        return self.page_size + self.draft_tokens
 
     def reads_as_decode(self, step_tokens: int) -> bool:
         """Whether the queries of a request's step of ``step_tokens`` tokens read the cache as decodes at

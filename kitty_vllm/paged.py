@@ -186,6 +186,50 @@ class PagedKittyCache:
         store_decode(key, value, seq_lens, page_table, stage_table, self.packed, self.stage, self.config,
                      self.stage_layout)
 
+    def decode(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, query_start: torch.Tensor,
+               seq_lens: torch.Tensor, max_query_len: int, page_table: torch.Tensor, stage_table: torch.Tensor,
+               scale: float, out: torch.Tensor) -> None:
+        """Store and attend a batch whose every request reads the cache as decodes do: one token, or a
+        verification step of speculative decoding (up to ``max_query_len`` tokens; KittyConfig.reads_as_decode),
+        through the decode kernels, without host work (CUDA graphs can capture it).
+
+        query/out [N, Hq, D] and key/value [N, H, D]: the requests' tokens in order, then any padding;
+        query_start int32 [B + 1] (request r's tokens are ``query_start[r]:query_start[r + 1]``); seq_lens
+        int32 [B] (context plus the step's tokens; 0: padding); page_table / stage_table int32 [B, blocks].
+
+        The tokens are stored one place of the step at a time (the first token of every request, then the
+        second, ...), each with the decode store: a token that completes a page packs it from the ring,
+        where the request's earlier tokens of the step must already be. The ring keeps every slot the
+        step's queries read (KittyConfig.ring_slots), so all of them then attend at once, each as a decode
+        at its position."""
+        if max_query_len == 1:
+            rows = seq_lens.shape[0]
+            self.store_decode(key[:rows], value[:rows], seq_lens, page_table, stage_table)
+            self._decode_attention(query[:rows], seq_lens, page_table, stage_table, scale, out[:rows])
+            return
+        starts, ends = query_start[:-1].long(), query_start[1:].long()
+        lengths = ends - starts
+        for place in range(max_query_len):
+            present = lengths > place
+            token = torch.where(present, starts + place, 0)
+            self.store_decode(key[token], value[token],
+                              torch.where(present, seq_lens - lengths + place + 1, 0).to(torch.int32),
+                              page_table, stage_table)
+        tokens = torch.arange(query.shape[0], device=query.device)
+        request = torch.searchsorted(ends, tokens, right=True)
+        real = request < seq_lens.shape[0]
+        request = request.clamp(max=seq_lens.shape[0] - 1)
+        token_lens = torch.where(real & (seq_lens[request] > 0), seq_lens[request] - ends[request] + tokens + 1, 0)
+        self._decode_attention(query, token_lens.to(torch.int32), page_table[request], stage_table[request], scale,
+                               out)
+
+    def _decode_attention(self, query: torch.Tensor, seq_lens: torch.Tensor, page_table: torch.Tensor,
+                          stage_table: torch.Tensor, scale: float, out: torch.Tensor) -> None:
+        from kitty_vllm.kernels import decode_attention
+
+        decode_attention(query, self.packed, self.stage, page_table, stage_table, seq_lens, self.config,
+                         self.stage_layout, scale, out=out)
+
     def step(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, context_len: int,
              page_row: torch.Tensor, stage_row: torch.Tensor, scale: float) -> torch.Tensor:
         """:meth:`prefill` of one request: query [Tq, Hq, D] and key/value [Tq, H, D] at positions

@@ -30,7 +30,7 @@ declare them (kitty_vllm.block_manager.spec).
    fields; a broken one fails at once, before any worker starts) and to write every field into
    ``additional_config["kitty"]``, which travels to every worker inside the ``VllmConfig``
    (kitty_vllm.config). With speculative decoding it sets ``draft_tokens`` (the ring then holds
-   page_size + k - 1 tokens, so that rejected drafts overwrite nothing that later queries read:
+   page_size + k tokens, so that rejected drafts overwrite nothing that is still read:
    KittyConfig.ring_slots) and refuses methods whose draft layers keep a KV cache of their own, which
    kitty has not been tested with. Goes when vLLM passes plugin options to workers by itself.
 7. Kitty's counters (kitty_vllm.metrics) live in the engine-core process, ``/metrics`` in the API

@@ -167,7 +167,7 @@ def test_vllm_version_check_names_the_range(version, supported):
 
 def test_the_engine_sizes_the_ring_for_the_drafts():
     """With --speculative-config the engine sets draft_tokens (kitty_vllm.patches, 6), so each request's
-    ring holds page_size + k - 1 tokens and vLLM's capacity count includes them."""
+    ring holds page_size + k tokens and vLLM's capacity count includes them."""
     from vllm.engine.arg_utils import EngineArgs
 
     from kitty_vllm.layout import stage_layout
@@ -178,7 +178,7 @@ def test_the_engine_sizes_the_ring_for_the_drafts():
     vllm_config = args.create_engine_config()
     config = KittyConfig.from_dict(vllm_config.additional_config["kitty"])
     assert config == KittyConfig.from_preset("kitty2").replace(draft_tokens=5)
-    assert config.ring_slots == 132
+    assert config.ring_slots == 133
     plain, speculative = (stage_layout(c, 64, 2, 4) for c in (KittyConfig(), config))
-    assert speculative.ring_blocks * speculative.tokens_per_block >= 132
+    assert speculative.ring_blocks * speculative.tokens_per_block >= 133
     assert speculative.blocks_needed(512) == speculative.blocks_per_request > plain.blocks_per_request

@@ -128,9 +128,10 @@ def test_mixed_batch_split():
 
     # Rows: a 3-token prefill chunk at context 5, a decode at position 9, an empty row, a decode.
     starts, seq_lens = [0, 3, 4, 4, 5], [8, 10, 0, 200]
-    metadata = KittyMetadata(num_reqs=4, decode_only=False, seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
-                             block_table=torch.zeros(4, 1, dtype=torch.int32), query_start_loc=starts,
-                             seq_lens_host=seq_lens)
+    metadata = KittyMetadata(num_reqs=4, decode_only=False, max_query_len=3,
+                             seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
+                             block_table=torch.zeros(4, 1, dtype=torch.int32), query_start=torch.tensor(starts),
+                             query_start_host=torch.tensor(starts))
     batch = metadata.split(True, torch.device("cpu"))
     assert batch.decode_rows.tolist() == [1, 3] and batch.decode_tokens.tolist() == [3, 4]
     assert batch.spans == [Span(0, 0, 3, 5)]

@@ -9,7 +9,7 @@ With only ``page_size`` slots, a draft stored at position ``q`` would overwrite 
 of position ``q - page_size``; if ``q`` is rejected, that copy is gone while it is still needed: the
 next queries read position ``q - page_size`` in their window, and if the drafts crossed a page
 boundary, the page they filled must be packed again from the ring once its real last token comes.
-So under speculation of k tokens the ring holds ``page_size + k - 1`` slots (KittyConfig.ring_slots,
+So under speculation of k tokens the ring holds ``page_size + k`` slots (KittyConfig.ring_slots,
 set by the engine from ``--speculative-config``), and these tests check that nothing a rejected draft
 wrote is ever read.
 
@@ -419,16 +419,16 @@ def small_cache(config: KittyConfig, kernels: bool,
 
 
 def run_step(cache: PagedKittyCache, q, k, v, context: int, page_row, stage_row) -> torch.Tensor:
-    """One step as the backend runs it: a one-token step through the decode kernels when the cache
-    runs the kernels (as on a GPU), else through PagedKittyCache's step."""
-    if cache.kernels and q.shape[0] == 1:
-        from kitty_vllm.kernels import decode_attention
-
-        seq_lens = torch.tensor([context + 1], dtype=torch.int32, device=q.device)
-        tables = page_row[None].int(), stage_row[None].int()
-        cache.store_decode(k, v, seq_lens, *tables)
-        return decode_attention(q, cache.packed, cache.stage, *tables, seq_lens, cache.config, cache.stage_layout,
-                                DIM ** -0.5).float()
+    """One step as the backend runs it: with the kernels (as on a GPU), a step of at most 1 + K tokens (a
+    decode or a verification step) through the decode path (PagedKittyCache.decode), else through
+    PagedKittyCache's step."""
+    if cache.kernels and q.shape[0] <= 1 + K:
+        out = torch.empty_like(q)
+        query_start = torch.tensor([0, q.shape[0]], dtype=torch.int32, device=q.device)
+        seq_lens = torch.tensor([context + q.shape[0]], dtype=torch.int32, device=q.device)
+        cache.decode(q, k, v, query_start, seq_lens, q.shape[0], page_row[None].int(), stage_row[None].int(),
+                     DIM ** -0.5, out)
+        return out
     return cache.step(q, k, v, context, page_row, stage_row, DIM ** -0.5)
 
 
@@ -471,3 +471,42 @@ def _ngram_child(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     _ngram_child(sys.argv[1:])
+
+
+def test_a_batch_of_verification_steps_through_the_decode_path(kernel_device):
+    """The decode path of a batch (PagedKittyCache.decode, as the backend runs a decode-only batch on a
+    GPU): requests of 1 to K + 1 tokens each, one of them completing a page with a draft and one
+    empty, then padding tokens; every token attends as the reference does at its position, and the
+    padding is left alone."""
+    config = SMALL.replace(draft_tokens=K)
+    layout = stage_layout(config, DIM, KV_HEADS, 4)
+    contexts, lengths = [30, 13, 0, 40, 9], [3, 5, 0, 1, 2]    # request 1 fills page 0 at position 15
+    rows = len(contexts)
+    blocks = rows * (4 + layout.blocks_per_request)
+    packed = torch.zeros(blocks, KV_HEADS, layout.page.page_bytes, dtype=torch.uint8, device=kernel_device)
+    stage = torch.zeros(blocks, layout.block_bytes, dtype=torch.uint8, device=kernel_device)
+    cache = PagedKittyCache.from_raw(config, layout, packed, stage, torch.float32, kernels=True)
+    ids = torch.randperm(blocks, generator=torch.Generator().manual_seed(2)).view(rows, -1).to(kernel_device)
+    page_table, stage_table = ids[:, :4].int().contiguous(), ids[:, 4:].int().contiguous()
+    g = torch.Generator().manual_seed(3)
+    sequences = [[torch.randn(c + n, h, DIM, generator=g) for h in (HEADS, KV_HEADS, KV_HEADS)]
+                 for c, n in zip(contexts, lengths, strict=True)]
+    for r, (context, (q, key, value)) in enumerate(zip(contexts, sequences, strict=True)):
+        if context:
+            cache.step(*(x[:context].to(kernel_device) for x in (q, key, value)), 0, page_table[r], stage_table[r],
+                       DIM ** -0.5)
+    padding = 2
+    step = [torch.cat([x[c:] for (c, x) in zip(contexts, part, strict=True)] + [torch.zeros(padding, *part[0].shape[1:])])
+            for part in zip(*sequences, strict=True)]
+    query_start = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    seq_lens = torch.tensor([c + n if n else 0 for c, n in zip(contexts, lengths, strict=True)], dtype=torch.int32)
+    out = torch.full_like(step[0], 7.0).to(kernel_device)
+    cache.decode(*(x.to(kernel_device) for x in step), query_start.to(kernel_device), seq_lens.to(kernel_device),
+                 max(lengths), page_table, stage_table, DIM ** -0.5, out)
+    out = out.cpu()
+    for r, (context, n, (q, key, value)) in enumerate(zip(contexts, lengths, sequences, strict=True)):
+        want = reference.reference_attention(q[context:], key, value, config,
+                                             query_positions=torch.arange(context, context + n))
+        first = int(query_start[r])
+        torch.testing.assert_close(out[first:first + n], want, rtol=1e-4, atol=1e-5, msg=lambda m: f"request {r}: {m}")
+    assert torch.all(out[-padding:] == 0) or torch.all(out[-padding:] == 7.0)
