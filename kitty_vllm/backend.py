@@ -94,6 +94,15 @@ class KittyMetadataBuilder(AttentionMetadataBuilder[KittyMetadata]):
                              query_start_host=cm.query_start_loc_cpu[: cm.num_reqs + 1])
 
 
+SERVE_OTHERWISE = "serve it with --kv-cache-dtype auto or fp8"
+# The attention kinds kitty does not cache, in the words a user knows their model by.
+NOT_DECODER = {
+    AttentionType.ENCODER: "encoder self-attention of an encoder-decoder model",
+    AttentionType.ENCODER_ONLY: "encoder-only attention (BERT-style models)",
+    AttentionType.ENCODER_DECODER: "cross-attention of an encoder-decoder model (such as Whisper)",
+}
+
+
 class KittyAttentionBackend(AttentionBackend):
     accept_output_buffer: bool = True
     forward_includes_kv_cache_update: bool = True
@@ -116,6 +125,11 @@ class KittyAttentionBackend(AttentionBackend):
     def get_supported_head_sizes(cls) -> list[int]:
         return list(SUPPORTED_HEAD_DIMS)
 
+    @classmethod
+    def supports_sink(cls) -> bool:
+        """Learned attention sinks (gpt-oss) join kitty's softmax (reference.schedule_attention)."""
+        return True
+
     @staticmethod
     def get_supported_kernel_block_sizes(kv_cache_spec=None) -> list[int | MultipleOf]:
         return [MultipleOf(16)]
@@ -130,18 +144,19 @@ class KittyAttentionBackend(AttentionBackend):
 
     @classmethod
     def unsupported_reasons(cls, selector_config, config: KittyConfig) -> list[str]:
-        """Why this model cannot use kitty, in words a user can act on (empty if it can)."""
+        """Why this model cannot use kitty, in words a user can act on (empty if it can).
+
+        Sliding-window layers never get here: kitty keeps them in the model's dtype
+        (kitty_vllm.block_manager.mixed)."""
         reasons = []
         if selector_config.use_mla:
-            reasons.append("MLA attention (kitty quantizes per-head Keys and Values)")
-        if selector_config.has_sliding_window:
-            reasons.append("sliding-window attention layers")
+            reasons.append(f"MLA attention (DeepSeek-V2/V3-style: its cache is one latent vector per token, while "
+                           f"kitty quantizes per-head Keys and Values; {SERVE_OTHERWISE})")
         if selector_config.use_sparse:
-            reasons.append("sparse attention")
-        if selector_config.has_sink:
-            reasons.append("learned attention sinks")
+            reasons.append(f"sparse attention ({SERVE_OTHERWISE})")
         if selector_config.attn_type not in (None, AttentionType.DECODER):
-            reasons.append(f"{selector_config.attn_type} attention (kitty caches decoder layers)")
+            reasons.append(f"{NOT_DECODER[selector_config.attn_type]} (kitty caches decoder self-attention only; "
+                           f"{SERVE_OTHERWISE})")
         if selector_config.head_size not in SUPPORTED_HEAD_DIMS:
             reasons.append(f"head size {selector_config.head_size} (kitty supports head sizes "
                            f"{', '.join(map(str, SUPPORTED_HEAD_DIMS))})")
@@ -159,16 +174,23 @@ class KittyAttentionImpl(AttentionImpl):
     def __init__(self, num_heads: int, head_size: int, scale: float, num_kv_heads: int | None = None,
                  alibi_slopes=None, sliding_window=None, kv_cache_dtype: str = "kitty2",
                  logits_soft_cap=None, attn_type: str = AttentionType.DECODER,
-                 kv_sharing_target_layer_name=None, **extra) -> None:
-        if alibi_slopes is not None or logits_soft_cap or sliding_window is not None:
-            raise ValueError("kitty attention supports neither ALiBi, logit soft-capping nor sliding windows")
+                 kv_sharing_target_layer_name=None, sinks: torch.Tensor | None = None, **extra) -> None:
+        if alibi_slopes is not None or sliding_window is not None:
+            raise ValueError("kitty attention supports neither ALiBi nor sliding windows")
         if kv_sharing_target_layer_name is not None:
             raise ValueError("kitty attention does not support KV-cache sharing between layers")
+        if sinks is not None and tuple(sinks.shape) != (num_heads,):
+            raise ValueError(f"learned attention sinks must be one logit per query head of the layer, "
+                             f"[{num_heads}], got {tuple(sinks.shape)}")
         self.num_heads = num_heads
         self.head_size = head_size
         self.scale = float(scale)
         self.num_kv_heads = num_kv_heads or num_heads
         self.config = load_config_for(kv_cache_dtype, get_current_vllm_config())
+        # Gemma 2's logit soft-cap (0: none), and gpt-oss's learned sinks: the layer's parameter itself,
+        # which the model's weights are loaded into after this, as vLLM's FlashAttention backend keeps it.
+        self.logits_soft_cap = float(logits_soft_cap or 0.0)
+        self.sinks = sinks
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata: KittyMetadata | None,
                 output=None, output_scale=None, output_block_scale=None):
@@ -183,7 +205,7 @@ class KittyAttentionImpl(AttentionImpl):
             stage_metadata = stage_metadata[0]
         cache = PagedKittyCache.from_raw(
             self.config, stage_layout(self.config, self.head_size, self.num_kv_heads, query.element_size()),
-            kv_cache, stage.kv_cache, query.dtype)
+            kv_cache, stage.kv_cache, query.dtype, soft_cap=self.logits_soft_cap, sinks=self.sinks)
         stage_table = stage_metadata[stage.prefix].block_table
         if attn_metadata.decode_only and cache.kernels:
             n = attn_metadata.num_reqs
@@ -209,4 +231,5 @@ class KittyAttentionImpl(AttentionImpl):
                                             stage_table[rows])
         cache.store_decode(key[tokens], value[tokens], seq_lens, page_table, stage_rows)
         output[tokens] = decode_attention(query[tokens], cache.packed, cache.stage, page_table, stage_rows,
-                                          seq_lens, self.config, cache.stage_layout, self.scale).to(output.dtype)
+                                          seq_lens, self.config, cache.stage_layout, self.scale,
+                                          soft_cap=cache.soft_cap, sinks=cache.sinks).to(output.dtype)

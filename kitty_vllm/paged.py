@@ -87,20 +87,27 @@ class PagedKittyCache:
     packed: torch.Tensor   # uint8 [num_blocks, H, page_bytes]
     stage: torch.Tensor    # [num_blocks, 2, tokens_per_block, H, D], model dtype
     kernels: bool          # pack and attend with the Triton kernels (else kitty_vllm.reference)
+    # The layer's softmax options (reference.schedule_attention): logit soft-cap (0: none) and learned
+    # sink logits [Hq] (None: none).
+    soft_cap: float = 0.0
+    sinks: torch.Tensor | None = None
 
     @classmethod
     def from_raw(cls, config: KittyConfig, stage_layout: StageLayout, packed: torch.Tensor,
-                 stage_cache: torch.Tensor, dtype: torch.dtype, kernels: bool | None = None) -> PagedKittyCache:
+                 stage_cache: torch.Tensor, dtype: torch.dtype, kernels: bool | None = None,
+                 soft_cap: float = 0.0, sinks: torch.Tensor | None = None) -> PagedKittyCache:
         """Views over vLLM's tensors, each one layer's contiguous blocks: the packed group's
         [num_blocks, H, (1,) page_bytes] uint8 and the staging group's blocks of the same byte size, as
         uint8 or already viewed as ``dtype``. ``kernels`` defaults to whether the cache is on a GPU (tests
-        run them on the CPU in Triton's interpreter)."""
+        run them on the CPU in Triton's interpreter); ``soft_cap`` and ``sinks``: the layer's softmax
+        options."""
         s = stage_layout
         tokens, heads, dim = s.tokens_per_block, s.num_kv_heads, s.page.head_dim
         num_blocks = stage_cache.shape[0]
         stage = stage_cache.view(num_blocks, -1).view(dtype)[:, : 2 * tokens * heads * dim]
         return cls(config, s, packed.view(packed.shape[0], heads, -1),
-                   stage.view(num_blocks, 2, tokens, heads, dim), packed.is_cuda if kernels is None else kernels)
+                   stage.view(num_blocks, 2, tokens, heads, dim), packed.is_cuda if kernels is None else kernels,
+                   soft_cap, sinks)
 
     def _ring_columns(self, row: int, positions: torch.Tensor) -> list[torch.Tensor]:
         """(row, staging-table column, slot) of window positions: ring slot ``p % ring_slots``."""
@@ -228,7 +235,7 @@ class PagedKittyCache:
         from kitty_vllm.kernels import decode_attention
 
         decode_attention(query, self.packed, self.stage, page_table, stage_table, seq_lens, self.config,
-                         self.stage_layout, scale, out=out)
+                         self.stage_layout, scale, out=out, soft_cap=self.soft_cap, sinks=self.sinks)
 
     def step(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, context_len: int,
              page_row: torch.Tensor, stage_row: torch.Tensor, scale: float) -> torch.Tensor:
@@ -270,7 +277,7 @@ class PagedKittyCache:
             if plan.query_blocks.shape[0]:
                 prefill_attention(query, key, value, self.packed, self.stage, page_table.to(torch.int32),
                                   stage_table.to(torch.int32), plan.query_blocks, self.config, self.stage_layout,
-                                  scale, out=out)
+                                  scale, out=out, soft_cap=self.soft_cap, sinks=self.sinks)
             if plan.context_tokens.shape[1]:
                 tokens = plan.context_tokens[0] if plan.host_tokens is None else slice(*plan.host_tokens)
                 if plan.host_tokens is not None and plan.host_seqlens[0] == plan.host_seqlens[1]:
@@ -278,7 +285,7 @@ class PagedKittyCache:
                 else:
                     keys, values = self._context_sequences(key, value, page_table, stage_table, plan)
                 out[tokens] = context_attention(query[tokens], keys, values, plan.cu_seqlens[0], plan.cu_seqlens[1],
-                                                *plan.host_seqlens, scale).to(out.dtype)
+                                                *plan.host_seqlens, scale, self.soft_cap, self.sinks).to(out.dtype)
         else:
             for s in spans:
                 out[s.first:s.end] = self._reference_attend(query[s.first:s.end], key[s.first:s.end],
@@ -345,7 +352,8 @@ class PagedKittyCache:
                                                       key.shape[-1])
             keys_q[: full_pages * page], values_q[: full_pages * page] = k_deq.flatten(0, 1), v_deq.flatten(0, 1)
         positions = torch.arange(context_len, end, device=key.device)
-        return reference.schedule_attention(query, keys, values, keys_q, values_q, positions, self.config, scale)
+        return reference.schedule_attention(query, keys, values, keys_q, values_q, positions, self.config, scale,
+                                            self.soft_cap, self.sinks)
 
 
 def _columns(parts: list[torch.Tensor], rows: int) -> torch.Tensor:

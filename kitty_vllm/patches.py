@@ -21,7 +21,9 @@ declare them (kitty_vllm.block_manager.spec).
    wrapped to return kitty's packed spec, whose page size is the true compressed size.
 4. ``Attention.__init__`` is wrapped to give every kitty decoder layer a staging companion layer
    (``<layer>.kitty_stage``, see kitty_vllm.stage), whose KV-cache group holds the full-precision sinks
-   and window of newest tokens, owned and freed by vLLM's KV-cache manager.
+   and window of newest tokens, owned and freed by vLLM's KV-cache manager. Before a sliding-window
+   layer is built, it adds ``"sliding_window"`` to ``kv_cache_dtype_skip_layers``, so that vLLM keeps
+   the layer in the model's dtype (kitty_vllm.block_manager.mixed).
 5. The KV-cache manager registry gets managers for both specs (kitty_vllm.block_manager).
 6. Every worker must build the same cache as the engine, but a Ray worker on another node (or under the
    older Ray executor, which copies only vLLM's variables) has neither the engine's ``KITTY_CONFIG`` nor
@@ -31,8 +33,12 @@ declare them (kitty_vllm.block_manager.spec).
    ``additional_config["kitty"]``, which travels to every worker inside the ``VllmConfig``
    (kitty_vllm.config). With speculative decoding it sets ``draft_tokens`` (the ring then holds
    page_size + k tokens, so that rejected drafts overwrite nothing that is still read:
-   KittyConfig.ring_slots) and refuses methods whose draft layers keep a KV cache of their own, which
-   kitty has not been tested with. Goes when vLLM passes plugin options to workers by itself.
+   KittyConfig.ring_slots), keeps the KV cache of draft layers (EAGLE, MTP) in the model's dtype
+   (``speculative_config.kv_cache_dtype = "auto"``, beside kitty's pages as in 8) and refuses the
+   ``draft_model`` method, whose proposer reads the first KV-cache group's block table. It also drops a
+   window that every layer shares (``CacheConfig.sliding_window``: Phi-3's) if it spans max_model_len: it
+   excludes no token, and the layers would otherwise all stay in the model's dtype (8). Goes when vLLM
+   passes plugin options to workers by itself.
 7. Kitty's counters (kitty_vllm.metrics) live in the engine-core process, ``/metrics`` in the API
    server, and the only stats that cross are vLLM's ``SchedulerStats`` (``v1/metrics/stats.py``), a
    fixed dataclass inside the msgspec Struct ``EngineCoreOutputs``, decoded by its declared fields.
@@ -41,12 +47,22 @@ declare them (kitty_vllm.block_manager.spec).
    is set to the subclass before any decoder of it is built (msgspec reads it then), so the API server
    decodes the mapping and ``KittyStatLogger`` (a ``vllm.stat_logger_plugins`` entry point) sets the
    gauges. Goes when ``SchedulerStats`` carries plugin counters.
+8. Layers in the model's dtype beside kitty's (sliding-window layers, ``kv_cache_dtype_skip_layers``)
+   share the one block pool only if every block has one byte size, and vLLM's way to reach it for a
+   quantized dtype (``Platform._align_heterogeneous_kv_block_size``) assumes pages that grow with their
+   tokens, which a kitty page does not; the CPU platform does not call it at all. So for kitty dtypes
+   it does nothing, and ``Platform.update_block_size_for_backend``, which every worker calls after
+   building the model and before the KV-cache specs, is wrapped to set the shared page itself
+   (kitty_vllm.block_manager.mixed.share_block_pool). ``Attention.get_kv_cache_spec`` (3) pads kitty's
+   blocks and skipped full-attention layers to it; vLLM pads sliding-window layers. Goes when vLLM
+   asks each spec for its page size per block instead of per token.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import logging
 import typing
 
@@ -55,7 +71,8 @@ import torch
 from kitty_vllm.config import (ADDITIONAL_CONFIG_EXAMPLE, ADDITIONAL_CONFIG_KEY, PRESETS, KittyConfigError,
                                load_config_for)
 
-logger = logging.getLogger(__name__)
+# Under vLLM's logger, so that vLLM's handler and VLLM_LOGGING_LEVEL apply.
+logger = logging.getLogger(f"vllm.{__name__}")
 
 # The releases this version is tested on; pyproject.toml requires the same range.
 SUPPORTED_VLLM = (">=0.32.0,<0.33", (0, 32))
@@ -79,6 +96,7 @@ def apply() -> None:
     _route_backend_selection()
     _resolve_config_in_the_engine()
     _wrap_attention_layer()
+    _share_block_pool_with_model_dtype_layers()
     from kitty_vllm.block_manager import register_kv_cache_managers
 
     register_kv_cache_managers()
@@ -142,11 +160,20 @@ def _route_backend_selection() -> None:
 def _wrap_attention_layer() -> None:
     from vllm.model_executor.layers.attention.attention import Attention
 
+    from kitty_vllm.block_manager.mixed import keep_sliding_window_in_model_dtype, pad_skipped_full_attention
+
     original_init = Attention.__init__
     original_spec = Attention.get_kv_cache_spec
+    signature = inspect.signature(original_init)
 
     @functools.wraps(original_init)
     def __init__(self, *args, **kwargs):
+        arguments = signature.bind(self, *args, **kwargs).arguments
+        cache_config = arguments.get("cache_config")
+        sliding_window = arguments.get("per_layer_sliding_window")
+        if sliding_window is None and cache_config is not None:
+            sliding_window = cache_config.sliding_window
+        keep_sliding_window_in_model_dtype(cache_config, sliding_window)
         original_init(self, *args, **kwargs)
         if is_kitty_dtype(self.kv_cache_dtype) and self.kv_sharing_target_layer_name is None:
             from kitty_vllm.stage import KittyStageCache
@@ -156,14 +183,38 @@ def _wrap_attention_layer() -> None:
     @functools.wraps(original_spec)
     def get_kv_cache_spec(self, vllm_config):
         if not is_kitty_dtype(self.kv_cache_dtype):
-            return original_spec(self, vllm_config)
+            return pad_skipped_full_attention(self, original_spec(self, vllm_config), vllm_config)
         from kitty_vllm.block_manager import kitty_specs
 
         return kitty_specs(load_config_for(self.kv_cache_dtype, vllm_config), self.num_kv_heads,
-                           self.head_size, self.dtype)[0]
+                           self.head_size, self.dtype,
+                           shared_page_bytes=vllm_config.cache_config.skip_page_size_padded)[0]
 
     Attention.__init__ = __init__
     Attention.get_kv_cache_spec = get_kv_cache_spec
+
+
+def _share_block_pool_with_model_dtype_layers() -> None:
+    from vllm.platforms import current_platform
+
+    platform_cls = type(current_platform)
+    original_update = platform_cls.update_block_size_for_backend
+    original_align = platform_cls._align_heterogeneous_kv_block_size
+
+    def update_block_size_for_backend(cls, vllm_config) -> None:
+        original_update(vllm_config)
+        if is_kitty_dtype(vllm_config.cache_config.cache_dtype):
+            from kitty_vllm.block_manager.mixed import share_block_pool
+
+            share_block_pool(vllm_config)
+
+    def _align_heterogeneous_kv_block_size(cls, vllm_config, backend_cls) -> None:
+        # Its arithmetic takes pages to grow with tokens; share_block_pool does this for kitty dtypes.
+        if not is_kitty_dtype(vllm_config.cache_config.cache_dtype):
+            original_align(vllm_config, backend_cls)
+
+    platform_cls.update_block_size_for_backend = classmethod(update_block_size_for_backend)
+    platform_cls._align_heterogeneous_kv_block_size = classmethod(_align_heterogeneous_kv_block_size)
 
 
 def _carry_kitty_stats() -> None:
@@ -205,18 +256,44 @@ def _resolve_config_in_the_engine() -> None:
                 f"--kv-cache-dtype {dtype} keeps its options in --additional-config as a JSON mapping "
                 f"(for example '{ADDITIONAL_CONFIG_EXAMPLE}'), not {type(vllm_config.additional_config).__name__}")
         config = load_config_for(dtype, vllm_config)
+        _full_attention_under_a_window_longer_than_requests(vllm_config)
         speculative = vllm_config.speculative_config
         if speculative is not None:
-            if speculative.uses_draft_kv_cache():
+            if speculative.uses_draft_model():
                 raise ValueError(
-                    f"--kv-cache-dtype {dtype} does not support speculative method {speculative.method!r} yet: "
-                    "its draft layers keep a KV cache of their own, which kitty has not been tested with. "
-                    "Speculate without draft layers (ngram, suffix, medusa; for example --speculative-config "
-                    "'{\"method\": \"ngram\", \"num_speculative_tokens\": 4, \"prompt_lookup_max\": 4}'), "
-                    "or use the draft model with --kv-cache-dtype auto or fp8")
+                    f"--kv-cache-dtype {dtype} does not support speculative method 'draft_model': vLLM's draft-model "
+                    "proposer addresses its cache through the first KV-cache group's block table, which with "
+                    "kitty holds the packed pages, not the draft's layers. Speculate with an EAGLE or MTP head "
+                    "(method eagle, eagle3 or mtp) or without draft layers (ngram, suffix), or serve the draft "
+                    "model with --kv-cache-dtype auto or fp8")
+            if speculative.uses_draft_kv_cache():
+                if is_kitty_dtype(speculative.kv_cache_dtype):
+                    raise ValueError(
+                        f"speculative kv_cache_dtype {speculative.kv_cache_dtype}: the draft layers of speculative "
+                        f"method {speculative.method!r} cannot keep their KV cache in kitty pages yet. Leave it "
+                        "unset (they then keep the model's dtype) or set auto or fp8 in --speculative-config")
+                if speculative.kv_cache_dtype is None:
+                    # A draft head is one or a few layers: its cache is small, and it only proposes.
+                    speculative.kv_cache_dtype = "auto"
+                    logger.info("--kv-cache-dtype %s: the draft layers of speculative method %r keep their KV "
+                                "cache in the model's dtype", dtype, speculative.method)
             config = config.replace(draft_tokens=speculative.num_speculative_tokens)
         # A new mapping: the one given may be the caller's (EngineArgs.additional_config).
         vllm_config.additional_config = {**vllm_config.additional_config,
                                          ADDITIONAL_CONFIG_KEY: dataclasses.asdict(config)}
 
     platform_cls.check_and_update_config = classmethod(check_and_update_config)
+
+
+def _full_attention_under_a_window_longer_than_requests(vllm_config) -> None:
+    """A window that every layer shares (``CacheConfig.sliding_window``, which vLLM sets for models without
+    ``layer_types``: Phi-3-mini-128k, Phi-3.5-mini and Phi-4-mini declare 262144 tokens) of at least
+    max_model_len tokens excludes no token of any request: every layer is full attention. Drop it, so that
+    the layers are stored in kitty pages, not kept in the model's dtype as sliding-window layers
+    (kitty_vllm.block_manager.mixed), which would leave kitty nothing to store."""
+    cache_config, max_model_len = vllm_config.cache_config, vllm_config.model_config.max_model_len
+    if cache_config.sliding_window is not None and cache_config.sliding_window >= max_model_len:
+        logger.info("--kv-cache-dtype %s: the model's %d-token sliding window spans max_model_len (%d tokens), so "
+                    "its layers are full attention, in kitty pages", cache_config.cache_dtype,
+                    cache_config.sliding_window, max_model_len)
+        cache_config.sliding_window = None

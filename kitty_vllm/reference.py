@@ -222,28 +222,37 @@ def quantized_mask(query_positions: torch.Tensor, num_keys: int, config: KittyCo
 
 def reference_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                         config: KittyConfig, query_positions: torch.Tensor | None = None,
-                        scale: float | None = None) -> torch.Tensor:
+                        scale: float | None = None, soft_cap: float = 0.0,
+                        sinks: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention of one sequence over its kitty cache, float32.
 
     query [Tq, Hq, D] at ``query_positions`` (default: the last Tq positions); keys/values
     [N, Hkv, D] hold the sequence's full-precision K (after RoPE) and V for positions 0..N-1. The
     queries are one step: each sees the cache as it stands at its position (module docstring). Hq is a multiple of Hkv.
+    ``soft_cap`` and ``sinks``: as :func:`schedule_attention`.
     """
     num_keys = keys.shape[0]
     if query_positions is None:
         query_positions = torch.arange(num_keys - query.shape[0], num_keys)
     keys_q, values_q = quantized_sequence(keys, values, config)
-    return schedule_attention(query, keys, values, keys_q, values_q, query_positions, config, scale)
+    return schedule_attention(query, keys, values, keys_q, values_q, query_positions, config, scale, soft_cap,
+                              sinks)
 
 
 def schedule_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                        keys_q: torch.Tensor, values_q: torch.Tensor, query_positions: torch.Tensor,
-                       config: KittyConfig, scale: float | None = None) -> torch.Tensor:
+                       config: KittyConfig, scale: float | None = None, soft_cap: float = 0.0,
+                       sinks: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention that reads each key/value in the form the cache schedule gives the query.
 
     query [Tq, Hq, D] at ``query_positions`` [Tq]; keys/values [N, Hkv, D] full precision, keys_q /
     values_q [N, Hkv, D] dequantized (only rows of complete pages are read from them). float32 result
     [Tq, Hq, D].
+
+    Two softmax options of some models: ``soft_cap`` > 0 caps the scaled scores to
+    ``soft_cap * tanh(score / soft_cap)`` before the softmax (Gemma 2); ``sinks`` [Hq] are learned
+    attention sinks (gpt-oss): one more logit per query head in every softmax's denominator, with no value,
+    so a row's weights add up to less than 1.
     """
     num_keys, num_kv_heads, head_dim = keys.shape
     num_queries, num_heads, _ = query.shape
@@ -259,8 +268,16 @@ def schedule_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Te
     use_quantized = quantized_mask(query_positions.cpu(), num_keys, config).to(query.device).repeat(group, 1)
     scores = torch.where(use_quantized, q @ per_kv_head(keys_q).transpose(1, 2),
                          q @ per_kv_head(keys).transpose(1, 2)) * scale
+    if soft_cap:
+        scores = soft_cap * torch.tanh(scores / soft_cap)
     causal = (torch.arange(num_keys, device=query.device)[None, :] <= query_positions[:, None]).repeat(group, 1)
-    probs = torch.softmax(scores.masked_fill(~causal, -torch.inf), dim=-1)
+    scores = scores.masked_fill(~causal, -torch.inf)
+    if sinks is not None:
+        # The sink of query head h = kv_head * group + g, as a last column of its rows (ordered (g, query)).
+        sink = sinks.float().to(query.device).view(num_kv_heads, group, 1).repeat_interleave(num_queries, 1)
+        probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
+    else:
+        probs = torch.softmax(scores, dim=-1)
     out = (torch.where(use_quantized, probs, 0.0) @ per_kv_head(values_q)
            + torch.where(use_quantized, 0.0, probs) @ per_kv_head(values))   # [Hkv, group * Tq, D]
     return out.reshape(num_kv_heads, group, num_queries, head_dim).permute(2, 0, 1, 3).reshape(

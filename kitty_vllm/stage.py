@@ -62,7 +62,8 @@ class KittyStageCache(torch.nn.Module, AttentionLayerBase):
         if scheduler.long_prefill_token_threshold > 0:
             step_tokens = min(step_tokens, scheduler.long_prefill_token_threshold)
         return kitty_specs(load_config_for(self.kv_cache_dtype, vllm_config), self.num_kv_heads,
-                           self.head_size, self.dtype, step_tokens)[1]
+                           self.head_size, self.dtype, step_tokens,
+                           shared_page_bytes=vllm_config.cache_config.skip_page_size_padded)[1]
 
     def get_attn_backend(self) -> type[AttentionBackend]:
         return KittyStageBackend

@@ -3,19 +3,20 @@
 * an unknown ``--kv-cache-dtype`` (preset) is refused by vLLM's argument parser, which lists kitty's
   presets;
 * a model with a head size kitty does not implement fails at startup naming the supported sizes, and
-  so do a model with MLA attention and one with sliding-window layers, naming what kitty cannot serve;
+  so do a model with MLA attention and an encoder-only model, naming what kitty cannot serve and what to
+  serve it with instead (sliding-window and soft-capped models: tests/test_models.py);
 * a broken ``KITTY_CONFIG`` file (unknown key, wrong type) fails naming the file and the field;
 * a missing ``KITTY_CONFIG`` file fails naming the file;
 * a field of ``--additional-config '{"kitty": {...}}'`` that kitty cannot use fails naming the field;
-* speculative decoding with a draft model (draft attention layers) is refused at start, naming the
-  methods that work;
+* speculative decoding with vLLM's ``draft_model`` method is refused at start, naming the methods
+  that work;
 * a running kitty2 server answers bad requests with vLLM's usual HTTP 400 and goes on serving: a prompt
   longer than max_model_len, an empty prompt, ``max_tokens`` 0; a prompt whose max_tokens would run
   past max_model_len gets the tokens that fit.
 
 The startup failures are provoked with an in-process ``LLM`` (``VLLM_ENABLE_V1_MULTIPROCESSING=0``): the
 engine raises from kitty's backend selection while the model is being built, before any weights load,
-so each takes seconds (the MLA and sliding-window models are a config.json and a tokenizer, without
+so each takes seconds (the MLA and encoder-only models are a config.json and a tokenizer, without
 weights). One broken config also goes through ``vllm serve``, where the API server refuses it while it
 builds vLLM's config, before any engine process starts, and exits.
 """
@@ -100,10 +101,12 @@ def startup_error(start_engine, model, **engine_args) -> str:
 
 
 def test_unsupported_head_size_names_the_supported_ones(start_engine, monkeypatch):
+    """72 is no multiple of 16, so the kitty layout cannot split it (head size 96 serves:
+    tests/test_head_sizes.py)."""
     monkeypatch.delenv("KITTY_CONFIG", raising=False)
-    message = startup_error(start_engine, build_tiny_model(head_dim=96))
+    message = startup_error(start_engine, build_tiny_model(head_dim=72))
     assert "--kv-cache-dtype kitty2 cannot serve this model" in message
-    assert "head size 96 (kitty supports head sizes 64, 128, 256)" in message
+    assert "head size 72 (kitty supports head sizes 64, 80, 96, 112, 128, 160, 192, 256)" in message
 
 
 # The tiny model's config.json turned into architectures kitty cannot serve.
@@ -115,11 +118,13 @@ UNSERVABLE_MODELS = {
              "first_k_dense_replace": 2, "moe_layer_freq": 1, "moe_intermediate_size": 64,
              "topk_method": "greedy", "n_group": 1, "topk_group": 1, "routed_scaling_factor": 1.0,
              "scoring_func": "softmax", "norm_topk_prob": False},
-            "MLA attention (kitty quantizes per-head Keys and Values)"),
-    # Mistral with a 64-token window on every layer (shorter than max_model_len, so vLLM keeps it).
-    "sliding_window": ({"model_type": "mistral", "architectures": ["MistralForCausalLM"],
-                        "sliding_window": 64},
-                       "sliding-window attention layers"),
+            "MLA attention (DeepSeek-V2/V3-style: its cache is one latent vector per token, while kitty "
+            "quantizes per-head Keys and Values; serve it with --kv-cache-dtype auto or fp8)"),
+    # BERT: encoder-only attention, bidirectional, with no KV cache to keep (head size 256 / 4 = 64).
+    "encoder_only": ({"model_type": "bert", "architectures": ["BertModel"], "hidden_size": 256,
+                      "type_vocab_size": 2, "hidden_act": "gelu", "layer_norm_eps": 1e-12},
+                     "encoder-only attention (BERT-style models) (kitty caches decoder self-attention only; "
+                     "serve it with --kv-cache-dtype auto or fp8)"),
 }
 
 
@@ -183,14 +188,14 @@ def test_broken_additional_config_names_the_field(fields_set, expected, start_en
     assert expected in startup_error(start_engine, tiny_model, additional_config={"kitty": fields_set})
 
 
-def test_speculation_with_draft_layers_is_refused_at_start(start_engine, tiny_model, monkeypatch):
-    """A draft model's own attention layers would keep their KV cache in kitty pages, which is not
-    tested: refused at start, naming the methods that work (kitty_vllm.patches, 6)."""
+def test_speculation_with_a_draft_model_is_refused_at_start(start_engine, tiny_model, monkeypatch):
+    """vLLM's draft-model proposer reads the first KV-cache group's block table, kitty's pages: refused
+    at start, naming the methods that work (kitty_vllm.patches, 6)."""
     monkeypatch.delenv("KITTY_CONFIG", raising=False)
     message = startup_error(start_engine, tiny_model, speculative_config={
         "method": "draft_model", "model": str(tiny_model), "num_speculative_tokens": 3})
-    assert "--kv-cache-dtype kitty2 does not support speculative method 'draft_model' yet" in message
-    assert "Speculate without draft layers (ngram, suffix, medusa;" in message
+    assert "--kv-cache-dtype kitty2 does not support speculative method 'draft_model'" in message
+    assert "Speculate with an EAGLE or MTP head (method eagle, eagle3 or mtp) or without draft layers" in message
 
 
 def test_broken_kitty_config_under_vllm_serve(tiny_model, tmp_path):

@@ -98,6 +98,17 @@ def test_spec_sizes_come_from_the_layout():
     assert (layout.tokens_per_block, layout.sink_blocks, layout.ring_blocks) == (20, 2, 7)
 
 
+def test_shared_page_pads_both_specs():
+    """Beside layers in the model's dtype, both groups' blocks are padded to the pool's shared page
+    (kitty_vllm.block_manager.mixed); the staging layout keeps its unpadded tokens."""
+    packed, stage = kitty_specs(KITTY2, NUM_KV_HEADS, HEAD_DIM, MODEL_DTYPE, shared_page_bytes=131_072)
+    assert packed.page_size_bytes == stage.page_size_bytes == 131_072
+    assert packed.real_page_size_bytes == stage.layout.block_bytes == 82_176
+    assert stage.max_memory_usage_bytes(make_vllm_config(4096)) == stage.layout.blocks_needed(4096) * 131_072
+    assert kitty_specs(KITTY2, NUM_KV_HEADS, HEAD_DIM, MODEL_DTYPE, shared_page_bytes=82_176) == \
+        kitty_specs(KITTY2, NUM_KV_HEADS, HEAD_DIM, MODEL_DTYPE)
+
+
 def test_specs_are_hashable_picklable_and_merge():
     packed, stage = kitty_specs(KITTY2, NUM_KV_HEADS, HEAD_DIM, MODEL_DTYPE)
     for spec in (packed, stage):

@@ -13,7 +13,7 @@ import torch
 from kitty_vllm import reference as R
 from kitty_vllm.config import KittyConfig
 from kitty_vllm.kernels import attention, decode_attention
-from kitty_vllm.layout import stage_layout
+from kitty_vllm.layout import page_layout, stage_layout
 from kitty_vllm.paged import PagedKittyCache
 
 HEAD_DIMS = [64, 128, 256]
@@ -40,9 +40,10 @@ def small_config(preset: str) -> KittyConfig:
 
 
 def build_batch(config, seq_lens, num_heads, num_kv_heads, head_dim, dtype, device, seed=0,
-                spare_blocks=3):
+                spare_blocks=3, soft_cap=0.0, sinks=None):
     """Store random sequences through PagedKittyCache.step into scattered blocks. Returns the kernel's
-    arguments, the reference output [B, Hq, D] (float32, from schedule_attention) and the step's."""
+    arguments, the reference output [B, Hq, D] (float32, from schedule_attention) and the step's, both
+    with the layer's ``soft_cap`` and ``sinks`` (float32 [Hq] on the CPU)."""
     g = torch.Generator().manual_seed(seed)
     layout = stage_layout(config, head_dim, num_kv_heads, torch.empty((), dtype=dtype).element_size())
     page = config.page_size
@@ -52,7 +53,8 @@ def build_batch(config, seq_lens, num_heads, num_kv_heads, head_dim, dtype, devi
                         device=device)                                   # 0xFF: NaN scales and minima
     stage_raw = torch.full((num_stage, layout.block_bytes // 2), 0x7FFF, dtype=torch.int16, device=device)
     stage_raw = stage_raw.view(torch.uint8)                              # NaN in float16/bfloat16/float32
-    cache = PagedKittyCache.from_raw(config, layout, packed, stage_raw, dtype)
+    cache = PagedKittyCache.from_raw(config, layout, packed, stage_raw, dtype, soft_cap=soft_cap,
+                                     sinks=None if sinks is None else sinks.to(device))
 
     max_pages = max(1, max(n // page for n in seq_lens))
     page_ids = torch.randperm(num_pages, generator=g).int()
@@ -80,7 +82,7 @@ def build_batch(config, seq_lens, num_heads, num_kv_heads, head_dim, dtype, devi
                                 n - 1, *rows, scale)[0].cpu()
         keys_q, values_q = reference_pages(keys, values, packed, page_table[b], config)
         want[b] = R.schedule_attention(query[b: b + 1], keys, values, keys_q, values_q,
-                                       torch.tensor([n - 1]), config, scale)[0]
+                                       torch.tensor([n - 1]), config, scale, soft_cap, sinks)[0]
     args = (query.to(device), packed, cache.stage, page_table.to(device), stage_table.to(device),
             torch.tensor(seq_lens, dtype=torch.int32, device=device), config, layout, head_dim ** -0.5)
     return args, want, stepped
@@ -100,13 +102,16 @@ def reference_pages(keys, values, packed, page_row, config):
     return keys_q, values_q
 
 
-def check(config, head_pair, head_dim, dtype, device, seq_lens=DECODE_BATCH, seed=0, out_dtype=None):
+def check(config, head_pair, head_dim, dtype, device, seq_lens=DECODE_BATCH, seed=0, out_dtype=None,
+          soft_cap=0.0, sinks=None):
     """Kernel against the reference; ``out_dtype`` float32 keeps the kernel's float32 result, which
-    must then match tightly whatever the model dtype."""
-    args, want, stepped = build_batch(config, seq_lens, *head_pair, head_dim, dtype, device, seed)
+    must then match tightly whatever the model dtype. ``soft_cap`` and ``sinks``: the layer's softmax
+    options (reference.schedule_attention)."""
+    args, want, stepped = build_batch(config, seq_lens, *head_pair, head_dim, dtype, device, seed,
+                                      soft_cap=soft_cap, sinks=sinks)
     torch.testing.assert_close(stepped, want, rtol=1e-4, atol=ATOL)     # the store path's own attention
     out = None if out_dtype is None else torch.empty_like(args[0], dtype=out_dtype)
-    got = decode_attention(*args, out=out)
+    got = decode_attention(*args, out=out, soft_cap=soft_cap, sinks=None if sinks is None else sinks.to(device))
     assert got.dtype == (out_dtype or dtype) and got.shape == want.shape
     torch.testing.assert_close(got.cpu().float(), want, rtol=OUTPUT_RTOL[got.dtype], atol=ATOL)
 
@@ -118,14 +123,23 @@ def test_decode_presets(kernel_device, head_dim, preset):
           out_dtype=torch.float32)
 
 
+@pytest.mark.parametrize("head_dim, preset", [(80, "kitty2"), (96, "kitty2"), (96, "kitty2-lite"), (112, "kivi2"),
+                                               (160, "kitty2"), (192, "kitty2")])
+def test_decode_padded_head_sizes(kernel_device, head_dim, preset):
+    """Head sizes whose planes and boosted ranks the kernel pads to powers of two
+    (kitty_vllm.kernels.common.padded_sizes), split over two programs, merged into the true head size."""
+    check(small_config(preset), (4, 2), head_dim, torch.bfloat16, kernel_device, seq_lens=PAGE_BATCH,
+          out_dtype=torch.float32)
+
+
 @pytest.mark.parametrize("head_pair", HEAD_PAIRS)
 def test_decode_gqa_groups(kernel_device, head_pair):
     check(small_config("kitty2"), head_pair, 128, torch.float32, kernel_device, seed=1)
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_decode_output_in_model_dtype(kernel_device, dtype):
-    check(small_config("kitty2-lite"), (8, 2), 64, dtype, kernel_device, seed=2)
+@pytest.mark.parametrize("dtype, head_dim", [(torch.float16, 64), (torch.bfloat16, 64), (torch.bfloat16, 96)])
+def test_decode_output_in_model_dtype(kernel_device, dtype, head_dim):
+    check(small_config("kitty2-lite"), (8, 2), head_dim, dtype, kernel_device, seed=2)
 
 
 def test_decode_without_sinks(kernel_device):
@@ -148,6 +162,20 @@ def test_decode_merges_more_splits_than_it_reads_at_once(kernel_device, monkeypa
     check(small_config("kitty2"), (2, 2), 64, torch.float32, kernel_device, seq_lens=[16 * 70 + 5], seed=5)
 
 
+@pytest.mark.parametrize("soft_cap, with_sinks", [(3.0, False), (0.0, True), (3.0, True)],
+                         ids=["soft_cap", "sinks", "both"])
+@pytest.mark.parametrize("head_pair", [(4, 2), (16, 2)])
+def test_decode_soft_cap_and_sinks(kernel_device, monkeypatch, head_pair, soft_cap, with_sinks):
+    """Gemma 2's soft-cap on every score (sinks, packed pages, ring) and gpt-oss's learned sinks, which
+    some heads' rows weigh more than all their tokens: each sink counts once per row, however many splits
+    (four here, some of them empty for the shorter requests) read the pages, and rows of stacked (4 KV
+    heads' GQA group of 2) and unstacked (8) part slots alike."""
+    monkeypatch.setattr(attention, "PROGRAMS_PER_SM", 16)
+    sinks = torch.linspace(-2.0, 5.0, head_pair[0]) if with_sinks else None
+    check(small_config("kitty2"), head_pair, 64, torch.bfloat16, kernel_device, seed=6, out_dtype=torch.float32,
+          soft_cap=soft_cap, sinks=sinks)
+
+
 def test_decode_rejects_bad_arguments(kernel_device):
     config = small_config("kitty2")
     args, _, _ = build_batch(config, [5, 20], 4, 2, 64, torch.float16, kernel_device)
@@ -166,6 +194,12 @@ def test_decode_rejects_bad_arguments(kernel_device):
     with pytest.raises(ValueError, match="stage_layout is for"):
         decode_attention(query, packed, stage, page_table, stage_table, seq_lens, config,
                          stage_layout(config, 64, 1, 2), scale)
+    with pytest.raises(ValueError, match=r"sinks must be one contiguous float logit per query head, \[4\]"):
+        decode_attention(query, packed, stage, page_table, stage_table, seq_lens, config, layout, scale,
+                         sinks=torch.zeros(2, device=query.device))
+    with pytest.raises(ValueError, match="soft_cap must be positive"):
+        decode_attention(query, packed, stage, page_table, stage_table, seq_lens, config, layout, scale,
+                         soft_cap=-1.0)
 
 
 @pytest.mark.cuda
@@ -199,3 +233,16 @@ def test_decode_full_size_pages_on_gpu(preset, head_dim, head_pair):
     groups up to 4, at least 16 boosted channels or none) and the sinks and ring with the Triton kernel."""
     check(KittyConfig.from_preset(preset), head_pair, head_dim, torch.bfloat16, "cuda",
           seq_lens=[20, 300, 1000], seed=5, out_dtype=torch.float32)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("soft_cap", [0.0, 3.0], ids=["sinks_with_gluon", "soft_cap_and_sinks_without_gluon"])
+def test_decode_soft_cap_and_sinks_full_size_on_gpu(soft_cap):
+    """128-token pages on a GPU: learned sinks while the Gluon kernel reads the packed pages (its splits
+    are merged with the Triton kernel's, which starts from the sinks), and soft-capped scores, which the
+    Triton kernel alone computes (decode_gluon.supported)."""
+    config = KittyConfig.from_preset("kitty2")
+    gluon = attention.decode_gluon.supported(page_layout(config, 128), 4, torch.device("cuda"), soft_cap)
+    assert gluon == (not soft_cap)
+    check(config, (8, 2), 128, torch.bfloat16, "cuda", seq_lens=[20, 300, 1000], seed=7, out_dtype=torch.float32,
+          soft_cap=soft_cap, sinks=torch.linspace(-2.0, 5.0, 8))

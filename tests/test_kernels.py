@@ -12,6 +12,11 @@ from kitty_vllm.kernels import dequantize_pages, quantize_pages
 from kitty_vllm.layout import page_layout
 
 HEAD_DIMS = [64, 128, 256]
+# Head sizes whose quarters (the channels of one 2-bit plane) the kernels pad to a power of two
+# (common.padded_sizes), each with a preset whose boost count the layout can split (a multiple of 4):
+# boosted ranks padded (kitty2 at 80, 96, 112, 192; kitty2-lite at 96, 160) or none (kivi2).
+PADDED_CASES = [(80, "kitty2"), (80, "kivi2"), (96, "kitty2"), (96, "kitty2-lite"), (112, "kitty2"),
+                (160, "kitty2-lite"), (192, "kitty2")]
 PRESETS = ["kitty2", "kitty2-lite", "kivi2"]
 POLICIES = ["magnitude", "variance", "random"]
 DTYPES = [torch.float16, torch.bfloat16]
@@ -86,16 +91,22 @@ def test_quantize_matches_reference(kernel_device, head_dim, preset, dtype):
     run_and_compare(KittyConfig.from_preset(preset), head_dim, dtype, kernel_device)
 
 
+@pytest.mark.parametrize("head_dim, preset", PADDED_CASES)
+def test_quantize_padded_head_sizes_match_reference(kernel_device, head_dim, preset):
+    """Pages stay at the true head size and the padded columns write no byte: a stray one would land in
+    the next token's row or the next section, which are compared, as are the other blocks."""
+    run_and_compare(KittyConfig.from_preset(preset), head_dim, torch.bfloat16, kernel_device)
+
+
 @pytest.mark.parametrize("policy", POLICIES)
-@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+@pytest.mark.parametrize("head_dim", HEAD_DIMS + [96])
 def test_quantize_policies_match_reference(kernel_device, head_dim, policy):
     config = KittyConfig.from_preset("kitty2").replace(boost_policy=policy)
     run_and_compare(config, head_dim, torch.float16, kernel_device, seed=1)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("preset", PRESETS)
-@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+@pytest.mark.parametrize("head_dim, preset", [(d, p) for d in HEAD_DIMS for p in PRESETS] + PADDED_CASES)
 def test_dequantize_matches_reference(kernel_device, head_dim, preset, dtype):
     """Pages dequantized into rows out of order: the reference's float32 values in the output dtype,
     and no other row written."""

@@ -15,11 +15,11 @@ HEADS, KV_HEADS, DIM = 4, 2, 64
 NUM_BLOCKS = 64
 
 
-def make_cache(dtype=torch.float32, device="cpu", kernels=None, config=CONFIG):
-    layout = stage_layout(config, DIM, KV_HEADS, torch.empty((), dtype=dtype).element_size())
+def make_cache(dtype=torch.float32, device="cpu", kernels=None, config=CONFIG, soft_cap=0.0, sinks=None, dim=DIM):
+    layout = stage_layout(config, dim, KV_HEADS, torch.empty((), dtype=dtype).element_size())
     packed = torch.zeros(NUM_BLOCKS, KV_HEADS, layout.page.page_bytes, dtype=torch.uint8, device=device)
     stage = torch.zeros(NUM_BLOCKS, layout.block_bytes, dtype=torch.uint8, device=device)
-    return PagedKittyCache.from_raw(config, layout, packed, stage, dtype, kernels), layout
+    return PagedKittyCache.from_raw(config, layout, packed, stage, dtype, kernels, soft_cap, sinks), layout
 
 
 def rows(layout, seed):
@@ -51,25 +51,76 @@ def test_chunked_steps_equal_the_reference(chunks, kernels, config, kernel_devic
         start += n
 
 
-def test_store_decode_matches_step(kernel_device):
-    """The decode store kernel leaves the cache exactly as per-request steps do."""
-    by_step, layout = make_cache()
-    by_decode, _ = make_cache(device=kernel_device)
+@SCHEDULES
+@pytest.mark.parametrize("dim", [80, 96])
+def test_padded_head_sizes_in_every_kind_of_step(dim, config, kernel_device):
+    """Head sizes whose planes the kernels pad (kitty_vllm.kernels.common.padded_sizes) through the
+    kernels: pages packed by the quantize kernel, the prefill kernel (exact schedule, one-token steps) and
+    the dequantize kernel (the default schedule's context), against the reference."""
+    cache, layout = make_cache(device=kernel_device, kernels=True, config=config, dim=dim)
+    page_row, stage_row = (r.to(kernel_device) for r in rows(layout, 5))
+    chunks = [21, 30, 1, 13]
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(sum(chunks), h, dim, generator=g) for h in (HEADS, KV_HEADS, KV_HEADS))
+    start = 0
+    for n in chunks:
+        span = slice(start, start + n)
+        want = reference.reference_attention(q[span], k[:start + n], v[:start + n], config,
+                                             query_positions=torch.arange(start, start + n))
+        got = cache.step(q[span].to(kernel_device), k[span].to(kernel_device), v[span].to(kernel_device), start,
+                         page_row, stage_row, dim ** -0.5)
+        torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-5)
+        start += n
+
+
+@SCHEDULES
+@pytest.mark.parametrize("kernels", [False, True], ids=["reference", "kernels"])
+def test_soft_cap_and_sinks_in_every_kind_of_step(kernels, config, kernel_device):
+    """Gemma 2's logit soft-cap and gpt-oss's learned sinks (one head's sink outweighs its tokens) in
+    prefill steps, a prefill chunk over packed pages and decodes: the prefill kernel (exact schedule,
+    verification-sized steps), context_attention (default schedule), and the reference path."""
+    device = kernel_device if kernels else "cpu"
+    sinks = torch.tensor([-1.0, 0.5, 2.0, 6.0])
+    soft_cap = 2.0
+    cache, layout = make_cache(device=device, kernels=kernels, config=config, soft_cap=soft_cap,
+                               sinks=sinks.to(device))
+    page_row, stage_row = (r.to(device) for r in rows(layout, 4))
+    chunks = [21, 2, 30, 1, 1]
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(sum(chunks), h, DIM, generator=g) * 2 for h in (HEADS, KV_HEADS, KV_HEADS))
+    start = 0
+    for n in chunks:
+        span = slice(start, start + n)
+        want = reference.reference_attention(q[span], k[:start + n], v[:start + n], config,
+                                             query_positions=torch.arange(start, start + n), soft_cap=soft_cap,
+                                             sinks=sinks)
+        got = cache.step(q[span].to(device), k[span].to(device), v[span].to(device), start, page_row, stage_row,
+                         DIM ** -0.5)
+        torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-5)
+        start += n
+
+
+@pytest.mark.parametrize("dim", [DIM, 96])
+def test_store_decode_matches_step(kernel_device, dim):
+    """The decode store kernel leaves the cache exactly as per-request steps do (at head size 96 too,
+    whose planes the kernel pads: kitty_vllm.kernels.common.padded_sizes)."""
+    by_step, layout = make_cache(dim=dim)
+    by_decode, _ = make_cache(device=kernel_device, dim=dim)
     requests = [rows(layout, seed) for seed in (1, 2, 3)]
     page_table = torch.stack([r[0] for r in requests])
     stage_table = torch.stack([r[1] for r in requests])
     lengths = [2, 14, 30]   # sinks, then a page filling at 16 and 32
-    k = torch.randn(3, 40, KV_HEADS, DIM)
-    v = torch.randn(3, 40, KV_HEADS, DIM)
+    k = torch.randn(3, 40, KV_HEADS, dim)
+    v = torch.randn(3, 40, KV_HEADS, dim)
     for b, n in enumerate(lengths):   # a prefill for each request, through the same step
         for cache, device in ((by_step, "cpu"), (by_decode, kernel_device)):
-            cache.step(*(x.to(device) for x in (torch.zeros(n, HEADS, DIM), k[b, :n], v[b, :n])), 0,
+            cache.step(*(x.to(device) for x in (torch.zeros(n, HEADS, dim), k[b, :n], v[b, :n])), 0,
                        page_table[b].to(device), stage_table[b].to(device), 1.0)
     for t in range(5):
         seq_lens = torch.tensor(lengths) + t + 1
         for b in range(3):
             n = int(seq_lens[b])
-            by_step.step(torch.zeros(1, HEADS, DIM), k[b, n - 1:n], v[b, n - 1:n], n - 1, page_table[b],
+            by_step.step(torch.zeros(1, HEADS, dim), k[b, n - 1:n], v[b, n - 1:n], n - 1, page_table[b],
                          stage_table[b], 1.0)
         last = torch.arange(3), seq_lens - 1
         by_decode.store_decode(*(x.to(kernel_device) for x in (k[last], v[last], seq_lens.int(), page_table.int(),
@@ -157,15 +208,20 @@ def test_prefill_blocks_cover_every_token_once():
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("softmax", [{}, {"soft_cap": 2.0, "sinks": [-1.0, 0.5, 2.0, 6.0]}],
+                         ids=["plain", "soft_cap_and_sinks"])
 @pytest.mark.parametrize("chunks", [[70], [40, 30], [21, 43, 2, 50]])
-def test_bf16_prefill_with_flash_attention(chunks):
+def test_bf16_prefill_with_flash_attention(chunks, softmax):
     """On a GPU in bfloat16 a step of several tokens goes through vLLM's FlashAttention over its
-    context dequantized to bfloat16 (context_attention): the same as the float32 path on the same
+    context dequantized to bfloat16 (context_attention; soft-cap as ``softcap``, sinks as ``s_aux`` in
+    the model dtype, as vLLM's own backend passes them): the same as the float32 path on the same
     bfloat16 inputs, to bfloat16 rounding."""
     pytest.importorskip("vllm")
     results = {}
     for dtype in (torch.bfloat16, torch.float32):
-        cache, layout = make_cache(dtype=dtype, device="cuda", kernels=True)
+        sinks = torch.tensor(softmax["sinks"], dtype=dtype, device="cuda") if "sinks" in softmax else None
+        cache, layout = make_cache(dtype=dtype, device="cuda", kernels=True, soft_cap=softmax.get("soft_cap", 0.0),
+                                   sinks=sinks)
         page_row, stage_row = (r.cuda() for r in rows(layout, 0))
         g = torch.Generator().manual_seed(3)
         total = sum(chunks)

@@ -111,6 +111,24 @@ def test_attention_without_full_pages_is_exact():
     torch.testing.assert_close(out, expected.transpose(0, 1), rtol=1e-5, atol=1e-5)
 
 
+def test_soft_cap_and_sinks_follow_their_definitions():
+    """Soft-capping (Gemma 2): the scaled scores become cap * tanh(score / cap) before the softmax.
+    Learned sinks (gpt-oss): sum_t exp(s_t - m) v_t / (sum_t exp(s_t - m) + exp(sink_h - m)), per query
+    head h, written out here with the max m of the row and its sink."""
+    q, k, v = torch.randn(5, 4, 64) * 3, torch.randn(100, 2, 64), torch.randn(100, 2, 64)
+    sinks = torch.tensor([-1.0, 0.0, 2.0, 5.0])
+    out = R.reference_attention(q, k, v, KITTY2, soft_cap=1.5, sinks=sinks)
+    scores = q.transpose(0, 1) @ k.repeat_interleave(2, 1).permute(1, 2, 0) / 8          # [Hq, Tq, N]
+    scores = 1.5 * torch.tanh(scores / 1.5)
+    causal = torch.arange(100)[None] <= torch.arange(95, 100)[:, None]
+    scores = scores.masked_fill(~causal, -torch.inf)
+    top = torch.maximum(scores.amax(-1, keepdim=True), sinks[:, None, None])
+    weights = torch.exp(scores - top)
+    expected = weights @ v.repeat_interleave(2, 1).transpose(0, 1) / (weights.sum(-1, keepdim=True)
+                                                                       + torch.exp(sinks[:, None, None] - top))
+    torch.testing.assert_close(out, expected.transpose(0, 1), rtol=1e-5, atol=1e-5)
+
+
 def test_exact_attention_depends_only_on_positions():
     """With exact_prefill, prefill in one call equals prefill in chunks and decode: what makes chunked
     prefill and prefix caching exact."""

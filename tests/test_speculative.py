@@ -23,6 +23,9 @@ The tests:
   boundary: the rejections happen where planned, the output equals the run without speculation and
   the oracle, kitty:pages_packed counts each page once per request, and no request holds more staging
   blocks than vLLM's capacity count allows;
+* an EAGLE head (vLLM's ``eagle`` method; a head built from the tiny model's last layer, see
+  ``build_eagle_head``), whose draft layer keeps its KV cache in the model's dtype beside kitty's
+  pages: the output equals kitty2's without speculation;
 * the cache alone (PagedKittyCache, small pages): after verification steps whose drafts are rejected
   at and across page boundaries, every step attends as the reference schedule does and the packed
   pages equal those of a cache that never saw a draft, through the reference (the CPU path) and
@@ -82,6 +85,7 @@ MIN_GAP = 2e-3
 # drafts at most steps.
 NGRAM = {"method": "ngram", "num_speculative_tokens": 5, "prompt_lookup_max": 4, "prompt_lookup_min": 2}
 SCRIPTED_K = 5
+EAGLE_K = 3
 # Where ScriptedProposer drafts a wrong token w, relative to each page's last position L = 128 j + 127
 # in a request's output, per prompt. Its verification step stores w - 1 (accepted), then w and the
 # K - 1 drafts after it (all rejected):
@@ -92,6 +96,7 @@ SCRIPTED_K = 5
 #      land in the ring slots of its first tokens, which the next steps' windows read;
 #   3: as 1, two positions later.
 WRONG_OFFSETS = [0, -2, 1, 3]
+
 
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread():
@@ -227,14 +232,66 @@ def test_ngram_drafts_are_proposed_accepted_and_rejected(ngram):
     assert drafted - accepted >= 100
 
 
-def test_ngram_speculation_equals_no_speculation(ngram, plain, oracle):
-    """Greedy decoding with n-gram speculation gives, token for token, what kitty2 gives without it
-    and what the oracle gives (module docstring: why exact_prefill makes this exact)."""
-    tokens, _ = ngram
-    for i, (got, want) in enumerate(zip(tokens, plain[0], strict=True)):
+def assert_same_tokens(tokens: list[list[int]], expected: list[list[int]]) -> None:
+    for i, (got, want) in enumerate(zip(tokens, expected, strict=True)):
         first = next((t for t, (a, b) in enumerate(zip(got, want)) if a != b), None)
         assert got == want, f"prompt {i} ({len(want)} tokens out): first difference at output token {first}"
+
+
+def test_ngram_speculation_equals_no_speculation(ngram, plain, oracle):
+    """Greedy decoding with n-gram speculation gives, token for token, what kitty2 gives without it
+    and what the oracle gives (module docstring: why this is exact)."""
+    tokens, _ = ngram
+    assert_same_tokens(tokens, plain[0])
     assert tokens == oracle[0]
+
+
+# ------------------------------------------------------------------------------------- EAGLE drafts
+
+def build_eagle_head(model_dir: Path, out: Path) -> Path:
+    """A one-layer EAGLE head for the tiny model, as vLLM's ``eagle`` method loads it: the target's last
+    decoder layer (without its input norm, as EAGLE-1 heads are), and ``fc`` passing the target's hidden
+    state through (its token-embedding half zero); embeddings and LM head are the target's."""
+    from safetensors.torch import load_file, save_file
+
+    config = json.loads((model_dir / "config.json").read_text())
+    last, hidden = config["num_hidden_layers"] - 1, config["hidden_size"]
+    weights = load_file(str(model_dir / "model.safetensors"))
+    head = {name.replace(f"model.layers.{last}.", "layers.0."): w for name, w in weights.items()
+            if name.startswith(f"model.layers.{last}.") and "input_layernorm" not in name}
+    head["fc.weight"] = torch.cat([torch.zeros(hidden, hidden), torch.eye(hidden)], dim=1).to(
+        weights["model.embed_tokens.weight"].dtype)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 1}))
+    save_file(head, str(out / "model.safetensors"))
+    return out
+
+
+@pytest.fixture(scope="module")
+def eagle(model_dir, prompts, exact, tmp_path_factory):
+    """kitty2 with an EAGLE head drafting EAGLE_K tokens: the tokens, vLLM's spec-decoding counters, and
+    the kv_cache_dtype the engine gave the draft layers."""
+    head = build_eagle_head(model_dir, tmp_path_factory.mktemp("eagle"))
+    speculative = {"method": "eagle", "model": str(head), "num_speculative_tokens": EAGLE_K}
+    with kitty2_engine(model_dir, exact, disable_log_stats=False, speculative_config=speculative) as llm:
+        outputs = llm.generate(prompt_inputs(prompts), greedy(), use_tqdm=False)
+        counters = {m.name: m.value for m in llm.get_metrics()
+                    if m.name.startswith("vllm:spec_decode_") and hasattr(m, "value")}
+        draft_dtype = llm.llm_engine.vllm_config.speculative_config.kv_cache_dtype
+    return [list(o.outputs[0].token_ids) for o in outputs], counters, draft_dtype
+
+
+def test_eagle_speculation_equals_no_speculation(eagle, plain):
+    """An EAGLE head (draft layers with a KV cache of their own, kept in the model's dtype beside
+    kitty's pages) drafts; verification rejects nearly all of its drafts (the head is no real EAGLE head),
+    and the output equals kitty2's without speculation, token for token."""
+    tokens, counters, draft_dtype = eagle
+    drafted, accepted = counters["vllm:spec_decode_num_draft_tokens"], counters["vllm:spec_decode_num_accepted_tokens"]
+    print(f"\n[eagle] {counters['vllm:spec_decode_num_drafts']} verification steps, {drafted} drafts, "
+          f"{accepted} accepted")
+    assert draft_dtype == "auto"
+    assert drafted - accepted >= 100
+    assert_same_tokens(tokens, plain[0])
 
 
 # ---------------------------------------------------------------------------------- scripted drafts

@@ -58,10 +58,17 @@ def _vllm(path: str):
 
 # What kitty_vllm.patches (and the block managers) call, with the parameters they rely on.
 WRAPPED = {
+    "vllm.config.cache:CacheConfig": ["sliding_window", "kv_cache_dtype_skip_layers", "skip_page_size_padded"],
+    "vllm.model_executor.layers.attention.attention:Attention.__init__":
+        ["self", "cache_config", "per_layer_sliding_window"],
     "vllm.model_executor.layers.attention.attention:Attention.get_kv_cache_spec": ["self", "vllm_config"],
+    "vllm.model_executor.layers.attention.attention:_largest_kernel_block_within":
+        ["attn_backend", "per_token_bytes", "page_budget", "fallback", "kv_cache_spec"],
     "vllm.platforms.interface:Platform.get_attn_backend_cls":
         ["selected_backend", "attn_selector_config", "num_heads"],
     "vllm.platforms.interface:Platform.check_and_update_config": ["vllm_config"],
+    "vllm.platforms.interface:Platform.update_block_size_for_backend": ["vllm_config"],
+    "vllm.platforms.interface:Platform._align_heterogeneous_kv_block_size": ["vllm_config", "backend_cls"],
     "vllm.v1.core.block_pool:BlockPool.cache_full_blocks":
         ["self", "request", "blocks", "num_cached_blocks", "num_full_blocks", "block_size", "kv_cache_group_id"],
     "vllm.v1.core.kv_cache_utils:resolve_block_hashes": ["block_hashes", "hash_block_size", "block_size"],

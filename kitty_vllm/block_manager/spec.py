@@ -8,12 +8,14 @@ Each kitty attention layer owns one block in each of two vLLM KV-cache groups:
   newest tokens, in fixed roles rather than by position (see ``kitty_vllm.layout.StageLayout``).
 
 A staging block has the byte size of a packed page, so both groups share vLLM's one block pool with
-no padding and no block-size scaling. Every byte count comes from ``kitty_vllm.layout``.
+no padding and no block-size scaling. Every byte count comes from ``kitty_vllm.layout``. Beside layers
+in the model's dtype (sliding-window or skipped layers) both are padded to the pool's shared page
+(kitty_vllm.block_manager.mixed).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -97,12 +99,17 @@ class KittyStageSpec(AttentionSpec):
 
 
 def kitty_specs(config: KittyConfig, num_kv_heads: int, head_dim: int, model_dtype: torch.dtype,
-                step_tokens: int | None = None) -> tuple[KittyPackedSpec, KittyStageSpec]:
+                step_tokens: int | None = None,
+                shared_page_bytes: int | None = None) -> tuple[KittyPackedSpec, KittyStageSpec]:
     """The packed and staging specs of one kitty attention layer (per-rank ``num_kv_heads``).
 
     ``step_tokens``: the most tokens the scheduler gives one request in a step (None: no limit).
     Prefix-cache hits are granted only where the first step after one can compute a whole page and
-    ``exact_prefill`` is off (kitty_vllm.block_manager.manager)."""
+    ``exact_prefill`` is off (kitty_vllm.block_manager.manager).
+
+    ``shared_page_bytes``: the block pool's page where layers in the model's dtype share it
+    (kitty_vllm.block_manager.mixed); a larger one pads both specs' blocks to it, so that vLLM counts
+    the padding in its memory budget."""
     if not model_dtype.is_floating_point:
         raise ValueError(f"model_dtype={model_dtype}: staged Keys and Values need a floating dtype")
     page_bytes = page_layout(config, head_dim).page_bytes
@@ -130,4 +137,6 @@ def kitty_specs(config: KittyConfig, num_kv_heads: int, head_dim: int, model_dty
     )
     # Equal pages are what lets vLLM put both groups in one pool without padding.
     assert packed.page_size_bytes == stage.page_size_bytes == layout.block_bytes
+    if shared_page_bytes is not None and shared_page_bytes > layout.block_bytes:
+        packed, stage = (replace(spec, page_size_padded=shared_page_bytes) for spec in (packed, stage))
     return packed, stage

@@ -62,7 +62,7 @@ import triton.language as tl
 from kitty_vllm.config import KittyConfig
 from kitty_vllm.kernels import decode_gluon
 from kitty_vllm.kernels.common import (LOG2E, PLANE_PTX, SCORE_FLOOR, check_cache, kernel_layout, num_splits,
-                                      section_offsets)
+                                      padded_sizes, section_offsets)
 from kitty_vllm.layout import PageLayout, StageLayout
 
 # tl.dot needs at least 16 rows and 16 columns: the query rows are padded to this many.
@@ -93,6 +93,8 @@ PROGRAMS_PER_SM = 2
 MAX_SPLITS = 64
 # Splits that the merge reads at a time (a power of two: fewer splits compile a smaller variant).
 MERGE_SPLIT_ROWS = 32
+# log2(e) inside the kernels, which take softmax inputs in log2 units.
+KERNEL_LOG2E = tl.constexpr(LOG2E)
 
 
 @triton.jit
@@ -230,15 +232,27 @@ def _high_values(packed, INTERPRETED: tl.constexpr):
 
 
 @triton.jit
-def _load_quarters(row_ptr, mask, Q: tl.constexpr):
-    """Rows at ``row_ptr`` [R] (pointers to HEAD_DIM = 4 Q contiguous elements) as four [R, Q] tiles in
-    their stored dtype (0 where not ``mask``): quarter j holds channels ``j * Q + i``, the channels of
-    2-bit plane j."""
-    i = tl.arange(0, Q)
+def _load_quarters(row_ptr, mask, Q: tl.constexpr, PADDED_Q: tl.constexpr):
+    """Rows at ``row_ptr`` [R] (pointers to HEAD_DIM = 4 Q contiguous elements) as four [R, PADDED_Q]
+    tiles in their stored dtype (0 where not ``mask`` and in the padded columns ``i >= Q``): quarter j
+    holds channels ``j * Q + i``, the channels of 2-bit plane j."""
+    i = tl.arange(0, PADDED_Q)
     quarters = ()
     for j in tl.static_range(4):
-        quarters = quarters + (tl.load(row_ptr[:, None] + j * Q + i[None, :], mask=mask[:, None], other=0.0),)
+        quarters = quarters + (tl.load(row_ptr[:, None] + j * Q + i[None, :], mask=mask[:, None] & (i < Q)[None, :],
+                                       other=0.0),)
     return quarters
+
+
+@triton.jit
+def _soft_cap(scores, cap):
+    """``cap * tanh(scores / cap)`` (logit soft-capping) of scores and a cap both in log2 units: a cap c
+    on natural-log scores is the same curve at c * log2(e). tanh from exp2 of ``-2 |x|``, which cannot
+    overflow, so it runs the same in Triton's interpreter and on a GPU."""
+    x = scores / cap
+    decay = tl.exp2(-2.0 * KERNEL_LOG2E * tl.abs(x))
+    magnitude = (1.0 - decay) / (1.0 + decay)
+    return cap * tl.where(x < 0, -magnitude, magnitude)
 
 
 @triton.jit
@@ -259,10 +273,10 @@ def _attend_full_precision(
     stage_row_ptr,      # [max_stage_blocks] int32: the request's staging blocks
     new_key_ptr, new_value_ptr,   # this step's Key / Value of the block's first query position, head offset applied
     first, end, context, first_pos, row_first, row_last,   # row_first / row_last [ROWS]: positions each row reads
-    first_row, tokens_per_block, ring_slots, head,
+    first_row, tokens_per_block, ring_slots, head, soft_cap_log2,
     stride_sb, stride_skv, stride_st, stride_sh, stride_nt, stride_nvt,
-    HEAD_DIM: tl.constexpr, TILE: tl.constexpr, SLOTS: tl.constexpr,
-    PARTS: tl.constexpr, INTERPRETED: tl.constexpr,
+    HEAD_DIM: tl.constexpr, PADDED_DIM: tl.constexpr, TILE: tl.constexpr, SLOTS: tl.constexpr,
+    PARTS: tl.constexpr, SOFT_CAP: tl.constexpr, INTERPRETED: tl.constexpr,
 ):
     """Attend to full-precision positions [first, end): position t < context sits at staging slot
     ``t % ring_slots``, in row ``first_row + slot // tokens_per_block`` at ``slot % tokens_per_block``
@@ -286,14 +300,18 @@ def _attend_full_precision(
         row = stage_ptr + (block.to(tl.int64) * stride_sb + (slot % tokens_per_block) * stride_st
                            + head * stride_sh)                                            # [T]
         step = (t - first_pos).to(tl.int64)
-        keys = _load_quarters(tl.where(staged, row, new_key_ptr + step * stride_nt), valid, Q)
-        values = _load_quarters(tl.where(staged, row + stride_skv, new_value_ptr + step * stride_nvt), valid, Q)
+        keys = _load_quarters(tl.where(staged, row, new_key_ptr + step * stride_nt), valid, Q, PADDED_DIM // 4)
+        values = _load_quarters(tl.where(staged, row + stride_skv, new_value_ptr + step * stride_nvt), valid, Q,
+                                PADDED_DIM // 4)
         scores = tl.zeros((query[0].shape[0], TILE), tl.float32)
         for j in tl.static_range(4):
             scores += _stage_dot(query_parts, PARTS * j, tl.trans(keys[j]), PARTS, INTERPRETED)  # [ROWS, T]
         seen = (t[None, :] >= row_first[:, None]) & (t[None, :] <= row_last[:, None]) & valid[None, :]
+        scores = _sum_slots(scores, SLOTS)
+        if SOFT_CAP:
+            scores = _soft_cap(scores, soft_cap_log2)
         probs, running_max, running_sum, correction = _softmax_step(
-            tl.where(seen, _sum_slots(scores, SLOTS), float("-inf")), running_max, running_sum)
+            tl.where(seen, scores, float("-inf")), running_max, running_sum)
         prob_parts = _bf16_parts(probs, part_slot, PARTS)
         updated = ()
         for j in tl.static_range(4):
@@ -317,17 +335,21 @@ def _attention_kernel(
     seq_lens_ptr,      # [R] int32: DECODE only, request r's query is token r at position seq_lens[r] - 1
     out_ptr,           # [N, Hq, D] D contiguous
     partial_ptr,       # [R, Hq, partial_splits, D + 2] float32: SPLIT only (accumulator, max, sum)
+    sinks_ptr,         # [Hq] float16 / bfloat16 / float32: HAS_SINKS only, each query head's learned sink logit
     stride_qt, stride_qh, stride_nt, stride_nh, stride_nvt, stride_nvh,
     stride_pb, stride_ph,
     stride_sb, stride_skv, stride_st, stride_sh,
     stride_page_table, stride_stage_table,
     stride_ot, stride_oh,
     scale_log2,        # softmax scale times log2(e)
+    soft_cap_log2,     # SOFT_CAP only: the logit soft-cap times log2(e)
     sink_tokens, sink_block_tokens, sink_blocks, ring_tokens_per_block, ring_slots,
     split_base, partial_splits,   # SPLIT only: this launch's splits are partial_ptr's splits split_base + split
     DECODE: tl.constexpr, SPLIT: tl.constexpr, PACKED: tl.constexpr,
+    HAS_SINKS: tl.constexpr, SOFT_CAP: tl.constexpr,
     GROUP: tl.constexpr, GROUP_ROWS: tl.constexpr, ROWS: tl.constexpr, SLOTS: tl.constexpr, PARTS: tl.constexpr,
-    PAGE_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, NUM_BOOST: tl.constexpr, BOOST_ROWS: tl.constexpr,
+    PAGE_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, PADDED_DIM: tl.constexpr, NUM_BOOST: tl.constexpr,
+    BOOST_ROWS: tl.constexpr,
     TILE: tl.constexpr, STAGE_TILE: tl.constexpr, INTERPRETED: tl.constexpr,
     KEY_LOW_OFFSET: tl.constexpr, KEY_HIGH_OFFSET: tl.constexpr, BOOST_INDEX_OFFSET: tl.constexpr,
     KEY_SCALE_OFFSET: tl.constexpr, KEY_MIN_OFFSET: tl.constexpr, VALUE_CODES_OFFSET: tl.constexpr,
@@ -335,7 +357,8 @@ def _attention_kernel(
 ):
     """Grid (query blocks, H, splits); decode: one query block per request, whose pages SPLIT over
     several programs (partial softmaxes for _merge_splits_kernel) or not. Without PACKED the packed pages
-    are skipped (another kernel reads them: kitty_vllm.kernels.decode_gluon)."""
+    are skipped (another kernel reads them: kitty_vllm.kernels.decode_gluon). SOFT_CAP caps every score
+    (_soft_cap); HAS_SINKS adds each query head's sink logit to its softmax, once: split 0 starts from it."""
     block_id = tl.program_id(0)
     head = tl.program_id(1)
     split = tl.program_id(2)
@@ -353,9 +376,13 @@ def _attention_kernel(
         count = tl.load(desc + 3).to(tl.int32)
         context = tl.load(desc + 4).to(tl.int32)
 
+    # A quarter of the channels (one 2-bit plane) is Q wide, padded to QP (common.padded_sizes: masked
+    # loads and stores, zero query and key operands; pages keep the true head size).
     Q: tl.constexpr = HEAD_DIM // 4
+    QP: tl.constexpr = PADDED_DIM // 4
     quarter: tl.constexpr = NUM_BOOST // 4
-    i = tl.arange(0, Q)
+    i = tl.arange(0, QP)
+    real = i < Q
     r = tl.arange(0, ROWS)
     base_row = r % (ROWS // SLOTS)           # rows repeat in every slot (module docstring)
     part_slot = (r // (ROWS // SLOTS))[:, None]
@@ -371,15 +398,23 @@ def _attention_kernel(
     pages = tl.cdiv(tl.maximum(packed_end, 0), PAGE_SIZE) if PACKED else 0
 
     q_rows = (first_token + token).to(tl.int64) * stride_qt + q_head * stride_qh          # [ROWS]
-    stored_query = _load_quarters(query_ptr + q_rows, row_valid, Q)
-    query = ()                                                                           # 4 x [ROWS, Q]
+    stored_query = _load_quarters(query_ptr + q_rows, row_valid, Q, QP)
+    query = ()                                                                           # 4 x [ROWS, QP]
     for j in tl.static_range(4):
         query = query + (stored_query[j].to(tl.float32) * scale_log2,)
     running_max = tl.full((ROWS,), SCORE_FLOOR, tl.float32)
     running_sum = tl.zeros((ROWS,), tl.float32)
+    if HAS_SINKS:
+        if split == 0:
+            # A sink is a logit with no value: the softmax state of one token whose value is zero. Split 0
+            # alone starts from it, so that the merge of the splits counts it once.
+            head_valid = g < GROUP
+            sink = tl.load(sinks_ptr + q_head, mask=head_valid, other=0.0).to(tl.float32) * KERNEL_LOG2E
+            running_max = tl.where(head_valid, sink, SCORE_FLOOR)
+            running_sum = tl.where(head_valid, 1.0, 0.0)
     acc = ()
     for j in tl.static_range(4):
-        acc = acc + (tl.zeros((ROWS, Q), tl.float32),)
+        acc = acc + (tl.zeros((ROWS, QP), tl.float32),)
 
     stage_row_ptr = stage_table_ptr + request * stride_stage_table
     new_key = new_key_ptr + first_token * stride_nt + head * stride_nh
@@ -388,9 +423,9 @@ def _attention_kernel(
         running_max, running_sum, acc = _attend_full_precision(
             query, running_max, running_sum, acc, part_slot, stage_ptr, stage_row_ptr, new_key, new_value,
             0, tl.minimum(last_pos + 1, sink_tokens), last_pos + 1, first_pos,
-            tl.zeros((ROWS,), tl.int32), position, 0, sink_block_tokens, ring_slots, head,
-            stride_sb, stride_skv, stride_st, stride_sh, stride_nt, stride_nvt, HEAD_DIM, STAGE_TILE,
-            SLOTS, PARTS, INTERPRETED)
+            tl.zeros((ROWS,), tl.int32), position, 0, sink_block_tokens, ring_slots, head, soft_cap_log2,
+            stride_sb, stride_skv, stride_st, stride_sh, stride_nt, stride_nvt, HEAD_DIM, PADDED_DIM, STAGE_TILE,
+            SLOTS, PARTS, SOFT_CAP, INTERPRETED)
 
     num_splits = tl.num_programs(2)
     per_split = tl.cdiv(pages, num_splits)
@@ -409,15 +444,16 @@ def _attention_kernel(
         key_bias = tl.zeros((ROWS,), tl.float32)
         key_parts = ()
         for j in tl.static_range(4):
-            scaled = query[j] * (4.0 * tl.load(key_scale_ptr + j * Q + i).to(tl.float32))[None, :]    # [ROWS, Q]
-            key_min = tl.load(key_min_ptr + j * Q + i).to(tl.float32)
+            key_scale = tl.load(key_scale_ptr + j * Q + i, mask=real, other=0.0).to(tl.float32)
+            scaled = query[j] * (4.0 * key_scale)[None, :]                                 # [ROWS, QP]
+            key_min = tl.load(key_min_ptr + j * Q + i, mask=real, other=0.0).to(tl.float32)
             key_bias += tl.sum(query[j] * key_min[None, :] - scaled, axis=1)
             key_parts = key_parts + _bf16_parts(scaled, part_slot, PARTS)
         if NUM_BOOST > 0:
             # A boosted channel adds (4 q scale) . high = (16 q scale) . values - 16 sum(q scale). Row
             # j * BOOST_ROWS / 4 + b of the high codes is plane j of the page's high byte b (_high_values):
             # boosted channel j * quarter + b where b < quarter (the other rows repeat bytes, with zero
-            # operands: BOOST_ROWS is at least MIN_BOOST_ROWS).
+            # operands: BOOST_ROWS is a power of two, at least MIN_BOOST_ROWS and 4 quarter).
             byte = tl.arange(0, BOOST_ROWS) % (BOOST_ROWS // 4)
             boosted = byte < quarter
             rank = tl.arange(0, BOOST_ROWS) // (BOOST_ROWS // 4) * quarter + byte
@@ -436,7 +472,8 @@ def _attention_kernel(
         for start in range(tl.maximum(sink_tokens - page * PAGE_SIZE, 0) // TILE * TILE,
                            tl.minimum(packed_end - page * PAGE_SIZE, PAGE_SIZE), TILE):
             tt = start + t
-            key_bytes = tl.load(page_ptr + KEY_LOW_OFFSET + tt[None, :] * Q + i[:, None])     # [Q, T]
+            key_bytes = tl.load(page_ptr + KEY_LOW_OFFSET + tt[None, :] * Q + i[:, None],
+                                mask=real[:, None], other=0)                                     # [QP, T]
             scores = tl.zeros((ROWS, TILE), tl.float32)
             for j in tl.static_range(4):
                 scores = _dot_parts(key_parts, PARTS * j, _plane_values(key_bytes, j, INTERPRETED), scores,
@@ -445,12 +482,15 @@ def _attention_kernel(
                 high = _high_values(tl.load(page_ptr + high_bytes + tt[None, :] * quarter), INTERPRETED)
                 scores = _dot_parts(boost_parts, 0, high, scores, PARTS, INTERPRETED)
             scores = _slot_sum(scores, SLOTS) + page_bias[:, None]                              # [ROWS / SLOTS, T]
+            if SOFT_CAP:
+                scores = _soft_cap(scores, soft_cap_log2)
             seen = (page * PAGE_SIZE + tt >= sink_tokens)[None, :] & (page * PAGE_SIZE + tt < page_window[:, None])
             probs, page_max, page_sum, correction = _softmax_step(
                 tl.where(seen, scores, float("-inf")), page_max, page_sum)
             correction = _to_slots(correction, SLOTS)
             # Values: p . (min + scale * code) = (4 p scale) . values + p . (min - 4 scale).
-            value_bytes = tl.load(page_ptr + VALUE_CODES_OFFSET + tt[:, None] * Q + i[None, :])  # [T, Q]
+            value_bytes = tl.load(page_ptr + VALUE_CODES_OFFSET + tt[:, None] * Q + i[None, :],
+                                  mask=real[None, :], other=0)                                   # [T, QP]
             value_scale = tl.load((page_ptr + VALUE_SCALE_OFFSET).to(tl.pointer_type(tl.float16)) + tt).to(tl.float32)
             value_min = tl.load((page_ptr + VALUE_MIN_OFFSET).to(tl.pointer_type(tl.float16)) + tt).to(tl.float32)
             value_bias = tl.where(own, _to_slots(tl.sum(probs * (value_min - 4.0 * value_scale)[None, :], axis=1),
@@ -470,8 +510,8 @@ def _attention_kernel(
             query, running_max, running_sum, acc, part_slot, stage_ptr, stage_row_ptr, new_key, new_value,
             tl.maximum(sink_tokens, first_pos + 1 - PAGE_SIZE), last_pos + 1, context, first_pos,
             tl.maximum(window, sink_tokens), position, sink_blocks, ring_tokens_per_block, ring_slots, head,
-            stride_sb, stride_skv, stride_st, stride_sh, stride_nt, stride_nvt, HEAD_DIM, STAGE_TILE,
-            SLOTS, PARTS, INTERPRETED)
+            soft_cap_log2, stride_sb, stride_skv, stride_st, stride_sh, stride_nt, stride_nvt, HEAD_DIM, PADDED_DIM,
+            STAGE_TILE, SLOTS, PARTS, SOFT_CAP, INTERPRETED)
 
     summed = ()
     for j in tl.static_range(4):
@@ -484,12 +524,12 @@ def _attention_kernel(
         out_rows = (first_token + token).to(tl.int64) * stride_ot + q_head * stride_oh
         for j in tl.static_range(4):
             tl.store(out_ptr + out_rows[:, None] + j * Q + i[None, :], (acc[j] / total).to(out_ptr.dtype.element_ty),
-                     mask=row_valid[:, None])
+                     mask=row_valid[:, None] & real[None, :])
     else:
         num_q_heads = tl.num_programs(1) * GROUP
         base = ((request * num_q_heads + q_head) * partial_splits + split_base + split) * (HEAD_DIM + 2)   # [ROWS]
         for j in tl.static_range(4):
-            tl.store(partial_ptr + base[:, None] + j * Q + i[None, :], acc[j], mask=row_valid[:, None])
+            tl.store(partial_ptr + base[:, None] + j * Q + i[None, :], acc[j], mask=row_valid[:, None] & real[None, :])
         tl.store(partial_ptr + base + HEAD_DIM, running_max, mask=row_valid)
         tl.store(partial_ptr + base + HEAD_DIM + 1, running_sum, mask=row_valid)
 
@@ -499,7 +539,7 @@ def _merge_splits_kernel(
     partial_ptr,       # [B, Hq, num_splits, D + 2] float32: accumulator, running max, running sum
     out_ptr,           # [B, Hq, D] D contiguous
     stride_ot, stride_oh, num_splits,
-    SPLIT_ROWS: tl.constexpr, HEAD_DIM: tl.constexpr,
+    SPLIT_ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, PADDED_DIM: tl.constexpr,
 ):
     """Merge the split-K partial softmaxes of one (request, query head): grid (B, Hq). Splits are read
     SPLIT_ROWS at a time, twice (their maximum, then their weighted sums), so that any number of splits
@@ -508,7 +548,7 @@ def _merge_splits_kernel(
     request = tl.program_id(0).to(tl.int64)
     q_head = tl.program_id(1)
     s = tl.arange(0, SPLIT_ROWS)
-    c = tl.arange(0, HEAD_DIM)
+    c = tl.arange(0, PADDED_DIM)                 # a power of two: masked past HEAD_DIM
     first_row = (request * tl.num_programs(1) + q_head) * num_splits
     top = tl.full((SPLIT_ROWS,), SCORE_FLOOR, tl.float32)
     for first in range(0, num_splits, SPLIT_ROWS):
@@ -517,19 +557,22 @@ def _merge_splits_kernel(
         top = tl.maximum(top, split_max)
     top = tl.max(top, axis=0)
     total = tl.zeros((SPLIT_ROWS,), tl.float32)
-    acc = tl.zeros((SPLIT_ROWS, HEAD_DIM), tl.float32)
+    acc = tl.zeros((SPLIT_ROWS, PADDED_DIM), tl.float32)
     for first in range(0, num_splits, SPLIT_ROWS):
         valid = first + s < num_splits
         base = (first_row + first + s) * (HEAD_DIM + 2)
         weight = tl.exp2(tl.load(partial_ptr + base + HEAD_DIM, mask=valid, other=SCORE_FLOOR) - top)
         total += weight * tl.load(partial_ptr + base + HEAD_DIM + 1, mask=valid, other=0.0)
-        acc += weight[:, None] * tl.load(partial_ptr + base[:, None] + c[None, :], mask=valid[:, None], other=0.0)
+        acc += weight[:, None] * tl.load(partial_ptr + base[:, None] + c[None, :],
+                                         mask=valid[:, None] & (c < HEAD_DIM)[None, :], other=0.0)
     total = tl.sum(total, axis=0)
     out = tl.sum(acc, axis=0) / tl.where(total > 0, total, 1.0)
-    tl.store(out_ptr + request * stride_ot + q_head * stride_oh + c, out.to(out_ptr.dtype.element_ty))
+    tl.store(out_ptr + request * stride_ot + q_head * stride_oh + c, out.to(out_ptr.dtype.element_ty),
+             mask=c < HEAD_DIM)
 
 
-def _check(query, new_key, new_value, packed, stage, page_table, stage_table, config, stage_layout, out):
+def _check(query, new_key, new_value, packed, stage, page_table, stage_table, config, stage_layout, out, soft_cap,
+           sinks):
     """Shape checks shared by the launchers. Returns the page layout."""
     if query.dim() != 3:
         raise ValueError(f"query must be [num_tokens, num_heads, head_dim], got {tuple(query.shape)}")
@@ -562,6 +605,13 @@ def _check(query, new_key, new_value, packed, stage, page_table, stage_table, co
                              f"{table.dtype} {tuple(table.shape)}")
     if out is not None and tuple(out.shape) != tuple(query.shape):
         raise ValueError(f"out must be {list(query.shape)}, got {list(out.shape)}")
+    if soft_cap < 0:
+        raise ValueError(f"soft_cap must be positive (or 0: no soft-capping), got {soft_cap}")
+    if sinks is not None and (tuple(sinks.shape) != (num_heads,) or sinks.device != query.device
+                              or sinks.dtype not in (torch.float16, torch.bfloat16, torch.float32)
+                              or sinks.stride(0) != 1):
+        raise ValueError(f"sinks must be one contiguous float logit per query head, [{num_heads}] on "
+                         f"{query.device}, got {sinks.dtype} {tuple(sinks.shape)} on {sinks.device}")
     for name, tensor in (("query", query), ("stage", stage), ("out", out), ("new_key", new_key),
                          ("new_value", new_value)):
         if tensor is not None and tensor.stride(-1) != 1:
@@ -583,40 +633,44 @@ def kernel_constants(layout: PageLayout, num_heads: int, num_kv_heads: int, deco
         block_q, group_rows = _prefill_block_tokens(num_heads, num_kv_heads, layout.page_size)
         slots, rows = 1, max(MIN_DOT_SIZE, block_q * group_rows)
     head_dim = layout.head_dim
+    padded = padded_sizes(layout)
     return dict(
         DECODE=decode, SPLIT=split, PACKED=packed, GROUP=group, GROUP_ROWS=group_rows, ROWS=rows,
         SLOTS=slots, PARTS=1 if slots > 1 else 3, PAGE_SIZE=layout.page_size, HEAD_DIM=head_dim,
-        NUM_BOOST=layout.num_boost, BOOST_ROWS=max(MIN_BOOST_ROWS, layout.num_boost),
-        TILE=max(MIN_DOT_SIZE, min(layout.page_size, TILE_CODES // head_dim)),
+        PADDED_DIM=padded["PADDED_DIM"], NUM_BOOST=layout.num_boost,
+        BOOST_ROWS=max(MIN_BOOST_ROWS, padded["PADDED_BOOST"]),
+        TILE=max(MIN_DOT_SIZE, min(layout.page_size, TILE_CODES // padded["PADDED_DIM"])),
         STAGE_TILE=max(MIN_DOT_SIZE, min(layout.page_size, STAGE_TILE)),
         INTERPRETED=os.environ.get("TRITON_INTERPRET") == "1", **section_offsets(layout))
 
 
 def _launch(query, new_key, new_value, packed, stage, page_table, stage_table, blocks, seq_lens, out,
-            partial, config, stage_layout, layout, scale, grid, decode, num_warps, split_base=0, partial_splits=None,
-            read_pages=True):
+            partial, config, stage_layout, layout, scale, soft_cap, sinks, grid, decode, num_warps, split_base=0,
+            partial_splits=None, read_pages=True):
     new_key = query if new_key is None else new_key        # not read: every position is in the cache
     new_value = query if new_value is None else new_value
     _attention_kernel[grid](
         query, new_key, new_value, packed, stage, page_table, stage_table, blocks, seq_lens, out, partial,
+        query if sinks is None else sinks,                 # not read without sinks
         query.stride(0), query.stride(1), new_key.stride(0), new_key.stride(1),
         new_value.stride(0), new_value.stride(1),
         packed.stride(0), packed.stride(1),
         stage.stride(0), stage.stride(1), stage.stride(2), stage.stride(3),
         page_table.stride(0), stage_table.stride(0),
         out.stride(0), out.stride(1),
-        scale * LOG2E,
+        scale * LOG2E, soft_cap * LOG2E,
         config.sink_tokens, stage_layout.block_tokens, stage_layout.sink_blocks, stage_layout.tokens_per_block,
         stage_layout.ring_slots, split_base, grid[2] if partial_splits is None else partial_splits,
         **kernel_constants(layout, query.shape[1], packed.shape[1], decode, partial is not out, read_pages),
-        num_warps=num_warps,
+        HAS_SINKS=sinks is not None, SOFT_CAP=soft_cap > 0, num_warps=num_warps,
     )
 
 
 def decode_attention(query: torch.Tensor, packed: torch.Tensor, stage: torch.Tensor,
                      page_table: torch.Tensor, stage_table: torch.Tensor, seq_lens: torch.Tensor,
                      config: KittyConfig, stage_layout: StageLayout, scale: float,
-                     out: torch.Tensor | None = None) -> torch.Tensor:
+                     out: torch.Tensor | None = None, soft_cap: float = 0.0,
+                     sinks: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of each request's newest token over its kitty cache (module docstring).
 
     query [B, Hq, D] (float16, bfloat16 or float32) at position ``seq_lens[b] - 1``, already stored
@@ -624,10 +678,13 @@ def decode_attention(query: torch.Tensor, packed: torch.Tensor, stage: torch.Ten
     (K, V), tokens_per_block, H, D] in the query's dtype (``PagedKittyCache.stage``); page_table int32
     [B, max_pages] (valid for the pages before the window, ``ceil(seq_lens[b] / page_size) - 1`` per
     row); stage_table int32 [B, max_stage_blocks] (at least ``stage_layout.blocks_needed(seq_lens[b])``);
-    seq_lens int32 [B] (0: an empty row, e.g. padding). Hq is a multiple of H. Returns ``out`` [B, Hq, D],
-    allocated in the query's dtype if not given. No host synchronization: CUDA graphs can capture it.
+    seq_lens int32 [B] (0: an empty row, e.g. padding). Hq is a multiple of H. ``soft_cap`` > 0 caps the
+    scores and ``sinks`` [Hq] are learned sink logits, as in reference.schedule_attention. Returns ``out``
+    [B, Hq, D], allocated in the query's dtype if not given. No host synchronization: CUDA graphs can
+    capture it.
     """
-    layout = _check(query, None, None, packed, stage, page_table, stage_table, config, stage_layout, out)
+    layout = _check(query, None, None, packed, stage, page_table, stage_table, config, stage_layout, out,
+                    soft_cap, sinks)
     num_requests, num_heads, head_dim = query.shape
     if page_table.shape[0] != num_requests or stage_table.shape[0] != num_requests:
         raise ValueError(f"page_table and stage_table need {num_requests} rows, got {page_table.shape[0]} "
@@ -640,15 +697,16 @@ def decode_attention(query: torch.Tensor, packed: torch.Tensor, stage: torch.Ten
         return out
     num_kv_heads = packed.shape[1]
     grid = (num_requests, num_kv_heads)
-    if decode_gluon.supported(layout, num_heads // num_kv_heads, query.device):
-        # The packed pages in Gluon (splits 0 .. splits - 1), the sinks and ring here (split ``splits``).
+    if decode_gluon.supported(layout, num_heads // num_kv_heads, query.device, soft_cap):
+        # The packed pages in Gluon (splits 0 .. splits - 1), the sinks and ring here (split ``splits``,
+        # the launch's split 0, which also starts from the learned sinks).
         splits = num_splits(num_requests, num_kv_heads, max(1, page_table.shape[1]), query.device,
                             decode_gluon.PROGRAMS_PER_SM, decode_gluon.MAX_SPLITS)
         partial = torch.empty(num_requests, num_heads, splits + 1, head_dim + 2, dtype=torch.float32,
                               device=query.device)
         decode_gluon.decode_pages(query, packed, page_table, seq_lens, partial, splits, config, layout, scale)
         _launch(query, None, None, packed, stage, page_table, stage_table, seq_lens, seq_lens, out, partial,
-                config, stage_layout, layout, scale, (*grid, 1), True, DECODE_WARPS, split_base=splits,
+                config, stage_layout, layout, scale, soft_cap, sinks, (*grid, 1), True, DECODE_WARPS, split_base=splits,
                 partial_splits=splits + 1, read_pages=False)
         splits += 1
     else:
@@ -657,11 +715,12 @@ def decode_attention(query: torch.Tensor, packed: torch.Tensor, stage: torch.Ten
         partial = (torch.empty(num_requests, num_heads, splits, head_dim + 2, dtype=torch.float32,
                                device=query.device) if splits > 1 else out)
         _launch(query, None, None, packed, stage, page_table, stage_table, seq_lens, seq_lens, out, partial,
-                config, stage_layout, layout, scale, (*grid, splits), True, DECODE_WARPS)
+                config, stage_layout, layout, scale, soft_cap, sinks, (*grid, splits), True, DECODE_WARPS)
     if splits > 1:
         _merge_splits_kernel[(num_requests, num_heads)](
             partial, out, out.stride(0), out.stride(1), splits,
-            SPLIT_ROWS=min(MERGE_SPLIT_ROWS, triton.next_power_of_2(splits)), HEAD_DIM=head_dim)
+            SPLIT_ROWS=min(MERGE_SPLIT_ROWS, triton.next_power_of_2(splits)), HEAD_DIM=head_dim,
+            PADDED_DIM=triton.next_power_of_2(head_dim))
     return out
 
 
@@ -692,7 +751,8 @@ def prefill_blocks(spans: Sequence[tuple[int, int, int, int]], page_size: int, n
 def prefill_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, packed: torch.Tensor,
                       stage: torch.Tensor, page_table: torch.Tensor, stage_table: torch.Tensor,
                       blocks: torch.Tensor, config: KittyConfig, stage_layout: StageLayout, scale: float,
-                      out: torch.Tensor | None = None) -> torch.Tensor:
+                      out: torch.Tensor | None = None, soft_cap: float = 0.0,
+                      sinks: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of this step's tokens of several requests over their kitty cache (module docstring).
 
     ``blocks`` is :func:`prefill_blocks` of the requests' spans ``(row, first, end, context)``, on the
@@ -700,10 +760,11 @@ def prefill_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     at positions from ``context`` on, with row ``row`` of page_table and stage_table (as in
     :func:`decode_attention`). The cache must hold this step's sinks and the pages this step completes;
     the ring must hold positions ``[context - page_size, context)`` (PagedKittyCache orders its store
-    so). Writes the spans' rows of ``out`` [N, Hq, D] (allocated in the query's dtype if not given) and
-    returns it.
+    so). ``soft_cap`` and ``sinks`` as in :func:`decode_attention`. Writes the spans' rows of ``out``
+    [N, Hq, D] (allocated in the query's dtype if not given) and returns it.
     """
-    layout = _check(query, key, value, packed, stage, page_table, stage_table, config, stage_layout, out)
+    layout = _check(query, key, value, packed, stage, page_table, stage_table, config, stage_layout, out,
+                    soft_cap, sinks)
     if blocks.dtype != torch.int64 or blocks.dim() != 2 or blocks.shape[1] != 5 or not blocks.is_contiguous():
         raise ValueError(f"blocks must be contiguous int64 [num_blocks, 5] (prefill_blocks), got {blocks.dtype} "
                          f"{tuple(blocks.shape)}")
@@ -711,7 +772,8 @@ def prefill_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     if not len(blocks):
         return out
     _launch(query, key, value, packed, stage, page_table, stage_table, blocks, blocks, out, out,
-            config, stage_layout, layout, scale, (len(blocks), packed.shape[1], 1), False, PREFILL_WARPS)
+            config, stage_layout, layout, scale, soft_cap, sinks, (len(blocks), packed.shape[1], 1), False,
+            PREFILL_WARPS)
     return out
 
 
@@ -727,26 +789,39 @@ def _flash_version(head_dim: int) -> int | None:
 
 def context_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_seqlens_q: torch.Tensor,
                       cu_seqlens_k: torch.Tensor, host_q: Sequence[int], host_k: Sequence[int],
-                      scale: float) -> torch.Tensor:
+                      scale: float, soft_cap: float = 0.0, sinks: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention in full precision of sequences whose queries are their last positions: sequence
     i has queries ``host_q[i]:host_q[i + 1]`` of query [M, Hq, D] and keys ``host_k[i]:host_k[i + 1]`` of
     key/value [L, H, D] (positions from 0; query k of n reads keys up to position ``keys - n + k``);
-    ``cu_seqlens_q`` / ``cu_seqlens_k`` are the same bounds, int32 on the query's device. Returns out
-    [M, Hq, D] in the query's dtype. vLLM's FlashAttention where the GPU has it, else float32 PyTorch."""
+    ``cu_seqlens_q`` / ``cu_seqlens_k`` are the same bounds, int32 on the query's device. ``soft_cap`` and
+    ``sinks`` [Hq] as in reference.schedule_attention. Returns out [M, Hq, D] in the query's dtype.
+    vLLM's FlashAttention where the GPU has it (with sinks, FlashAttention 3 or 4: FA2 has no ``s_aux``),
+    else float32 PyTorch."""
     version = _flash_version(query.shape[-1]) if query.is_cuda and query.dtype != torch.float32 else None
+    if sinks is not None and version not in (3, 4):
+        version = None
     if version is not None:
         from vllm.v1.attention.backends.fa_utils import flash_attn_varlen_func
 
         longest_q = max(b - a for a, b in zip(host_q, host_q[1:]))
         longest_k = max(b - a for a, b in zip(host_k, host_k[1:]))
         return flash_attn_varlen_func(query, key, value, longest_q, cu_seqlens_q, longest_k, cu_seqlens_k=cu_seqlens_k,
-                                      softmax_scale=scale, causal=True, fa_version=version)
+                                      softmax_scale=scale, causal=True, softcap=soft_cap, fa_version=version,
+                                      s_aux=sinks)
     out = torch.empty_like(query)
     group = query.shape[1] // key.shape[1]
     for a, b, c, d in zip(host_q, host_q[1:], host_k, host_k[1:]):
         q = query[a:b].float().transpose(0, 1)                                       # [Hq, n, D]
         k, v = (x[c:d].float().transpose(0, 1).repeat_interleave(group, 0) for x in (key, value))
         hidden = torch.ones(b - a, d - c, dtype=torch.bool, device=q.device).triu(d - c - (b - a) + 1)
-        scores = (q @ k.transpose(1, 2) * scale).masked_fill(hidden, -torch.inf)
-        out[a:b] = (torch.softmax(scores, dim=-1) @ v).transpose(0, 1).to(out.dtype)
+        scores = q @ k.transpose(1, 2) * scale
+        if soft_cap:
+            scores = soft_cap * torch.tanh(scores / soft_cap)
+        scores = scores.masked_fill(hidden, -torch.inf)
+        if sinks is not None:   # one more logit per query head, with no value
+            sink = sinks.float()[:, None, None].expand(-1, b - a, 1)
+            probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
+        else:
+            probs = torch.softmax(scores, dim=-1)
+        out[a:b] = (probs @ v).transpose(0, 1).to(out.dtype)
     return out

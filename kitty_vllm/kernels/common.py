@@ -9,7 +9,9 @@ import triton.language as tl
 from kitty_vllm.config import KittyConfig
 from kitty_vllm.layout import PageLayout, page_layout
 
-SUPPORTED_HEAD_DIMS = (64, 128, 256)
+# Every head size a model family uses (issue 28) that the kernels handle: a multiple of 16 from 64 on, so
+# that a plane's padded quarter (padded_sizes) is a dot operand of at least 16 channels.
+SUPPORTED_HEAD_DIMS = (64, 80, 96, 112, 128, 160, 192, 256)
 LOG2E = 1.4426950408889634
 # Scores start here instead of -inf, so a tile whose tokens are all masked yields exp2(-inf) = 0, not NaN.
 SCORE_FLOOR = tl.constexpr(-1.0e30)
@@ -26,14 +28,11 @@ LANE_PLANE_PTX = tl.constexpr("{ .reg .b32 t; shr.b32 t, $2, $3; shl.b32 t, t, 5
 
 
 def kernel_layout(config: KittyConfig, head_dim: int) -> PageLayout:
-    """The page layout, after checking that the kernels handle this head size and boost count."""
+    """The page layout, after checking that the kernels handle this head size and page size (the layout
+    itself checks the boost count: a multiple of 4)."""
     if head_dim not in SUPPORTED_HEAD_DIMS:
         raise ValueError(f"kitty kernels support head sizes {SUPPORTED_HEAD_DIMS}, got {head_dim}")
     layout = page_layout(config, head_dim)
-    k = layout.num_boost
-    if k and (k < 4 or k & (k - 1)):
-        raise ValueError(f"kitty kernels need a power-of-two number (>= 4) of boosted channels, got {k} "
-                         f"(boost_ratio={config.boost_ratio}, head_dim={head_dim})")
     if layout.page_size & (layout.page_size - 1):
         raise ValueError(f"kitty kernels need a power-of-two page_size, got {layout.page_size}")
     return layout
@@ -47,6 +46,18 @@ def num_splits(num_requests: int, num_kv_heads: int, max_pages: int, device: tor
     processors = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
     wanted = triton.cdiv(programs_per_sm * processors, max(1, num_requests * num_kv_heads))
     return max(1, min(wanted, max_pages, max_splits))
+
+
+def padded_sizes(layout: PageLayout) -> dict[str, int]:
+    """Kernel keyword arguments PADDED_DIM and PADDED_BOOST: the channels and boosted channels of a page,
+    each of the four 2-bit planes (a quarter, kitty_vllm.layout) padded to a power of two, as Triton's
+    tensors need. Kernels index channel ``j * D / 4 + i`` at ``j * PADDED_DIM / 4 + i`` and mask
+    ``i >= D / 4`` (the same for boosted ranks): the pages keep the true head size, so head sizes such as
+    96 (quarters of 24, padded to 32) cost no stored bit, only idle lanes. For 64, 128 and 256 nothing is
+    padded."""
+    boost_quarter = layout.num_boost // 4
+    return dict(PADDED_DIM=4 * triton.next_power_of_2(layout.head_dim // 4),
+                PADDED_BOOST=4 * triton.next_power_of_2(boost_quarter) if boost_quarter else 0)
 
 
 def section_offsets(layout: PageLayout) -> dict[str, int]:

@@ -463,9 +463,14 @@ PROGRAMS_PER_SM = 16
 MAX_SPLITS = 256
 
 
-def supported(layout: PageLayout, group: int, device: torch.device) -> bool:
-    """Whether decode_pages serves this page layout and GQA group on ``device``."""
-    return (device.type == "cuda" and os.environ.get("TRITON_INTERPRET") != "1" and group <= GROUP_ROWS
+def supported(layout: PageLayout, group: int, device: torch.device, soft_cap: float = 0.0) -> bool:
+    """Whether decode_pages serves this page layout and GQA group on ``device``. Not for soft-capped
+    scores (``soft_cap`` > 0): the cap applies to every score and this kernel does not cap (a tanh per
+    score after the mma would do it, but Gluon has no interpreter to test it against the reference), so
+    soft-capped layers decode with the Triton kernel alone. Learned sinks need nothing here: the Triton
+    kernel's split, merged with these, starts from them."""
+    return (device.type == "cuda" and os.environ.get("TRITON_INTERPRET") != "1" and not soft_cap
+            and group <= GROUP_ROWS
             and layout.head_dim in HEAD_DIMS and layout.page_size % TILE == 0
             and (layout.num_boost == 0 or layout.num_boost >= 16))
 

@@ -7,7 +7,7 @@ import triton
 import triton.language as tl
 
 from kitty_vllm.config import KittyConfig
-from kitty_vllm.kernels.common import (BOOST_POLICY_IDS, check_cache, kernel_layout, pack_2bit,
+from kitty_vllm.kernels.common import (BOOST_POLICY_IDS, check_cache, kernel_layout, pack_2bit, padded_sizes,
                                        section_offsets)
 from kitty_vllm import reference
 
@@ -45,57 +45,82 @@ def _boost_scores(x, valid, channel, BOOST_POLICY: tl.constexpr):
 
 
 @triton.jit
+def padded_channels(PADDED_DIM: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """The channel of each padded column ``j * PADDED_DIM / 4 + i`` (common.padded_sizes), [PADDED_DIM],
+    and whether it is one (``i < HEAD_DIM / 4``)."""
+    column = tl.arange(0, PADDED_DIM)
+    i = column % (PADDED_DIM // 4)
+    return column // (PADDED_DIM // 4) * (HEAD_DIM // 4) + i, i < HEAD_DIM // 4
+
+
+@triton.jit
 def pack_page(
-    x, y,              # float32 [PAGE_SIZE, HEAD_DIM]: the page's Keys (after RoPE) and Values
+    x, y,              # float32 [PAGE_SIZE, PADDED_DIM]: the page's Keys (after RoPE) and Values, channels at
+                       # their padded columns (padded_channels), 0 in the others
     first_pos,         # sequence position of the page's first token
     page_ptr,          # uint8 [PAGE_BYTES]: the page of one KV head in the packed cache
     sink_tokens,
     PAGE_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, NUM_BOOST: tl.constexpr,
-    BOOST_POLICY: tl.constexpr,
+    PADDED_DIM: tl.constexpr, PADDED_BOOST: tl.constexpr, BOOST_POLICY: tl.constexpr,
     KEY_LOW_OFFSET: tl.constexpr, KEY_HIGH_OFFSET: tl.constexpr, BOOST_INDEX_OFFSET: tl.constexpr,
     KEY_SCALE_OFFSET: tl.constexpr, KEY_MIN_OFFSET: tl.constexpr, VALUE_CODES_OFFSET: tl.constexpr,
     VALUE_SCALE_OFFSET: tl.constexpr, VALUE_MIN_OFFSET: tl.constexpr,
 ):
-    """Quantize one page of one KV head and write every section of it (reference.quantize_page)."""
+    """Quantize one page of one KV head and write every section of it (reference.quantize_page). Padded
+    columns are quantized too, but never boosted, never in a Value's range and never stored: packing the
+    padded columns' codes plane by plane (pack_2bit) puts each real channel's code in its true byte."""
     t = tl.arange(0, PAGE_SIZE)
-    c = tl.arange(0, HEAD_DIM)
+    c, real = padded_channels(PADDED_DIM, HEAD_DIM)
+    column = tl.arange(0, PADDED_DIM)
+    Q: tl.constexpr = HEAD_DIM // 4
+    byte = tl.arange(0, PADDED_DIM // 4)
     # Keys: per channel over the page's non-sink tokens, top-NUM_BOOST channels on 4 bits.
     valid = first_pos + t >= sink_tokens
     mx = tl.max(tl.where(valid[:, None], x, float("-inf")), axis=0)
     mn = tl.min(tl.where(valid[:, None], x, float("inf")), axis=0)
     boosted = c < 0
     if NUM_BOOST > 0:
-        score = _boost_scores(x, valid, c, BOOST_POLICY)
+        # Padded columns never win; the real ones keep channel order, so ties still go to the lower channel.
+        score = tl.where(real, _boost_scores(x, valid, c, BOOST_POLICY), float("-inf"))
         for _ in tl.static_range(NUM_BOOST):
             best = tl.argmax(score, axis=0, tie_break_left=True)
-            boosted = boosted | (c == best)
-            score = tl.where(c == best, float("-inf"), score)
+            boosted = boosted | (column == best)
+            score = tl.where(column == best, float("-inf"), score)
     levels = tl.where(boosted, BOOST_LEVELS, KEY_LEVELS).to(tl.float32)
     scale = ((mx - mn) / levels).to(tl.float16)
     minimum = mn.to(tl.float16)
     codes = _codes(x, minimum[None, :], scale[None, :], levels[None, :])
-    tl.store((page_ptr + KEY_SCALE_OFFSET).to(tl.pointer_type(tl.float16)) + c, scale)
-    tl.store((page_ptr + KEY_MIN_OFFSET).to(tl.pointer_type(tl.float16)) + c, minimum)
-    quarter = tl.arange(0, HEAD_DIM // 4)
-    tl.store(page_ptr + KEY_LOW_OFFSET + t[:, None] * (HEAD_DIM // 4) + quarter[None, :],
-             pack_2bit(codes & 3, PAGE_SIZE, HEAD_DIM))
+    tl.store((page_ptr + KEY_SCALE_OFFSET).to(tl.pointer_type(tl.float16)) + c, scale, mask=real)
+    tl.store((page_ptr + KEY_MIN_OFFSET).to(tl.pointer_type(tl.float16)) + c, minimum, mask=real)
+    tl.store(page_ptr + KEY_LOW_OFFSET + t[:, None] * Q + byte[None, :],
+             pack_2bit(codes & 3, PAGE_SIZE, PADDED_DIM), mask=(byte < Q)[None, :])
     if NUM_BOOST > 0:
-        # Boosted channels in ascending order: channel c goes to rank (boosted channels before c).
+        # Boosted channels in ascending order: channel c goes to rank (boosted channels before c). The
+        # high codes are planar over the ranks, padded as the channels are: padded rank column
+        # j * PADDED_BOOST / 4 + b holds rank j * NUM_BOOST / 4 + b.
         rank = tl.cumsum(boosted.to(tl.int32), axis=0) - 1
-        r = tl.arange(0, NUM_BOOST)
-        index = tl.sum(tl.where(boosted[None, :] & (rank[None, :] == r[:, None]), c[None, :], 0), axis=1)
-        tl.store(page_ptr + BOOST_INDEX_OFFSET + r, index.to(tl.uint8))
-        high = tl.gather(codes >> 2, tl.broadcast_to(index[None, :], (PAGE_SIZE, NUM_BOOST)), axis=1)
-        hq = tl.arange(0, NUM_BOOST // 4)
-        tl.store(page_ptr + KEY_HIGH_OFFSET + t[:, None] * (NUM_BOOST // 4) + hq[None, :],
-                 pack_2bit(high, PAGE_SIZE, NUM_BOOST))
+        K: tl.constexpr = NUM_BOOST // 4
+        r = tl.arange(0, PADDED_BOOST)
+        b = r % (PADDED_BOOST // 4)
+        real_rank = b < K
+        true_rank = r // (PADDED_BOOST // 4) * K + b
+        picked = boosted[None, :] & (rank[None, :] == true_rank[:, None]) & real_rank[:, None]
+        index = tl.sum(tl.where(picked, column[None, :], 0), axis=1)                     # padded columns
+        channel = tl.sum(tl.where(picked, c[None, :], 0), axis=1)
+        tl.store(page_ptr + BOOST_INDEX_OFFSET + true_rank, channel.to(tl.uint8), mask=real_rank)
+        high = tl.gather(codes >> 2, tl.broadcast_to(index[None, :], (PAGE_SIZE, PADDED_BOOST)), axis=1)
+        hq = tl.arange(0, PADDED_BOOST // 4)
+        tl.store(page_ptr + KEY_HIGH_OFFSET + t[:, None] * K + hq[None, :],
+                 pack_2bit(high, PAGE_SIZE, PADDED_BOOST), mask=(hq < K)[None, :])
 
     # Values: per token over head_dim.
-    v_scale = ((tl.max(y, axis=1) - tl.min(y, axis=1)) / VALUE_LEVELS).to(tl.float16)
-    v_min = tl.min(y, axis=1).to(tl.float16)
+    v_max = tl.max(tl.where(real[None, :], y, float("-inf")), axis=1)
+    v_min = tl.min(tl.where(real[None, :], y, float("inf")), axis=1)
+    v_scale = ((v_max - v_min) / VALUE_LEVELS).to(tl.float16)
+    v_min = v_min.to(tl.float16)
     v_codes = _codes(y, v_min[:, None], v_scale[:, None], VALUE_LEVELS)
-    tl.store(page_ptr + VALUE_CODES_OFFSET + t[:, None] * (HEAD_DIM // 4) + quarter[None, :],
-             pack_2bit(v_codes, PAGE_SIZE, HEAD_DIM))
+    tl.store(page_ptr + VALUE_CODES_OFFSET + t[:, None] * Q + byte[None, :],
+             pack_2bit(v_codes, PAGE_SIZE, PADDED_DIM), mask=(byte < Q)[None, :])
     tl.store((page_ptr + VALUE_SCALE_OFFSET).to(tl.pointer_type(tl.float16)) + t, v_scale)
     tl.store((page_ptr + VALUE_MIN_OFFSET).to(tl.pointer_type(tl.float16)) + t, v_min)
 
@@ -112,7 +137,7 @@ def _quantize_page_kernel(
     stride_cb, stride_ch,
     sink_tokens,
     PAGE_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, NUM_BOOST: tl.constexpr,
-    BOOST_POLICY: tl.constexpr,
+    PADDED_DIM: tl.constexpr, PADDED_BOOST: tl.constexpr, BOOST_POLICY: tl.constexpr,
     KEY_LOW_OFFSET: tl.constexpr, KEY_HIGH_OFFSET: tl.constexpr, BOOST_INDEX_OFFSET: tl.constexpr,
     KEY_SCALE_OFFSET: tl.constexpr, KEY_MIN_OFFSET: tl.constexpr, VALUE_CODES_OFFSET: tl.constexpr,
     VALUE_SCALE_OFFSET: tl.constexpr, VALUE_MIN_OFFSET: tl.constexpr,
@@ -121,15 +146,15 @@ def _quantize_page_kernel(
     page = tl.program_id(0)
     head = tl.program_id(1)
     t = tl.arange(0, PAGE_SIZE)
-    c = tl.arange(0, HEAD_DIM)
+    c, real = padded_channels(PADDED_DIM, HEAD_DIM)
     page_ptr = (cache_ptr + tl.load(block_ids_ptr + page).to(tl.int64) * stride_cb
                 + head.to(tl.int64) * stride_ch)
     x = tl.load(keys_ptr + page.to(tl.int64) * stride_kp + head * stride_kh
-                + t[:, None] * stride_kt + c[None, :]).to(tl.float32)
+                + t[:, None] * stride_kt + c[None, :], mask=real[None, :], other=0.0).to(tl.float32)
     y = tl.load(values_ptr + page.to(tl.int64) * stride_vp + head * stride_vh
-                + t[:, None] * stride_vt + c[None, :]).to(tl.float32)
+                + t[:, None] * stride_vt + c[None, :], mask=real[None, :], other=0.0).to(tl.float32)
     pack_page(x, y, tl.load(first_pos_ptr + page), page_ptr, sink_tokens,
-              PAGE_SIZE, HEAD_DIM, NUM_BOOST, BOOST_POLICY,
+              PAGE_SIZE, HEAD_DIM, NUM_BOOST, PADDED_DIM, PADDED_BOOST, BOOST_POLICY,
               KEY_LOW_OFFSET, KEY_HIGH_OFFSET, BOOST_INDEX_OFFSET, KEY_SCALE_OFFSET, KEY_MIN_OFFSET,
               VALUE_CODES_OFFSET, VALUE_SCALE_OFFSET, VALUE_MIN_OFFSET)
 
@@ -164,7 +189,7 @@ def quantize_pages(keys: torch.Tensor, values: torch.Tensor, first_positions: to
         values.stride(0), values.stride(1), values.stride(2),
         cache.stride(0), cache.stride(1),
         config.sink_tokens,
-        PAGE_SIZE=page_size, HEAD_DIM=head_dim, NUM_BOOST=layout.num_boost,
+        PAGE_SIZE=page_size, HEAD_DIM=head_dim, NUM_BOOST=layout.num_boost, **padded_sizes(layout),
         BOOST_POLICY=BOOST_POLICY_IDS[config.boost_policy],
         **section_offsets(layout), num_warps=8,
     )

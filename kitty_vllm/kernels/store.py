@@ -20,8 +20,8 @@ import triton
 import triton.language as tl
 
 from kitty_vllm.config import KittyConfig
-from kitty_vllm.kernels.common import BOOST_POLICY_IDS, check_cache, kernel_layout, section_offsets
-from kitty_vllm.kernels.quantize import pack_page
+from kitty_vllm.kernels.common import BOOST_POLICY_IDS, check_cache, kernel_layout, padded_sizes, section_offsets
+from kitty_vllm.kernels.quantize import pack_page, padded_channels
 from kitty_vllm.layout import StageLayout
 
 
@@ -39,33 +39,33 @@ def _store_decode_kernel(
     stride_page_table, stride_stage_table,
     sink_tokens, sink_block_tokens, sink_blocks, ring_tokens_per_block, ring_slots,
     PAGE_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, NUM_BOOST: tl.constexpr,
-    BOOST_POLICY: tl.constexpr,
+    PADDED_DIM: tl.constexpr, PADDED_BOOST: tl.constexpr, BOOST_POLICY: tl.constexpr,
     KEY_LOW_OFFSET: tl.constexpr, KEY_HIGH_OFFSET: tl.constexpr, BOOST_INDEX_OFFSET: tl.constexpr,
     KEY_SCALE_OFFSET: tl.constexpr, KEY_MIN_OFFSET: tl.constexpr, VALUE_CODES_OFFSET: tl.constexpr,
     VALUE_SCALE_OFFSET: tl.constexpr, VALUE_MIN_OFFSET: tl.constexpr,
 ):
-    """Grid (B, H)."""
+    """Grid (B, H). Channels at their padded columns (quantize.padded_channels; masked where not one)."""
     request = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     seq_len = tl.load(seq_lens_ptr + request)
     if seq_len == 0:
         return
     position = seq_len - 1
-    c = tl.arange(0, HEAD_DIM)
-    key = tl.load(key_ptr + request * stride_kb + head * stride_kh + c)
-    value = tl.load(value_ptr + request * stride_vb + head * stride_vh + c)
+    c, real = padded_channels(PADDED_DIM, HEAD_DIM)
+    key = tl.load(key_ptr + request * stride_kb + head * stride_kh + c, mask=real, other=0.0)
+    value = tl.load(value_ptr + request * stride_vb + head * stride_vh + c, mask=real, other=0.0)
     stage_row_ptr = stage_table_ptr + request * stride_stage_table
     head_offset = head * stride_sh
     if position < sink_tokens:
         sink_block = tl.load(stage_row_ptr + position // sink_block_tokens).to(tl.int64)
         sink_ptr = stage_ptr + sink_block * stride_sb + (position % sink_block_tokens) * stride_st + head_offset
-        tl.store(sink_ptr + c, key)
-        tl.store(sink_ptr + stride_skv + c, value)
+        tl.store(sink_ptr + c, key, mask=real)
+        tl.store(sink_ptr + stride_skv + c, value, mask=real)
     slot = position % ring_slots
     ring_block = tl.load(stage_row_ptr + sink_blocks + slot // ring_tokens_per_block).to(tl.int64)
     ring_ptr = stage_ptr + ring_block * stride_sb + (slot % ring_tokens_per_block) * stride_st + head_offset
-    tl.store(ring_ptr + c, key)
-    tl.store(ring_ptr + stride_skv + c, value)
+    tl.store(ring_ptr + c, key, mask=real)
+    tl.store(ring_ptr + stride_skv + c, value, mask=real)
     if seq_len % PAGE_SIZE == 0:
         # The page is complete: its first PAGE_SIZE - 1 tokens are in the ring, the last one is this.
         first_pos = position - (PAGE_SIZE - 1)
@@ -75,12 +75,13 @@ def _store_decode_kernel(
         blocks = tl.load(stage_row_ptr + sink_blocks + slots // ring_tokens_per_block, mask=older, other=0)
         row = blocks.to(tl.int64) * stride_sb + (slots % ring_tokens_per_block) * stride_st + head_offset
         ring = stage_ptr + row[:, None] + c[None, :]
-        x = tl.where(older[:, None], tl.load(ring, mask=older[:, None], other=0.0), key[None, :])
-        y = tl.where(older[:, None], tl.load(ring + stride_skv, mask=older[:, None], other=0.0), value[None, :])
+        read = older[:, None] & real[None, :]
+        x = tl.where(older[:, None], tl.load(ring, mask=read, other=0.0), key[None, :])
+        y = tl.where(older[:, None], tl.load(ring + stride_skv, mask=read, other=0.0), value[None, :])
         page_block = tl.load(page_table_ptr + request * stride_page_table + first_pos // PAGE_SIZE)
         page_ptr = packed_ptr + page_block.to(tl.int64) * stride_pb + head.to(tl.int64) * stride_ph
         pack_page(x.to(tl.float32), y.to(tl.float32), first_pos, page_ptr, sink_tokens,
-                  PAGE_SIZE, HEAD_DIM, NUM_BOOST, BOOST_POLICY,
+                  PAGE_SIZE, HEAD_DIM, NUM_BOOST, PADDED_DIM, PADDED_BOOST, BOOST_POLICY,
                   KEY_LOW_OFFSET, KEY_HIGH_OFFSET, BOOST_INDEX_OFFSET, KEY_SCALE_OFFSET, KEY_MIN_OFFSET,
                   VALUE_CODES_OFFSET, VALUE_SCALE_OFFSET, VALUE_MIN_OFFSET)
 
@@ -117,6 +118,7 @@ def store_decode(key: torch.Tensor, value: torch.Tensor, seq_lens: torch.Tensor,
         page_table.stride(0), stage_table.stride(0),
         config.sink_tokens, stage_layout.block_tokens, stage_layout.sink_blocks, stage_layout.tokens_per_block,
         stage_layout.ring_slots, PAGE_SIZE=layout.page_size, HEAD_DIM=head_dim, NUM_BOOST=layout.num_boost,
+        **padded_sizes(layout),
         BOOST_POLICY=BOOST_POLICY_IDS[config.boost_policy],
         **section_offsets(layout), num_warps=8,
     )

@@ -1,4 +1,4 @@
-"""End-to-end oracle: a transformers model whose every attention layer reads a kitty KV cache.
+"""End-to-end oracle: a transformers model whose full-attention layers read a kitty KV cache.
 
 The model keeps transformers' ordinary ``DynamicCache`` (all past K after RoPE and V, full
 precision); a custom attention function, registered with ``AttentionInterface`` as
@@ -12,6 +12,12 @@ prompt must be fed in the chunks vLLM prefills it in (``chunk_size``) for the tw
 ``config=None`` means plain attention: the same path with a config whose first page never fills
 (page_size > sequence length, no sinks), which makes ``reference_attention`` exact causal attention.
 
+Sliding-window layers (Gemma 2/3, Mistral: transformers passes their ``sliding_window``) read their
+window in full precision, as kitty dtypes keep them in the model's dtype in vLLM
+(kitty_vllm.block_manager.mixed). Given ``max_model_len``, a window of at least that many tokens (Phi-3's)
+excludes nothing, and its layers attend as full-attention layers, as kitty serves a model whose every layer
+shares such a window (kitty_vllm.patches).
+
 Everything runs in float32 on the CPU, one sequence at a time.
 """
 
@@ -20,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import threading
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 
 import torch
@@ -40,14 +46,19 @@ def plain_config(num_tokens: int) -> KittyConfig:
 
 
 @contextlib.contextmanager
-def kitty_attention(config: KittyConfig | None) -> Iterator[None]:
-    """Within this block, ``"kitty_reference"`` attention uses ``config`` (None: plain attention)."""
-    previous = getattr(_state, "config", None)
-    _state.config = config
+def kitty_attention(config: KittyConfig | None, plain_layers: Collection[int] = (),
+                    max_model_len: int | None = None) -> Iterator[None]:
+    """Within this block, ``"kitty_reference"`` attention uses ``config`` (None: plain attention), except
+    in the layers numbered in ``plain_layers`` (those ``kv_cache_dtype_skip_layers`` names in vLLM),
+    which attend plainly, and in sliding-window layers, whose window is shorter than ``max_model_len``
+    tokens (None: every sliding-window layer), which attend plainly over their window."""
+    previous = (getattr(_state, "config", None), getattr(_state, "plain_layers", frozenset()),
+                getattr(_state, "max_model_len", None))
+    _state.config, _state.plain_layers, _state.max_model_len = config, frozenset(plain_layers), max_model_len
     try:
         yield
     finally:
-        _state.config = previous
+        _state.config, _state.plain_layers, _state.max_model_len = previous
 
 
 def kitty_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
@@ -61,11 +72,22 @@ def kitty_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: t
     ``kwargs`` (LlamaDecoderLayer forwards it); without it the queries are the last Tq positions.
     ``attention_mask`` is ignored: a name unknown to the mask interface gets ``None`` from
     ``create_causal_mask``, and the reference applies the causal mask itself, so sequences must not
-    be padded. Returns [B, Tq, Hq, D], the layout the attention modules reshape to hidden size.
+    be padded. A ``sliding_window`` in ``kwargs`` makes it plain sliding-window attention
+    (:func:`sliding_window_attention`), unless it spans max_model_len (:func:`kitty_attention`).
+    ``softcap`` (Gemma 2's attention logit soft-cap) and ``s_aux`` (gpt-oss's learned sinks, one logit per
+    query head) in ``kwargs`` apply to either. Returns [B, Tq, Hq, D], the layout the attention modules
+    reshape to hidden size.
     """
     if dropout:
         raise ValueError("kitty reference attention has no dropout (call model.eval())")
+    scale = scaling if scaling is not None else module.scaling
+    soft_cap, sinks = kwargs.get("softcap") or 0.0, kwargs.get("s_aux")
+    window, max_model_len = kwargs.get("sliding_window"), getattr(_state, "max_model_len", None)
+    if window is not None and (max_model_len is None or window < max_model_len):
+        return sliding_window_attention(query, key, value, window, scale, soft_cap, sinks), None
     config = getattr(_state, "config", None)
+    if getattr(module, "layer_idx", None) in getattr(_state, "plain_layers", ()):
+        config = None
     batch, _, num_queries, _ = query.shape
     num_keys = key.shape[2]
     if config is None:
@@ -80,10 +102,37 @@ def kitty_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: t
         if positions.numel() != num_queries or int(positions.max()) >= num_keys:
             raise ValueError(f"query positions {positions.tolist()} do not fit {num_keys} cached keys")
         out = reference_attention(query[b].transpose(0, 1), key[b].transpose(0, 1),
-                                  value[b].transpose(0, 1), config, query_positions=positions,
-                                  scale=scaling if scaling is not None else module.scaling)
+                                  value[b].transpose(0, 1), config, query_positions=positions, scale=scale,
+                                  soft_cap=soft_cap, sinks=sinks)
         outputs.append(out)
     return torch.stack(outputs).to(query.dtype), None
+
+
+def sliding_window_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, window: int,
+                             scale: float, soft_cap: float = 0.0, sinks: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal attention of each query over the ``window`` newest positions up to its own, in float32, with
+    logits soft-capped at ``soft_cap`` (0: not) and ``sinks`` [Hq] (an extra logit per query head that
+    takes probability and gives no value; None: none).
+
+    query [B, Hq, Tq, D] are the last Tq positions of the keys and values [B, Hkv, N, D]: transformers'
+    sliding-window cache layers keep only the newest positions, so positions count back from the last.
+    Returns [B, Tq, Hq, D].
+    """
+    num_queries, num_keys = query.shape[2], key.shape[2]
+    group = query.shape[1] // key.shape[1]
+    keys, values = (t.float().repeat_interleave(group, dim=1) for t in (key, value))
+    logits = query.float() @ keys.transpose(-1, -2) * scale                          # [B, Hq, Tq, N]
+    if soft_cap:
+        logits = soft_cap * torch.tanh(logits / soft_cap)
+    query_positions = torch.arange(num_keys - num_queries, num_keys)[:, None]
+    key_positions = torch.arange(num_keys)[None, :]
+    visible = (key_positions <= query_positions) & (key_positions > query_positions - window)
+    logits = logits.masked_fill(~visible, float("-inf"))
+    if sinks is not None:
+        sink = sinks.float().reshape(1, -1, 1, 1).expand(*logits.shape[:3], 1)
+        logits = torch.cat([logits, sink], dim=-1)
+    weights = torch.softmax(logits, dim=-1)[..., :num_keys]
+    return (weights @ values).transpose(1, 2).to(query.dtype)
 
 
 def _register() -> None:
@@ -139,20 +188,21 @@ def kitty_logits(model_dir: str | Path, token_ids: list[int], config: KittyConfi
 @torch.no_grad()
 def kitty_greedy(model_dir: str | Path, prompts: list[list[int]], max_new_tokens: int,
                  config: KittyConfig | None, *, chunk_size: int | None = None,
-                 return_logits: bool = False, dtype: torch.dtype = torch.float32):
+                 return_logits: bool = False, dtype: torch.dtype = torch.float32,
+                 plain_layers: Collection[int] = (), max_model_len: int | None = None):
     """Greedy continuations of ``prompts`` (token ids, used as given: no BOS is added) under ``config``.
 
     Each prompt is prefilled in one step (``chunk_size=k``: in steps of ``k`` tokens), then decoded one
     token at a time. Exactly ``max_new_tokens`` tokens are produced per prompt: EOS does not stop
     generation (compare with vLLM's ``SamplingParams(ignore_eos=True)``). With ``return_logits=True``
     returns ``(tokens, logits)`` where ``logits[i]`` is float32 [max_new_tokens, V], the distribution
-    each new token was chosen from.
+    each new token was chosen from. ``plain_layers``, ``max_model_len``: as in :func:`kitty_attention`.
     """
     from transformers import DynamicCache
 
     model = load_model(model_dir, dtype=dtype)
     results, all_logits = [], []
-    with kitty_attention(config):
+    with kitty_attention(config, plain_layers, max_model_len):
         for prompt in prompts:
             if not prompt:
                 raise ValueError("empty prompt")

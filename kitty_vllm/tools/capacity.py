@@ -1,0 +1,170 @@
+"""KV-cache bytes per request of real models' layer mixes, with ``auto`` (bf16) and a kitty dtype, as
+vLLM 0.32 sizes them on a GPU: the table of docs/models.md.
+
+    python -m kitty_vllm.tools.capacity [--tokens 32768] [--preset kitty2]
+
+Each model is its shape only (layer kinds, KV heads, head size, window, recurrent state), from its
+published config.json. What a request of ``--tokens`` tokens holds, in blocks of the pool's one page:
+
+* ``auto``: full-attention layers every token, sliding-window layers the window plus one step's tokens
+  (``--step-tokens``, vLLM's admission bound) and a block, in 16-token blocks (FlashAttention's kernel
+  block); a model with Mamba or linear-attention layers grows its attention blocks until their page
+  covers one layer's recurrent state, which is padded to that page (vLLM's
+  ``Platform._align_hybrid_block_size``), one state block per such layer.
+* the kitty dtype: full-attention layers in kitty pages (a 128-token page per KV head) plus their
+  staging blocks (kitty_vllm.layout.StageLayout); sliding-window layers in bf16; every block padded to
+  one shared page, at least a kitty page, a 16-token bf16 block and the recurrent state, chosen as
+  kitty_vllm.block_manager.mixed chooses it (vLLM pads Mamba pages itself).
+
+The capacity ratio is ``auto``'s bytes over the kitty dtype's: how many more requests of that length
+fit in the same memory. vLLM's padding of layer groups to equal sizes (a few percent at most for these
+mixes) is left out of both.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+from kitty_vllm.block_manager.mixed import MAX_PAGE_GROWTH
+from kitty_vllm.config import KittyConfig
+from kitty_vllm.layout import page_layout, stage_layout
+
+BF16_BYTES = 2
+KERNEL_BLOCK = 16      # FlashAttention's (and Triton's) smallest kernel block, in tokens
+STEP_TOKENS = 8192     # vLLM's default max_num_batched_tokens for vllm serve on a GPU
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The KV-cache shape of one model. ``state_bytes``: one Mamba / linear-attention layer's
+    recurrent state per request (convolution and SSM state, bf16). ``note``: what the layer mix alone
+    decides (which features a model needs from kitty's kernels is docs/models.md's first table)."""
+
+    model: str
+    family: str
+    full: int
+    kv_heads: int
+    head_dim: int
+    sliding: int = 0
+    window: int = 0
+    state_layers: int = 0
+    state_bytes: int = 0
+    note: str = ""
+
+    @property
+    def layers(self) -> str:
+        kinds = [f"{self.full} full"]
+        if self.sliding:
+            kinds.append(f"{self.sliding} sliding ({self.window})")
+        if self.state_layers:
+            kinds.append(f"{self.state_layers} linear")
+        return " + ".join(kinds) + f"; {self.kv_heads} KV heads x {self.head_dim}"
+
+
+def gated_delta_net_state(key_heads: int, value_heads: int, key_dim: int, value_dim: int, conv_kernel: int) -> int:
+    """Bytes of one Gated DeltaNet layer's state per request: [value_heads, key_dim, value_dim] plus the
+    convolution's last ``conv_kernel - 1`` inputs of the q, k and v channels, bf16."""
+    conv_channels = 2 * key_heads * key_dim + value_heads * value_dim
+    return (value_heads * key_dim * value_dim + (conv_kernel - 1) * conv_channels) * BF16_BYTES
+
+
+# Shapes from the models' config.json files.
+MODELS = (
+    ModelShape("Llama-3.1-8B", "Llama 3", full=32, kv_heads=8, head_dim=128),
+    ModelShape("Gemma-3-4B", "Gemma 3", full=5, sliding=29, window=1024, kv_heads=4, head_dim=256),
+    ModelShape("Gemma-3-12B", "Gemma 3", full=8, sliding=40, window=1024, kv_heads=8, head_dim=256),
+    ModelShape("Gemma-3-27B", "Gemma 3", full=10, sliding=52, window=1024, kv_heads=16, head_dim=128),
+    ModelShape("Gemma-2-9B", "Gemma 2", full=21, sliding=21, window=4096, kv_heads=8, head_dim=256),
+    ModelShape("Mistral-7B-v0.1", "Mistral", full=0, sliding=32, window=4096, kv_heads=8, head_dim=128,
+               note="served as auto serves it (a warning says so)"),
+    ModelShape("Mistral-7B-v0.3", "Mistral", full=32, kv_heads=8, head_dim=128),
+    ModelShape("gpt-oss-20b", "gpt-oss", full=12, sliding=12, window=128, kv_heads=8, head_dim=64),
+    ModelShape("Qwen3-Next-80B-A3B", "Qwen3-Next", full=12, kv_heads=2, head_dim=256, state_layers=36,
+               state_bytes=gated_delta_net_state(16, 32, 128, 128, 4),
+               note="every block padded to the state page"),
+    ModelShape("Phi-3-mini-128k", "Phi-3", full=32, kv_heads=32, head_dim=96,
+               note="its 262144-token window spans the context: full attention"),
+)
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _sliding_blocks(shape: ModelShape, block: int, tokens: int, step_tokens: int) -> int:
+    return _cdiv(min(shape.window - 1 + step_tokens, tokens), block) + 1
+
+
+def auto_bytes(shape: ModelShape, tokens: int, step_tokens: int = STEP_TOKENS) -> int:
+    """KV-cache bytes one request of ``tokens`` tokens holds with ``--kv-cache-dtype auto`` (bf16)."""
+    token_bytes = 2 * shape.kv_heads * shape.head_dim * BF16_BYTES
+    block = KERNEL_BLOCK * _cdiv(shape.state_bytes, KERNEL_BLOCK * token_bytes) if shape.state_bytes else KERNEL_BLOCK
+    blocks = shape.full * _cdiv(tokens, block) + shape.state_layers
+    if shape.sliding:
+        blocks += shape.sliding * _sliding_blocks(shape, block, tokens, step_tokens)
+    return blocks * block * token_bytes
+
+
+def shared_pages(shape: ModelShape, config: KittyConfig) -> list[int]:
+    """The pages kitty_vllm.block_manager.mixed tries for the pool: the smallest that holds a kitty
+    page, a KERNEL_BLOCK-token bf16 block of a sliding-window layer and the recurrent state (padded by
+    vLLM to its uint8 attention block), and whole sliding-window blocks up to MAX_PAGE_GROWTH x that."""
+    pages = [shape.kv_heads * page_layout(config, shape.head_dim).page_bytes]
+    sliding_block = KERNEL_BLOCK * 2 * shape.kv_heads * shape.head_dim * BF16_BYTES
+    if shape.sliding:
+        pages.append(sliding_block)
+    if shape.state_bytes:
+        uint8_token = 2 * shape.kv_heads * shape.head_dim
+        pages.append(KERNEL_BLOCK * _cdiv(shape.state_bytes, KERNEL_BLOCK * uint8_token) * uint8_token)
+    smallest = max(pages)
+    larger = range(_cdiv(smallest + 1, sliding_block) * sliding_block, MAX_PAGE_GROWTH * smallest + 1, sliding_block)
+    return [smallest, *(larger if shape.sliding else ())]
+
+
+def kitty_bytes(shape: ModelShape, config: KittyConfig, tokens: int, step_tokens: int = STEP_TOKENS) -> int:
+    """KV-cache bytes one request of ``tokens`` tokens holds with the kitty dtype ``config``, in the
+    shared page that makes it smallest."""
+    staging = stage_layout(config, shape.head_dim, shape.kv_heads, BF16_BYTES).blocks_needed(tokens)
+    token_bytes = 2 * shape.kv_heads * shape.head_dim * BF16_BYTES
+
+    def at(page: int) -> int:
+        blocks = shape.full * (_cdiv(tokens, config.page_size) + staging) + shape.state_layers
+        if shape.sliding:
+            block = max(KERNEL_BLOCK, page // token_bytes // KERNEL_BLOCK * KERNEL_BLOCK)
+            blocks += shape.sliding * _sliding_blocks(shape, block, tokens, step_tokens)
+        return blocks * page
+
+    return min(at(page) for page in shared_pages(shape, config))
+
+
+def table(preset: str = "kitty2", tokens: int = 32768, step_tokens: int = STEP_TOKENS) -> str:
+    """docs/models.md's table, in Markdown."""
+    config = KittyConfig.from_preset(preset)
+    rows = [f"| model | family | attention layers | {preset} stores | MiB per request, auto | MiB per request, "
+            f"{preset} | capacity vs auto | note |",
+            "|---|---|---|---|---|---|---|---|"]
+    for shape in MODELS:
+        stores = ["full layers in kitty pages" if shape.full else "nothing in kitty pages"]
+        if shape.sliding:
+            stores.append("sliding in bf16")
+        if shape.state_layers:
+            stores.append("linear-attention state untouched")
+        auto = auto_bytes(shape, tokens, step_tokens)
+        kitty = kitty_bytes(shape, config, tokens, step_tokens) if shape.full else auto
+        rows.append(f"| {shape.model} | {shape.family} | {shape.layers} | {', '.join(stores)} | {auto / 2**20:,.0f} | "
+                    f"{kitty / 2**20:,.0f} | {auto / kitty:.2f}x | {shape.note} |")
+    return "\n".join(rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", default="kitty2")
+    parser.add_argument("--tokens", type=int, default=32768, help="tokens per request")
+    parser.add_argument("--step-tokens", type=int, default=STEP_TOKENS, help="vLLM's max_num_batched_tokens")
+    args = parser.parse_args()
+    print(table(args.preset, args.tokens, args.step_tokens))
+
+
+if __name__ == "__main__":
+    main()
