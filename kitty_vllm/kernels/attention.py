@@ -93,8 +93,10 @@ PROGRAMS_PER_SM = 2
 MAX_SPLITS = 64
 # Splits that the merge reads at a time (a power of two: fewer splits compile a smaller variant).
 MERGE_SPLIT_ROWS = 32
-# log2(e) inside the kernels, which take softmax inputs in log2 units.
+# log2(e) inside the kernels, which take softmax inputs in log2 units, and the exponent factor of
+# _soft_cap's tanh.
 KERNEL_LOG2E = tl.constexpr(LOG2E)
+TANH_EXP2 = tl.constexpr(-2.0 * LOG2E)
 
 
 @triton.jit
@@ -250,7 +252,7 @@ def _soft_cap(scores, cap):
     on natural-log scores is the same curve at c * log2(e). tanh from exp2 of ``-2 |x|``, which cannot
     overflow, so it runs the same in Triton's interpreter and on a GPU."""
     x = scores / cap
-    decay = tl.exp2(-2.0 * KERNEL_LOG2E * tl.abs(x))
+    decay = tl.exp2(tl.abs(x) * TANH_EXP2)
     magnitude = (1.0 - decay) / (1.0 + decay)
     return cap * tl.where(x < 0, -magnitude, magnitude)
 
