@@ -17,6 +17,7 @@ The perplexity part of the CPU version is tests/test_smollm2_perplexity.py.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 
@@ -182,7 +183,7 @@ def test_scores_and_their_intervals():
     assert (score.n, score.score) == (4, 0.75)
     assert score.ci95 == pytest.approx(1.96 * (0.75 * 0.25 / 3) ** 0.5)
     ppl = perplexity([1.0, 1.2])
-    assert ppl.score == pytest.approx(2.718281828 ** 1.1)
+    assert ppl.score == pytest.approx(2.718281828 ** 1.1) and ppl.window_nlls == (1.0, 1.2)
     assert ppl.ci95 == pytest.approx(1.96 * ppl.score * 0.1)   # stdev 0.2 / sqrt(2), over sqrt(2) windows
     assert perplexity([1.0]).ci95 is None
 
@@ -271,9 +272,27 @@ def test_skip_specs_label_their_rows_and_reach_vllm():
     assert EngineArgs(model="m", **kwargs).kv_cache_dtype_skip_layers == ["0", "1"]
 
 
+def test_kitty_skip_specs_keep_their_layers_through_the_perplexity_engine(monkeypatch):
+    """``kitty2:skip=0,1``: kitty2's preset with layers 0 and 1 in the model's dtype (kitty honours
+    vLLM's kv_cache_dtype_skip_layers), in the exact_prefill engine of perplexity too."""
+    from kitty_vllm.config import KittyConfig
+    from kitty_vllm.tools.eval import CacheSpec, engine_runs, parse_args
+
+    monkeypatch.delenv("KITTY_CONFIG", raising=False)
+    spec = CacheSpec.parse("kitty2:skip=1,0")
+    assert spec == CacheSpec("kitty2", skip_layers=(0, 1)) and spec.label == "kitty2 (layers 0,1 unquantized)"
+    assert CacheSpec.parse("kitty2-lite:skip=0").label == "kitty2-lite (layer 0 unquantized)"
+    assert spec.kitty_config() == KittyConfig.from_preset("kitty2")
+    [(exact, tasks)] = engine_runs(spec, ("perplexity",))
+    assert exact.exact_prefill and exact.label == spec.label and tasks == ("perplexity",)
+    assert exact.llm_kwargs() == {"kv_cache_dtype": "kitty2", "kv_cache_dtype_skip_layers": ["0", "1"]}
+    assert parse_args(["--model", "smollm2", "--kv-cache-dtypes", "kitty2:skip=0"]).specs == [
+        CacheSpec("kitty2", skip_layers=(0,))]
+
+
 @pytest.mark.parametrize("text, message", [
-    ("kitty2:skip=0", "kitty cache"),
     ("auto:skip=0", "unquantized already"),
+    ("kitty2:skip=a", "comma-separated layer indices"),
     ("fp8:skip=", "comma-separated layer indices"),
     ("fp8:skip=0-1", "comma-separated layer indices"),
 ])
@@ -313,7 +332,7 @@ def test_needle_prompts_fill_the_context_and_hold_the_pass_key():
 
 @pytest.mark.parametrize("argv, message", [
     (["--kv-cache-dtypes", "fp8:boost-random"], "kitty dtypes only"),
-    (["--kv-cache-dtypes", "kitty2:skip=0"], "kitty cache"),
+    (["--reference", "--tasks", "perplexity", "--kv-cache-dtypes", "kitty2:skip=0"], "quantizes every layer"),
     (["--reference"], "perplexity only"),
     (["--reference", "--tasks", "perplexity", "--dtype", "bfloat16"], "float32"),
     (["--tasks", "needle", "--ablations"], "add gsm8k"),
@@ -336,3 +355,41 @@ def test_command_line_refuses_an_inherited_kitty_config(monkeypatch, capsys):
     with pytest.raises(SystemExit):
         parse_args(["--model", "smollm2"])
     assert "pass DTYPE:FILE.yaml instead" in capsys.readouterr().err
+
+
+def test_study_pairs_windows_with_auto_and_counts_skipped_layers_in_bf16():
+    """kitty_vllm.tools.study: per-window differences against auto, a bootstrap interval that holds
+    their mean, and a skipped layer at 16 bits that costs capacity."""
+    from kitty_vllm.tools.eval import CacheSpec, Record
+    from kitty_vllm.tools.study import study
+
+    records = [vars(Record("m", "perplexity-2k", "auto", 3, 10.0, None, (2.0, 2.5, 3.0))),
+               vars(Record("m", "perplexity-2k", "kitty2", 3, 11.0, None, (2.1, 2.5, 3.2))),
+               vars(Record("m", "perplexity-2k", "kitty2 (layer 0 unquantized)", 3, 10.5, None, (2.0, 2.6, 3.0)))]
+    specs = [CacheSpec.parse(text) for text in ("auto", "kitty2", "kitty2:skip=0")]
+    auto, kitty2, skip = study(records, specs, (4624,), resamples=200)["rows"]
+    assert auto["perplexity_change"] == 0 and auto["perplexity_change_ci95"] == [0, 0]
+    assert kitty2["window_nll_differences"] == pytest.approx([0.1, 0.0, 0.2])
+    low, high = kitty2["perplexity_change_ci95"]
+    assert kitty2["perplexity_change"] == pytest.approx(math.expm1(0.1))
+    assert 0 <= low <= kitty2["perplexity_change"] <= high <= math.expm1(max(kitty2["window_nll_differences"]))
+    assert kitty2["windows_worse"] == 2 and "against" not in kitty2
+    assert skip["against"]["kv_cache_dtype"] == "kitty2"
+    assert skip["against"]["window_nll_differences"] == pytest.approx([-0.1, 0.1, -0.2])
+    for model, figures in kitty2["models"].items():
+        with_skip = skip["models"][model]
+        assert figures["bits_per_element"] < with_skip["bits_per_element"] < 16
+        assert 1 < with_skip["capacity_vs_auto"]["4624"] < figures["capacity_vs_auto"]["4624"]
+    with pytest.raises(ValueError, match="window_nlls"):
+        study(records[:2], [CacheSpec.parse("kitty2:skip=0,1")], (4624,))
+
+
+def test_docs_lever_tables_are_the_study_json():
+    """docs/accuracy.md shows the first-layers lever's tables as kitty_vllm.tools.study prints its JSON."""
+    from pathlib import Path
+
+    from kitty_vllm.tools.study import markdown_table
+
+    root = Path(__file__).parents[1]
+    result = json.loads((root / "benchmarks/results/lever-first-layers-2026-12-07/study.json").read_text())
+    assert markdown_table(result) in (root / "docs" / "accuracy.md").read_text()

@@ -12,9 +12,11 @@ published config.json. What a request of ``--tokens`` tokens holds, in blocks of
   covers one layer's recurrent state, which is padded to that page (vLLM's
   ``Platform._align_hybrid_block_size``), one state block per such layer.
 * the kitty dtype: full-attention layers in kitty pages (a 128-token page per KV head) plus their
-  staging blocks (kitty_vllm.layout.StageLayout); sliding-window layers in bf16; every block padded to
-  one shared page, at least a kitty page, a 16-token bf16 block and the recurrent state, chosen as
-  kitty_vllm.block_manager.mixed chooses it (vLLM pads Mamba pages itself).
+  staging blocks (kitty_vllm.layout.StageLayout); sliding-window layers, and the full-attention layers
+  that ``kv_cache_dtype_skip_layers`` names (``skipped``), in bf16, every token in the blocks of most
+  tokens that fit the shared page; every block padded to one shared page, at least a kitty page, a
+  16-token bf16 block and the recurrent state, chosen as kitty_vllm.block_manager.mixed chooses it
+  (vLLM pads Mamba pages itself).
 
 The capacity ratio is ``auto``'s bytes over the kitty dtype's: how many more requests of that length
 fit in the same memory. vLLM's padding of layer groups to equal sizes (a few percent at most for these
@@ -86,6 +88,11 @@ MODELS = (
     ModelShape("Phi-3-mini-128k", "Phi-3", full=32, kv_heads=32, head_dim=96,
                note="its 262144-token window spans the context: full attention"),
 )
+# The models of the accuracy evaluation (kitty_vllm.tools.assets), for the studies of docs/accuracy.md.
+EVAL_MODELS = (
+    ModelShape("SmolLM2-135M", "Llama", full=30, kv_heads=3, head_dim=64),
+    ModelShape("Qwen2.5-Coder-1.5B", "Qwen2.5", full=28, kv_heads=2, head_dim=128),
+)
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -106,36 +113,41 @@ def auto_bytes(shape: ModelShape, tokens: int, step_tokens: int = STEP_TOKENS) -
     return blocks * block * token_bytes
 
 
-def shared_pages(shape: ModelShape, config: KittyConfig) -> list[int]:
+def shared_pages(shape: ModelShape, config: KittyConfig, skipped: int = 0) -> list[int]:
     """The pages kitty_vllm.block_manager.mixed tries for the pool: the smallest that holds a kitty
-    page, a KERNEL_BLOCK-token bf16 block of a sliding-window layer and the recurrent state (padded by
-    vLLM to its uint8 attention block), and whole sliding-window blocks up to MAX_PAGE_GROWTH x that."""
+    page, a KERNEL_BLOCK-token bf16 block of a layer in bf16 (sliding-window or ``skipped``) and the
+    recurrent state (padded by vLLM to its uint8 attention block), and whole bf16 blocks up to
+    MAX_PAGE_GROWTH x that."""
     pages = [shape.kv_heads * page_layout(config, shape.head_dim).page_bytes]
     sliding_block = KERNEL_BLOCK * 2 * shape.kv_heads * shape.head_dim * BF16_BYTES
-    if shape.sliding:
+    bf16_layers = bool(shape.sliding or skipped)
+    if bf16_layers:
         pages.append(sliding_block)
     if shape.state_bytes:
         uint8_token = 2 * shape.kv_heads * shape.head_dim
         pages.append(KERNEL_BLOCK * _cdiv(shape.state_bytes, KERNEL_BLOCK * uint8_token) * uint8_token)
     smallest = max(pages)
     larger = range(_cdiv(smallest + 1, sliding_block) * sliding_block, MAX_PAGE_GROWTH * smallest + 1, sliding_block)
-    return [smallest, *(larger if shape.sliding else ())]
+    return [smallest, *(larger if bf16_layers else ())]
 
 
-def kitty_bytes(shape: ModelShape, config: KittyConfig, tokens: int, step_tokens: int = STEP_TOKENS) -> int:
-    """KV-cache bytes one request of ``tokens`` tokens holds with the kitty dtype ``config``, in the
-    shared page that makes it smallest."""
+def kitty_bytes(shape: ModelShape, config: KittyConfig, tokens: int, step_tokens: int = STEP_TOKENS,
+                skipped: int = 0) -> int:
+    """KV-cache bytes one request of ``tokens`` tokens holds with the kitty dtype ``config`` and
+    ``skipped`` of the full-attention layers in bf16 (``kv_cache_dtype_skip_layers``), in the shared
+    page that makes it smallest."""
     staging = stage_layout(config, shape.head_dim, shape.kv_heads, BF16_BYTES).blocks_needed(tokens)
     token_bytes = 2 * shape.kv_heads * shape.head_dim * BF16_BYTES
 
     def at(page: int) -> int:
-        blocks = shape.full * (_cdiv(tokens, config.page_size) + staging) + shape.state_layers
+        block = max(KERNEL_BLOCK, page // token_bytes // KERNEL_BLOCK * KERNEL_BLOCK)
+        blocks = (shape.full - skipped) * (_cdiv(tokens, config.page_size) + staging) + shape.state_layers
+        blocks += skipped * _cdiv(tokens, block)
         if shape.sliding:
-            block = max(KERNEL_BLOCK, page // token_bytes // KERNEL_BLOCK * KERNEL_BLOCK)
             blocks += shape.sliding * _sliding_blocks(shape, block, tokens, step_tokens)
         return blocks * page
 
-    return min(at(page) for page in shared_pages(shape, config))
+    return min(at(page) for page in shared_pages(shape, config, skipped))
 
 
 def table(preset: str = "kitty2", tokens: int = 32768, step_tokens: int = STEP_TOKENS) -> str:

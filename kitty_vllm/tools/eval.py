@@ -27,12 +27,13 @@ GSM8K and needle run each dtype as users get it (its config as it stands: the pr
 
 ``DTYPE:FILE.yaml`` runs ``DTYPE`` with ``KITTY_CONFIG=FILE.yaml`` (kitty_vllm.config), labelled
 ``DTYPE:FILE``; plain kitty dtypes run their preset (an inherited KITTY_CONFIG is refused, since it
-would silently change every kitty dtype). ``DTYPE:skip=LAYERS`` runs one of vLLM's quantized dtypes with
-the comma-separated ``LAYERS`` (indices from 0) left unquantized, in the model's dtype (vLLM's
-``kv_cache_dtype_skip_layers``), labelled e.g. ``fp8 (layer 0 unquantized)``; vLLM cannot do this
-for the kitty dtypes. ``--ablations`` adds the GSM8K ablations of the boost: policy
-(magnitude = kitty2, variance, random; 25% of channels) and ratio (0 = kivi2, 12.5% = kitty2-lite,
-25% = kitty2, 50%), from kitty_vllm/tools/ablations/.
+would silently change every kitty dtype). ``DTYPE:skip=LAYERS`` runs a quantized dtype (vLLM's or a
+kitty preset) with the comma-separated ``LAYERS`` (indices from 0) left unquantized, in the model's
+dtype (vLLM's ``kv_cache_dtype_skip_layers``; a kitty dtype keeps them beside its pages, sharing the
+block pool: kitty_vllm.block_manager.mixed), labelled e.g. ``fp8 (layer 0 unquantized)``.
+``--ablations`` adds the GSM8K ablations of the boost: policy (magnitude = kitty2, variance, random;
+25% of channels) and ratio (0 = kivi2, 12.5% = kitty2-lite, 25% = kitty2, 50%), from
+kitty_vllm/tools/ablations/.
 
 ``--reference`` scores perplexity with the float32 decode-time simulation instead of vLLM: the
 model in transformers with every attention layer reading the cache through kitty_vllm.reference with
@@ -41,7 +42,9 @@ it with a vLLM run in ``--dtype float32``.
 
 Results merge into ``--json`` (default ``<--results-dir>/accuracy-<gpu>-<yyyy-mm-dd>.json``, the directory
 ``benchmarks/results`` of the working directory unless given) as
-records ``{"model", "task", "kv_cache_dtype", "n", "score", "ci95"}`` (a new record replaces one with
+records ``{"model", "task", "kv_cache_dtype", "n", "score", "ci95", "window_nlls"}`` (``window_nlls``:
+perplexity's mean negative log-likelihood of each window, in order, for paired comparisons between
+dtypes; None for the other tasks; a new record replaces one with
 the same model, task and dtype), written after every dtype with the file's markdown table beside it
 (``.md``, also printed at the end). ``ci95`` is the half-width of a 95% interval: 1.96 standard
 errors of the mean over problems, trials or windows (perplexity: over windows' mean log-likelihood,
@@ -87,6 +90,7 @@ class Score:
     n: int
     score: float
     ci95: float | None
+    window_nlls: tuple[float, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -97,6 +101,7 @@ class Record:
     n: int
     score: float
     ci95: float | None
+    window_nlls: tuple[float, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -149,13 +154,10 @@ class CacheSpec:
 
 
 def _skip_layers(text: str, dtype: str, layers: str) -> tuple[int, ...]:
-    """The sorted layer indices of ``DTYPE:skip=LAYERS``."""
-    if dtype in PRESETS:
-        # Measured on vLLM 0.26: the plain pages of the skipped layers and kitty's packed pages do not
-        # fit one block pool (unify_kv_cache_spec_page_size raises NotImplementedError).
-        raise ValueError(f"{text}: vLLM cannot leave layers of a kitty cache unquantized")
+    """The sorted layer indices of ``DTYPE:skip=LAYERS``, for vLLM's quantized dtypes and the kitty
+    dtypes alike."""
     if dtype == "auto":
-        raise ValueError(f"{text}: auto is unquantized already; skip= applies to vLLM's quantized dtypes")
+        raise ValueError(f"{text}: auto is unquantized already; skip= applies to the quantized dtypes")
     if not re.fullmatch(r"\d+(,\d+)*", layers):
         raise ValueError(f"{text}: {SKIP_PREFIX}LAYERS takes comma-separated layer indices, e.g. {dtype}:skip=0,1")
     return tuple(sorted({int(i) for i in layers.split(",")}))
@@ -177,7 +179,7 @@ def perplexity(window_nlls: Sequence[float]) -> Score:
     mean = statistics.fmean(window_nlls)
     ppl = math.exp(mean)
     ci = Z95 * ppl * statistics.stdev(window_nlls) / math.sqrt(n) if n > 1 else None
-    return Score(n, ppl, ci)
+    return Score(n, ppl, ci, tuple(window_nlls))
 
 
 # ------------------------------------------------------------------------------------------ tasks
@@ -441,7 +443,7 @@ def evaluate(args: argparse.Namespace) -> list[dict[str, Any]]:
                 results = run_tasks(llm, tasks, problems, windows, trials, ppl_task)
             start = time.perf_counter()
             for task, score in results:
-                new.append(Record(label, task, spec.label, score.n, score.score, score.ci95))
+                new.append(Record(label, task, spec.label, score.n, score.score, score.ci95, score.window_nlls))
                 logger.info("[%s] %s: %.4g ± %s (n=%d, %.0f s)", spec.label, task, score.score,
                             "-" if score.ci95 is None else f"{score.ci95:.2g}", score.n, time.perf_counter() - start)
                 start = time.perf_counter()
@@ -473,7 +475,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model", required=True, choices=sorted(assets.MODELS))
     parser.add_argument("--kv-cache-dtypes", nargs="+", default=list(KV_CACHE_DTYPES), metavar="DTYPE[:CONFIG]",
                         help="CONFIG: a kitty config (FILE.yaml or an ablation's name) or skip=LAYERS "
-                             "(vLLM's dtypes: these layers unquantized, e.g. fp8:skip=0)")
+                             "(these layers unquantized, e.g. fp8:skip=0, kitty2:skip=0,1)")
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
     parser.add_argument("--ablations", action="store_true", help="add the GSM8K boost ablations")
     parser.add_argument("--limit", type=int, default=None, help="first N GSM8K problems (default: all 1,319)")
@@ -512,6 +514,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.specs = [CacheSpec.parse(d) for d in args.kv_cache_dtypes]
     except ValueError as e:   # KittyConfigError included
         parser.error(str(e))
+    if args.reference and any(spec.skip_layers for spec in args.specs):
+        parser.error("--reference: the float32 simulation quantizes every layer; it cannot run skip=LAYERS")
     if args.ablations and "gsm8k" not in args.tasks:
         parser.error("--ablations are GSM8K runs: add gsm8k to --tasks")
     if args.limit is not None and args.limit < 1:

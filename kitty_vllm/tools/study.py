@@ -1,0 +1,150 @@
+"""One lever of the accuracy study (issue 30) against ``auto``: decode-time perplexity as a paired
+difference, bits per element and capacity, from the records of a ``kitty_vllm.tools.eval`` run.
+
+    python -m kitty_vllm.tools.study --eval-json RUN.json --kv-cache-dtypes auto kitty2 kitty2:skip=0 \\
+        --json STUDY.json [--tokens 4624 32768]
+
+``--kv-cache-dtypes`` are the eval's own (``DTYPE``, ``DTYPE:skip=LAYERS``, ``DTYPE:FILE.yaml``); each
+must have a perplexity record with its windows' log-likelihoods (``window_nlls``) in ``--eval-json``.
+For each, against ``auto`` on the same windows:
+
+* the per-window differences of mean negative log-likelihood per token (positive: worse than ``auto``),
+  their mean, and the perplexity change ``exp(mean) - 1`` with a 95% paired-bootstrap interval
+  (windows resampled with replacement, ``--resamples`` times, fixed seed); the same against the plain
+  dtype (``kitty2`` for ``kitty2:skip=0``) where that is in the run too, the lever's own effect;
+* for each model of ``kitty_vllm.tools.capacity.EVAL_MODELS``: bits per K or V element averaged over
+  the layers (a skipped layer at bf16's 16 bits, the others at the kitty page's bits, metadata included)
+  and the capacity against ``auto`` at each of ``--tokens`` tokens per request, computed from the layouts
+  for bf16 on a GPU as kitty_vllm.tools.capacity does: how many times ``auto``'s maximum concurrency
+  vLLM reports. Skipped layers are taken to be full-attention layers, as in these models.
+
+Writes ``--json`` and the markdown table beside it (``.md``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import statistics
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from kitty_vllm.layout import page_layout
+from kitty_vllm.tools.capacity import EVAL_MODELS, ModelShape, auto_bytes, kitty_bytes
+from kitty_vllm.tools.eval import CacheSpec
+
+BF16_BITS = 16
+RESAMPLES = 10_000
+TOKENS = (4624, 32768)
+
+
+def paired_difference(nlls: Sequence[float], base_nlls: Sequence[float], resamples: int = RESAMPLES,
+                      seed: int = 0) -> dict[str, Any]:
+    """Per-window differences ``nlls - base_nlls``, their mean, the perplexity change with the 2.5th and
+    97.5th percentiles of the bootstrap means (windows resampled with replacement), and how many windows
+    are worse than the base."""
+    if len(nlls) != len(base_nlls):
+        raise ValueError(f"{len(nlls)} windows against {len(base_nlls)}: not the same windows")
+    diffs = [a - b for a, b in zip(nlls, base_nlls, strict=True)]
+    rng = random.Random(seed)
+    means = sorted(statistics.fmean(rng.choices(diffs, k=len(diffs))) for _ in range(resamples))
+    low, high = means[int(0.025 * resamples)], means[math.ceil(0.975 * resamples) - 1]
+    mean = statistics.fmean(diffs)
+    return {"window_nll_differences": diffs, "mean_nll_difference": mean,
+            "perplexity_change": math.expm1(mean), "perplexity_change_ci95": [math.expm1(low), math.expm1(high)],
+            "windows_worse": sum(d > 0 for d in diffs)}
+
+
+def cache_figures(spec: CacheSpec, shape: ModelShape, tokens: Sequence[int]) -> dict[str, Any]:
+    """Bits per element averaged over ``shape``'s layers and capacity against ``auto`` at ``tokens``."""
+    config = spec.kitty_config()
+    if config is None:
+        if spec.kv_cache_dtype != "auto":
+            raise ValueError(f"{spec.label}: capacity is computed for auto and the kitty dtypes only")
+        return {"bits_per_element": float(BF16_BITS), "capacity_vs_auto": {str(n): 1.0 for n in tokens}}
+    skipped = len(spec.skip_layers)
+    page_bits = page_layout(config, shape.head_dim).effective_bits
+    bits = ((shape.full - skipped) * page_bits + skipped * BF16_BITS) / shape.full
+    return {"bits_per_element": bits, "capacity_vs_auto": {
+        str(n): auto_bytes(shape, n) / kitty_bytes(shape, config, n, skipped=skipped) for n in tokens}}
+
+
+def study(records: Sequence[dict[str, Any]], specs: Sequence[CacheSpec], tokens: Sequence[int],
+          resamples: int = RESAMPLES) -> dict[str, Any]:
+    """The study's rows, one per spec, from the eval's perplexity records (one model, one task)."""
+    found = {r["kv_cache_dtype"]: r for r in records if r["task"].startswith("perplexity")}
+    missing = [s.label for s in specs if s.label not in found or not found[s.label].get("window_nlls")]
+    if missing or "auto" not in found:
+        raise ValueError(f"no perplexity record with window_nlls for {missing or ['auto']}")
+    auto = found["auto"]
+    rows = []
+    for spec in specs:
+        record = found[spec.label]
+        row = {"kv_cache_dtype": spec.label, "perplexity": record["score"], "windows": record["n"],
+               **paired_difference(record["window_nlls"], auto["window_nlls"], resamples)}
+        plain = found.get(spec.kv_cache_dtype)
+        if plain is not None and plain is not record:
+            row["against"] = {"kv_cache_dtype": spec.kv_cache_dtype,
+                              **paired_difference(record["window_nlls"], plain["window_nlls"], resamples)}
+        row["models"] = {shape.model: cache_figures(spec, shape, tokens) for shape in EVAL_MODELS}
+        rows.append(row)
+    return {"model": auto["model"], "task": auto["task"], "tokens_per_request": list(tokens),
+            "capacity": "computed from the layouts, bf16 on a GPU (kitty_vllm.tools.capacity)",
+            "bootstrap_resamples": resamples, "rows": rows}
+
+
+def markdown_table(result: dict[str, Any]) -> str:
+    """Two tables: perplexity against auto, then bits per element and capacity per model."""
+    tokens = result["tokens_per_request"]
+    lines = [f"| dtype | perplexity ({result['model']}, {result['task']}) | change vs auto [95% paired bootstrap] "
+             "| per-window nll difference, min to max | windows worse than auto | change vs the plain dtype |",
+             "|---|---|---|---|---|---|"]
+    for row in result["rows"]:
+        diffs = row["window_nll_differences"]
+        against = row.get("against")
+        lines.append(f"| {row['kv_cache_dtype']} | {row['perplexity']:.3f} | {_change(row)} | "
+                     f"{min(diffs):+.4f} to {max(diffs):+.4f} | {row['windows_worse']} of {row['windows']} | "
+                     + (f"{_change(against)} ({against['kv_cache_dtype']})" if against else "") + " |")
+    header = ["dtype"]
+    for shape in EVAL_MODELS:
+        header += [f"{shape.model}: bits"] + [f"x auto at {n:,}" for n in tokens]
+    lines += ["", "| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+    for row in result["rows"]:
+        cells = [row["kv_cache_dtype"]]
+        for shape in EVAL_MODELS:
+            figures = row["models"][shape.model]
+            cells += [f"{figures['bits_per_element']:.2f}"]
+            cells += [f"{figures['capacity_vs_auto'][str(n)]:.2f}x" for n in tokens]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _change(paired: dict[str, Any]) -> str:
+    low, high = paired["perplexity_change_ci95"]
+    return f"{paired['perplexity_change']:+.2%} [{low:+.2%}, {high:+.2%}]"
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m kitty_vllm.tools.study", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--eval-json", type=Path, required=True, help="records of a kitty_vllm.tools.eval run")
+    parser.add_argument("--kv-cache-dtypes", nargs="+", required=True, metavar="DTYPE[:CONFIG]")
+    parser.add_argument("--tokens", type=int, nargs="+", default=list(TOKENS), help="tokens per request")
+    parser.add_argument("--resamples", type=int, default=RESAMPLES, help="bootstrap resamples")
+    parser.add_argument("--json", type=Path, required=True, help="where the study goes (and its .md table)")
+    args = parser.parse_args(argv)
+    try:
+        specs = [CacheSpec.parse(text) for text in args.kv_cache_dtypes]
+        result = study(json.loads(args.eval_json.read_text()), specs, args.tokens, args.resamples)
+    except ValueError as e:
+        parser.error(str(e))
+    args.json.write_text(json.dumps(result, indent=1) + "\n")
+    table = markdown_table(result)
+    args.json.with_suffix(".md").write_text(table + "\n")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
