@@ -14,6 +14,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 VLLM_VERSION=0.32.0
 TORCH_VERSION=2.13.0
+TRITON_VERSION=3.9.0
 PY=${PYTHON:-python3}
 CACHE=${KITTY_CACHE:-$HOME/.cache/kitty_vllm}
 mkdir -p "$CACHE/wheels"
@@ -57,6 +58,11 @@ PYEOF
   printf 'vllm-%s+cpu.dist-info/METADATA,,\nvllm-%s+cpu.dist-info/INSTALLER,,\nvllm-%s+cpu.dist-info/RECORD,,\n' \
     "$VLLM_VERSION" "$VLLM_VERSION" "$VLLM_VERSION" > "$dist/RECORD"
 fi
+
+# The Triton a fresh environment gets with torch 2.13 (the tests run kitty's kernels in its interpreter,
+# whose behaviour changes between releases), pinned so that an environment upgraded from an older vLLM
+# does not keep its older Triton.
+pip_install "triton==$TRITON_VERSION"
 
 echo "[setup] installing kitty_vllm (editable) and its test tools"
 pip_install -e ".[test]"
