@@ -1,6 +1,6 @@
 """Time one layer's prefill step, cache writes included: kitty's against vLLM's FlashAttention on bf16.
 
-    export PYTHONPATH=/opt/vsite:$PWD
+    . /opt/vsite/env.sh
     python benchmarks/prefill_kernel.py [--preset kitty2] [--exact-prefill] [--kernels kitty flash]
                                         [--cells 2x4096@0 1x2048@4096 16x512@0 1x8192@0]
                                         [--out benchmarks/results]

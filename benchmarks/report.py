@@ -25,7 +25,8 @@ DTYPE_ORDER = ("auto", "auto-flash", "auto-triton", "fp8", "int4_per_token_head"
 # The formats every serving figure is compared with, and the decode kernel every kernel is compared with.
 SERVING_BASELINES = ("auto", "fp8")
 KERNEL_BASELINE = "auto-flash"
-KEY_FIELDS = ("benchmark", "kv_cache_dtype", "max_model_len", "batch", "requests", "new_tokens", "context")
+KEY_FIELDS = ("benchmark", "kv_cache_dtype", "speculative", "max_model_len", "batch", "requests", "new_tokens",
+              "context")
 
 
 def result_path(out_dir: str | Path, gpu: str, date: str, quick: bool = False) -> Path:

@@ -1,6 +1,6 @@
 """Capacity and serving throughput of the kitty KV-cache dtypes against vLLM's own formats, on one GPU.
 
-    export PYTHONPATH=/opt/vsite:$PWD
+    . /opt/vsite/env.sh
     python benchmarks/serving.py [--benchmarks capacity w1 w2] [--kv-cache-dtypes auto fp8 ... kivi2]
                                  [--max-model-lens 4624 32768] [--out benchmarks/results] [--quick]
 
@@ -126,7 +126,8 @@ def require_flash_attention_2() -> None:
                            f"and install its chunks 4 and 5")
 
 
-def start_engine(dtype: str, model: Path):
+def start_engine(dtype: str, model: Path, **engine_args):
+    """An ``LLM`` of ``model`` with dummy weights and ``dtype`` KV cache; ``engine_args`` add to the settings above."""
     from kitty_vllm.patches import is_kitty_dtype
 
     if is_kitty_dtype(dtype):
@@ -141,7 +142,7 @@ def start_engine(dtype: str, model: Path):
     llm = LLM(model=str(model), load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16",
               kv_cache_dtype=dtype, max_model_len=ENGINE_MAX_MODEL_LEN, gpu_memory_utilization=0.9,
               enforce_eager=False, enable_prefix_caching=False, disable_log_stats=False, seed=0,
-              kernel_config={"enable_flashinfer_autotune": False})
+              kernel_config={"enable_flashinfer_autotune": False}, **engine_args)
     progress(f"{dtype}: engine started in {time.perf_counter() - start:.0f} s")
     return llm
 
@@ -213,29 +214,37 @@ def expected_keys(benchmarks: list[str], max_model_lens: list[int]) -> list[tupl
     return [(b, n) for b in benchmarks for n in (max_model_lens if b == "capacity" else [ENGINE_MAX_MODEL_LEN])]
 
 
-def run_dtype(dtype: str, args: argparse.Namespace, model: Path, workloads: dict[str, Workload], save) -> None:
-    """Run one dtype's engine in a fresh process; ``save`` every record, and an error record for each
-    benchmark it could not measure."""
+def run_in_process(target, args: tuple, save) -> tuple[list[dict], str | None]:
+    """Run ``target(*args, conn)`` in a fresh spawned process (so that its GPU memory is freed when it ends),
+    ``save`` every record it sends; return the records and its error (None if it ended cleanly)."""
     context = multiprocessing.get_context("spawn")
     receive, send = context.Pipe(duplex=False)
-    process = context.Process(target=engine_process,
-                              args=(dtype, model, args.benchmarks, args.max_model_lens, workloads, send))
+    process = context.Process(target=target, args=(*args, send))
     process.start()
     send.close()
-    measured, error = set(), None
+    records, error = [], None
     while True:
         try:
             kind, payload = receive.recv()
         except EOFError:
             break
         if kind == "record":
-            measured.add((payload["benchmark"], payload["max_model_len"]))
+            records.append(payload)
             save(payload)
         else:
             error = payload
     process.join()
     if error is None and process.exitcode != 0:
         error = f"engine process exited with code {process.exitcode}"
+    return records, error
+
+
+def run_dtype(dtype: str, args: argparse.Namespace, model: Path, workloads: dict[str, Workload], save) -> None:
+    """Run one dtype's engine in a fresh process; ``save`` every record, and an error record for each
+    benchmark it could not measure."""
+    records, error = run_in_process(engine_process, (dtype, model, args.benchmarks, args.max_model_lens, workloads),
+                                    save)
+    measured = {(r["benchmark"], r["max_model_len"]) for r in records}
     for benchmark, max_model_len in expected_keys(args.benchmarks, args.max_model_lens):
         if (benchmark, max_model_len) not in measured:
             save({"benchmark": benchmark, "kv_cache_dtype": dtype, "max_model_len": max_model_len, "error": error})

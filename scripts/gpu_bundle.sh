@@ -12,7 +12,8 @@
 # payloads (xz tarballs of pip-installed wheels: deps + flashinfer + torchvision, vLLM, triton, torch) into
 # $KITTY_BUNDLE_TARGET (default /opt/vsite), pip-installs any NVIDIA wheels in the bundle there, and imports
 # torch, triton and vllm with PYTHONPATH=$KITTY_BUNDLE_TARGET:$PWD. A second install of the same bundle does
-# nothing. Afterwards, in every call: export PYTHONPATH=/opt/vsite:$PWD
+# nothing. Afterwards, in every call: . /opt/vsite/env.sh   (PYTHONPATH=/opt/vsite:$PWD, and LD_PRELOAD of the
+# NCCL shim where the image's NCCL is older than torch's: see nccl_shim below)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SRC=${KITTY_BUNDLE_DIR:-.gpu-bundle}
@@ -93,10 +94,11 @@ verify() {
     say "import check skipped: $PY is Python $ver on $(uname -m), the bundle is for CPython 3.12 on x86_64"
     return 0
   fi
-  say "import check ($PY, PYTHONPATH=$TARGET:$PWD)"
+  say "import check ($PY, $(grep -o 'LD_PRELOAD' "$TARGET/env.sh" 2>/dev/null || echo "no preload"), PYTHONPATH=$TARGET:$PWD)"
   # The import line, then where the modules came from and the requirements of vLLM/torch that this Python does
   # not meet (only a warning: some are left out on purpose, see scripts/gpu-bundle-deps.txt).
-  PYTHONPATH="$TARGET:$PWD" "$PY" - "$TARGET" "$(field omitted "$TARGET/.kitty-bundle.MANIFEST" 2>/dev/null || true)" <<'PY'
+  [ -f "$TARGET/env.sh" ] || die "$TARGET/env.sh is missing: install the bundle (bash scripts/gpu_bundle.sh install)"
+  (. "$TARGET/env.sh" && PYTHONPATH="$TARGET:$PWD" "$PY" - "$TARGET" "$(field omitted "$TARGET/.kitty-bundle.MANIFEST" 2>/dev/null || true)" <<'PY'
 import torch, triton, vllm; print(torch.__version__, triton.__version__, vllm.__version__, torch.cuda.is_available())
 import importlib.metadata as md, os, sys
 target, omitted = sys.argv[1], set(filter(None, sys.argv[2].split(",")))
@@ -142,6 +144,47 @@ if left_out:
 for u in sorted(set(unmet)):
     print("[gpu_bundle] requirement not met:", u)
 PY
+  )
+}
+
+# torch 2.13 imports NCCL 2.29 entry points (ncclSignal, ncclCommSuspend, ...) that an older libnccl.so.2 of the
+# image lacks, and the import of torch fails on the first undefined symbol. Unless the bundle brings NCCL
+# (--with-cuda-libs=nccl), the missing ones get stubs, compiled here into a library that env.sh preloads: one
+# GPU never calls them (vLLM creates NCCL communicators only for tensor or pipeline parallelism), and a call
+# returns ncclInvalidUsage with a message that names the fix. Writes $1/env.sh either way.
+nccl_shim() {
+  local dir=$1 torch_cuda=$1/torch/lib/libtorch_cuda.so nccl="" preload=""
+  if [ ! -e "$dir/nvidia/nccl/lib/libnccl.so.2" ]; then
+    nccl=$(PYTHONPATH= "$PY" -c 'import glob, os, nvidia
+print(next(iter(sorted(f for p in nvidia.__path__ for f in glob.glob(os.path.join(p, "nccl/lib/libnccl.so.2")))), ""))' \
+      2>/dev/null || true)
+    [ -n "$nccl" ] || nccl=$(ldconfig -p 2>/dev/null | awk '$1 == "libnccl.so.2" { print $NF; exit }')
+  fi
+  if [ -n "$nccl" ] && [ -e "$torch_cuda" ]; then
+    command -v nm >/dev/null || die "nm (binutils) is needed to compare torch's NCCL symbols with $nccl"
+    local missing
+    missing=$(comm -23 <(nm -D --undefined-only "$torch_cuda" | awk '$2 ~ /^nccl/ { print $2 }' | sort -u) \
+                       <(nm -D --defined-only "$nccl" | awk '{ print $3 }' | sort -u))
+    if [ -n "$missing" ]; then
+      mkdir -p "$dir/nccl-shim"
+      { echo '#include <stdio.h>'
+        echo 'static int missing(const char *name) {'
+        echo '  fprintf(stderr, "kitty NCCL shim: %s is not in this machine'"'"'s libnccl.so.2 ('"$nccl"'); "'
+        echo '          "bundle NCCL with scripts/make_gpu_bundle.sh --with-cuda-libs=nccl\n", name);'
+        echo '  return 5;  /* ncclInvalidUsage */'
+        echo '}'
+        for s in $missing; do echo "int $s(void) { return missing(\"$s\"); }"; done
+      } > "$dir/nccl-shim/shim.c"
+      "${CC:-cc}" -shared -fPIC -O2 -o "$dir/nccl-shim/libkitty_nccl_shim.so" "$dir/nccl-shim/shim.c" \
+        || die "could not compile the NCCL shim ($dir/nccl-shim/shim.c)"
+      preload=$dir/nccl-shim/libkitty_nccl_shim.so
+      say "the image's NCCL ($nccl) lacks $(echo $missing | wc -w) symbols of torch's: stubbed ($(echo $missing))"
+    fi
+  fi
+  { echo "# Written by scripts/gpu_bundle.sh install: source it in every call (. $TARGET/env.sh)."
+    echo "export PYTHONPATH=$TARGET:\$PWD\${PYTHONPATH:+:\$PYTHONPATH}"
+    [ -z "$preload" ] || echo "export LD_PRELOAD=${preload/#$dir/$TARGET}\${LD_PRELOAD:+:\$LD_PRELOAD}"
+  } > "$dir/env.sh"
 }
 
 install() {
@@ -205,12 +248,13 @@ install() {
     say "pip-installed ${#wheels[@]} NVIDIA wheels ($((SECONDS - T0)) s)"
   fi
   cp "$STASH/MANIFEST" "$new/.kitty-bundle.MANIFEST"
+  nccl_shim "$new"
   if [ -e "$TARGET" ]; then rm -rf "$TARGET"; fi
   mv "$new" "$TARGET"
   say "bundle $id unpacked into $TARGET ($((SECONDS - T0)) s)"
   verify
   echo "$id" > "$TARGET/.kitty-bundle"   # only now: a failed import check leaves the bundle to be installed again
-  say "bundle $id installed in $((SECONDS - T0)) s; in every later call: export PYTHONPATH=$TARGET:\$PWD"
+  say "bundle $id installed in $((SECONDS - T0)) s; in every later call: . $TARGET/env.sh"
 }
 
 case "$cmd" in

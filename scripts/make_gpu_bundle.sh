@@ -2,7 +2,7 @@
 # Build the vLLM 0.32.0 bundle for the lent GPU machine (H100/H200 image: Python 3.12.3, torch 2.11.0+cu130,
 # triton 3.6.0, transformers 5.17.0, CUDA 13 libraries as pip packages, no vLLM, no network).
 # vLLM 0.32.0 needs torch 2.13.0, so the bundle carries torch 2.13.0, its triton and torchvision 0.28.0 too;
-# everything is installed into /opt/vsite on the device, and `PYTHONPATH=/opt/vsite:$PWD` shadows the
+# everything is installed into /opt/vsite on the device, and `. /opt/vsite/env.sh` (PYTHONPATH) shadows the
 # image's torch 2.11. (The 0.26 bundle, ../shared/gpu/make-bundle, is for vLLM 0.26.0 only.)
 #
 # Usage (here, where PyPI is reachable; downloads are cached under ~/.cache/kitty-gpu-bundle):
@@ -381,4 +381,4 @@ for d in "$OUT_DIR"/[0-9][0-9]; do
     echo "  run(command=\"bash scripts/gpu_bundle.sh install && <your command>\", carry=[\"$d\"])"
   fi
 done
-echo "Then, in every later call while the machine stays warm: export PYTHONPATH=/opt/vsite:\$PWD"
+echo "Then, in every later call while the machine stays warm: . /opt/vsite/env.sh"

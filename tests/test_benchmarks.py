@@ -56,8 +56,8 @@ RECORDS = [
 ]
 
 
-@pytest.mark.parametrize("script", ["serving.py", "decode_kernel.py", "prefill_kernel.py", "step_profile.py",
-                                    "plot.py"])
+@pytest.mark.parametrize("script", ["serving.py", "speculative.py", "decode_kernel.py", "prefill_kernel.py",
+                                    "step_profile.py", "plot.py"])
 def test_help(script):
     result = subprocess.run([sys.executable, str(BENCHMARKS / script), "--help"], capture_output=True, text=True,
                             timeout=120)
@@ -79,6 +79,27 @@ def test_serving_arguments():
     # One engine per dtype serves every workload: each must fit in its max_model_len.
     for workload in (*serving.WORKLOADS.values(), *serving.QUICK_WORKLOADS.values()):
         assert workload.prompt_tokens + workload.output_tokens <= serving.ENGINE_MAX_MODEL_LEN
+
+
+def test_speculative_arguments_and_summary():
+    import serving
+    import speculative
+
+    defaults = speculative.parse_args([])
+    assert (defaults.kv_cache_dtypes, defaults.methods) == (["auto", "kitty2"], ["eagle3", "none"])
+    with pytest.raises(SystemExit):
+        speculative.parse_args(["--methods", "medusa"])
+    for workload in (speculative.WORKLOAD, speculative.QUICK_WORKLOAD):
+        assert workload.prompt_tokens + workload.output_tokens <= serving.ENGINE_MAX_MODEL_LEN
+    # The head drafts for the target: same hidden size and vocabulary.
+    for key in ("hidden_size", "vocab_size"):
+        assert speculative.EAGLE3_HEAD[key] == serving.QWEN3_8B_SHAPE[key]
+    record = {"kv_cache_dtype": "kitty2", "speculative": "eagle3", "seconds": 10.0, "output_tok_s": 1000.0,
+              "acceptance_length": 1.25, "verification_steps": 400, "accepted_tokens": 100, "draft_tokens": 1200,
+              "adjusted_tok_s": {"2": 1600.0, "3": 2400.0}, "max_concurrency": 40.0}
+    assert speculative.summary(record) == (
+        "kitty2 + eagle3: 10.0 s, 1,000 output tok/s, acceptance length 1.250, 400 steps, 100 of 1,200 drafts "
+        "accepted; adjusted tok/s L=2: 1,600, L=3: 2,400; max concurrency 40.0x")
 
 
 def test_step_profile_arguments_and_categories():
