@@ -217,7 +217,7 @@ class PagedKittyCache:
         starts, ends = query_start[:-1].long(), query_start[1:].long()
         lengths = ends - starts
         for place in range(max_query_len):
-            present = lengths > place
+            present = (lengths > place) & (seq_lens > 0)
             token = torch.where(present, starts + place, 0)
             self.store_decode(key[token], value[token],
                               torch.where(present, seq_lens - lengths + place + 1, 0).to(torch.int32),

@@ -64,7 +64,7 @@ from kitty_vllm import reference
 from kitty_vllm.config import KittyConfig
 from kitty_vllm.layout import stage_layout
 from kitty_vllm.paged import PagedKittyCache
-from tiny_model import build_tiny_model
+from tiny_model import build_eagle_head, build_tiny_model
 
 PAGE = 128
 MAX_MODEL_LEN = 1024
@@ -247,25 +247,6 @@ def test_ngram_speculation_equals_no_speculation(ngram, plain, oracle):
 
 
 # ------------------------------------------------------------------------------------- EAGLE drafts
-
-def build_eagle_head(model_dir: Path, out: Path) -> Path:
-    """A one-layer EAGLE head for the tiny model, as vLLM's ``eagle`` method loads it: the target's last
-    decoder layer (without its input norm, as EAGLE-1 heads are), and ``fc`` passing the target's hidden
-    state through (its token-embedding half zero); embeddings and LM head are the target's."""
-    from safetensors.torch import load_file, save_file
-
-    config = json.loads((model_dir / "config.json").read_text())
-    last, hidden = config["num_hidden_layers"] - 1, config["hidden_size"]
-    weights = load_file(str(model_dir / "model.safetensors"))
-    head = {name.replace(f"model.layers.{last}.", "layers.0."): w for name, w in weights.items()
-            if name.startswith(f"model.layers.{last}.") and "input_layernorm" not in name}
-    head["fc.weight"] = torch.cat([torch.zeros(hidden, hidden), torch.eye(hidden)], dim=1).to(
-        weights["model.embed_tokens.weight"].dtype)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 1}))
-    save_file(head, str(out / "model.safetensors"))
-    return out
-
 
 @pytest.fixture(scope="module")
 def eagle(model_dir, prompts, exact, tmp_path_factory):

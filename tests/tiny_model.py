@@ -249,6 +249,27 @@ def _write_model(out: Path, *, family: str, head_dim: int, num_kv_heads: int, nu
     config_file.write_text(json.dumps(saved, indent=2) + "\n")
 
 
+
+def build_eagle_head(model_dir: Path, out: Path) -> Path:
+    """A one-layer EAGLE head for the tiny model, as vLLM's ``eagle`` method loads it: the target's last
+    decoder layer (without its input norm, as EAGLE-1 heads are), and ``fc`` passing the target's hidden
+    state through (its token-embedding half zero); embeddings and LM head are the target's."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    config = json.loads((model_dir / "config.json").read_text())
+    last, hidden = config["num_hidden_layers"] - 1, config["hidden_size"]
+    weights = load_file(str(model_dir / "model.safetensors"))
+    head = {name.replace(f"model.layers.{last}.", "layers.0."): w for name, w in weights.items()
+            if name.startswith(f"model.layers.{last}.") and "input_layernorm" not in name}
+    head["fc.weight"] = torch.cat([torch.zeros(hidden, hidden), torch.eye(hidden)], dim=1).to(
+        weights["model.embed_tokens.weight"].dtype)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 1}))
+    save_file(head, str(out / "model.safetensors"))
+    return out
+
+
 if __name__ == "__main__":
     import sys
     print(build_tiny_model(Path(sys.argv[1]) if len(sys.argv) > 1 else None))
