@@ -211,12 +211,53 @@ def step_kernels_table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def speculative_table(records: list[dict]) -> str:
+    """Speculative decoding (benchmarks/speculative.py): output tok/s as measured and adjusted to each
+    acceptance length, against ``auto`` with the same method and against the same dtype without a draft."""
+    rows = sorted((r for r in records if r["benchmark"] == "speculative"),
+                  key=lambda r: (_dtype_rank(r["kv_cache_dtype"]), r.get("speculative") == "none", r.get("speculative")))
+    if not rows:
+        return ""
+    lengths = sorted({k for r in rows for k in r.get("adjusted_tok_s", {})}, key=float)
+    adjusted = {(r["kv_cache_dtype"], r["speculative"]): r.get("adjusted_tok_s", {}) for r in rows}
+    lines = ["| kv_cache_dtype | speculation | seconds | output tok/s | acceptance length | "
+             + " | ".join(f"tok/s at L={k} | vs auto | vs no draft" for k in lengths) + " | note |",
+             "|---" * (6 + 3 * len(lengths)) + "|"]
+    for r in rows:
+        cells = []
+        for k in lengths:
+            value = adjusted[(r["kv_cache_dtype"], r["speculative"])].get(k)
+            cells += [_number(value), _ratio(value, adjusted.get(("auto", r["speculative"]), {}).get(k)),
+                      _ratio(value, adjusted.get((r["kv_cache_dtype"], "none"), {}).get(k))]
+        lines.append(f"| {r['kv_cache_dtype']} | {r['speculative']} | {_number(r.get('seconds'), 1)} "
+                     f"| {_number(r.get('output_tok_s'))} | {_number(r.get('acceptance_length'), 3)} "
+                     f"| {' | '.join(cells)} | {_note(r)} |")
+    return "\n".join(lines)
+
+
+def latency_table(records: list[dict]) -> str:
+    """Batch-1 time per output token by context (benchmarks/latency.py), against ``auto``'s."""
+    rows = sorted((r for r in records if r["benchmark"] == "latency"),
+                  key=lambda r: (r["context"], _dtype_rank(r["kv_cache_dtype"])))
+    if not rows:
+        return ""
+    baseline = {r["context"]: r.get("tpot_ms") for r in rows if r["kv_cache_dtype"] == "auto"}
+    lines = ["| context | kv_cache_dtype | time to first token ms | time per output token ms | vs auto | note |",
+             "|---" * 6 + "|"]
+    for r in rows:
+        tpot, base = r.get("tpot_ms"), baseline.get(r["context"])
+        lines.append(f"| {r['context']:,} | {r['kv_cache_dtype']} | {_number(r.get('ttft_ms'), 1)} "
+                     f"| {_number(tpot, 2)} | {f'{tpot / base:.2f}x' if tpot and base else ''} | {_note(r)} |")
+    return "\n".join(lines)
+
+
 def markdown_tables(records: list[dict]) -> str:
     """The tables of every benchmark present, headed by the GPU, vLLM version and date of the records."""
     sources = sorted({(r.get("gpu"), r.get("vllm_version"), r.get("date")) for r in records}, key=str)
     header = "; ".join(f"{gpu}, vLLM {version}, {date}" for gpu, version, date in sources)
     tables = [t for t in (serving_table(records), decode_kernel_table(records), prefill_kernel_table(records),
-                          step_profile_table(records), step_kernels_table(records)) if t]
+                          step_profile_table(records), step_kernels_table(records), speculative_table(records),
+                          latency_table(records)) if t]
     return "\n\n".join([header, *tables])
 
 

@@ -127,7 +127,8 @@ def require_flash_attention_2() -> None:
 
 
 def start_engine(dtype: str, model: Path, **engine_args):
-    """An ``LLM`` of ``model`` with dummy weights and ``dtype`` KV cache; ``engine_args`` add to the settings above."""
+    """An ``LLM`` of ``model`` with dummy weights and ``dtype`` KV cache; ``engine_args`` add to or replace the
+    settings above."""
     from kitty_vllm.patches import is_kitty_dtype
 
     if is_kitty_dtype(dtype):
@@ -139,10 +140,11 @@ def start_engine(dtype: str, model: Path, **engine_args):
     from vllm import LLM
 
     start = time.perf_counter()
-    llm = LLM(model=str(model), load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16",
-              kv_cache_dtype=dtype, max_model_len=ENGINE_MAX_MODEL_LEN, gpu_memory_utilization=0.9,
-              enforce_eager=False, enable_prefix_caching=False, disable_log_stats=False, seed=0,
-              kernel_config={"enable_flashinfer_autotune": False}, **engine_args)
+    settings = dict(load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16", kv_cache_dtype=dtype,
+                    max_model_len=ENGINE_MAX_MODEL_LEN, gpu_memory_utilization=0.9, enforce_eager=False,
+                    enable_prefix_caching=False, disable_log_stats=False, seed=0,
+                    kernel_config={"enable_flashinfer_autotune": False})
+    llm = LLM(model=str(model), **{**settings, **engine_args})
     progress(f"{dtype}: engine started in {time.perf_counter() - start:.0f} s")
     return llm
 

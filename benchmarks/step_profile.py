@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import multiprocessing
 import os
 import re
 import time
@@ -132,8 +131,7 @@ def engine_process(dtype: str, requests: int, context: int, steps: int, conn) ->
                               **profile_run(llm, requests, context, steps)}))
     except Exception as error:
         traceback.print_exc()
-        conn.send(("record", {"benchmark": "step_profile", "kv_cache_dtype": dtype, "requests": requests,
-                              "context": context, "error": f"{type(error).__name__}: {error}"}))
+        conn.send(("error", f"{type(error).__name__}: {error}"))
     finally:
         conn.close()
 
@@ -147,24 +145,18 @@ def main(argv: list[str] | None = None) -> None:
     date = datetime.date.today().isoformat()
     path = report.result_path(args.out, gpu, date)
     environment = {"gpu": gpu, "vllm_version": vllm_version, "date": date, "model": serving.MODEL_NAME}
-    context = multiprocessing.get_context("spawn")
     records = []
-    for dtype, requests in args.runs:
-        print(f"[step_profile] {dtype}: {requests} requests of {args.context:,} tokens", flush=True)
-        receive, send = context.Pipe(duplex=False)
-        process = context.Process(target=engine_process, args=(dtype, requests, args.context, args.steps, send))
-        process.start()
-        send.close()
-        try:
-            _, record = receive.recv()
-        except EOFError:
-            record = None
-        process.join()
-        if record is None:
-            record = {"benchmark": "step_profile", "kv_cache_dtype": dtype, "requests": requests,
-                      "context": args.context, "error": f"engine process exited with code {process.exitcode}"}
+
+    def save(record: dict) -> None:
         records.append({**record, **environment})
         report.write_records(path, records[-1:])
+
+    for dtype, requests in args.runs:
+        print(f"[step_profile] {dtype}: {requests} requests of {args.context:,} tokens", flush=True)
+        measured, error = serving.run_in_process(engine_process, (dtype, requests, args.context, args.steps), save)
+        if not measured:
+            save({"benchmark": "step_profile", "kv_cache_dtype": dtype, "requests": requests, "context": args.context,
+                  "error": error})
     print(f"\n{report.markdown_tables(records)}\n\nmerged into {path}", flush=True)
 
 

@@ -53,11 +53,21 @@ RECORDS = [
      "gpu_ms": 38.0, "idle_ms": 2.0, "tok_s": 12800.0, "kitty_attention_ms": 24.0, "kitty_store_ms": 1.0,
      "vllm_attention_ms": 0.0, "cache_write_ms": 0.0, "gemm_ms": 10.0, "other_ms": 3.0,
      "top_kernels_ms": {"page_decode_kernel": 16.0, "nvjet_sm90_gemm": 10.0}, **ENVIRONMENT},
+    {"benchmark": "speculative", "kv_cache_dtype": "auto", "speculative": "eagle3", "seconds": 20.0,
+     "output_tok_s": 1600.0, "acceptance_length": 1.0, "adjusted_tok_s": {"2": 3200.0, "3": 4800.0}, **ENVIRONMENT},
+    {"benchmark": "speculative", "kv_cache_dtype": "kitty2", "speculative": "eagle3", "seconds": 16.0,
+     "output_tok_s": 2000.0, "acceptance_length": 1.0, "adjusted_tok_s": {"2": 4000.0, "3": 6000.0}, **ENVIRONMENT},
+    {"benchmark": "speculative", "kv_cache_dtype": "kitty2", "speculative": "none", "seconds": 12.0,
+     "output_tok_s": 2500.0, "acceptance_length": 1.0, "adjusted_tok_s": {"2": 2500.0, "3": 2500.0}, **ENVIRONMENT},
+    {"benchmark": "latency", "kv_cache_dtype": "auto", "context": 8192, "ttft_ms": 500.0, "tpot_ms": 8.0,
+     **ENVIRONMENT},
+    {"benchmark": "latency", "kv_cache_dtype": "kitty2", "context": 8192, "ttft_ms": 550.0, "tpot_ms": 7.0,
+     **ENVIRONMENT},
 ]
 
 
-@pytest.mark.parametrize("script", ["serving.py", "speculative.py", "decode_kernel.py", "prefill_kernel.py",
-                                    "step_profile.py", "plot.py"])
+@pytest.mark.parametrize("script", ["serving.py", "speculative.py", "latency.py", "decode_kernel.py",
+                                    "prefill_kernel.py", "step_profile.py", "plot.py"])
 def test_help(script):
     result = subprocess.run([sys.executable, str(BENCHMARKS / script), "--help"], capture_output=True, text=True,
                             timeout=120)
@@ -133,6 +143,21 @@ def test_step_profile_steps_a_decode_batch():
     assert record["top_kernels_ms"] == {}
 
 
+def test_latency_measures_one_request():
+    """measure times one request alone for 1 token and for 1 + output tokens: the time to first token and
+    the time per output token."""
+    import latency
+    from engine import vllm_engine
+    from tiny_model import build_tiny_model
+
+    assert latency.parse_args([]).contexts == [1024, 2048, 4096, 8192, 16384, 32768]
+    with vllm_engine(build_tiny_model(), kv_cache_dtype="kitty2", max_model_len=1024) as llm:
+        record = latency.measure(llm, context=300, output_tokens=4, repeats=1)
+        assert not llm.llm_engine.has_unfinished_requests()
+    assert record["ttft_ms"] > 0 and record["request_ms"] > 0
+    assert record["tpot_ms"] == pytest.approx((record["request_ms"] - record["ttft_ms"]) / 4)
+
+
 def test_prefill_arguments():
     import prefill_kernel
 
@@ -204,6 +229,10 @@ def test_tables():
     assert table_row(tables, "kitty2", "512", "2,304", "40.00")[4:12] == [
         "12,800", "24.00", "1.00", "0.00", "0.00", "10.00", "3.00", "2.00"]
     assert table_row(tables, "kitty2", "512", "2,304", "page_decode_kernel")[4:] == ["16.00", "40.0"]
+    # Speculation: adjusted tok/s against auto with the same draft, and against the dtype without one.
+    assert table_row(tables, "kitty2", "eagle3")[5:11] == ["4,000", "1.25x", "1.60x", "6,000", "1.25x", "2.40x"]
+    assert table_row(tables, "auto", "eagle3")[5:8] == ["3,200", "1.00x", ""]
+    assert table_row(tables, "8,192", "kitty2")[2:5] == ["550.0", "7.00", "0.88x"]
 
 
 def test_plot_script(tmp_path):
