@@ -58,8 +58,9 @@ def copy_bandwidth(num_bytes: int = 1 << 30) -> float:
     return 2 * num_bytes / ms / 1e6   # GB/s, bytes read and written
 
 
-def bytes_read(kernel: str, config: KittyConfig, batch: int, context: int) -> int:
-    """Bytes a decode step must read for ``batch`` requests of ``context - 1`` tokens."""
+def bytes_read(kernel: str, config: KittyConfig | None, batch: int, context: int, kv_element_bytes: int = 2) -> int:
+    """Bytes a decode step must read for ``batch`` requests of ``context - 1`` tokens (a kernel other than
+    kitty reads Keys and Values of ``kv_element_bytes``: 2 for bf16, 1 for fp8)."""
     tokens = context - 1
     if kernel == "kitty":
         page_bytes = stage_layout(config, HEAD_DIM, NUM_KV_HEADS, 2).page.page_bytes
@@ -68,7 +69,7 @@ def bytes_read(kernel: str, config: KittyConfig, batch: int, context: int) -> in
         cache = (full_pages * NUM_KV_HEADS * page_bytes
                  + (config.sink_tokens + ring) * NUM_KV_HEADS * HEAD_DIM * 2 * 2)
     else:
-        cache = tokens * NUM_KV_HEADS * HEAD_DIM * 2 * 2
+        cache = tokens * NUM_KV_HEADS * HEAD_DIM * 2 * kv_element_bytes
     return batch * (cache + NUM_HEADS * HEAD_DIM * 2)
 
 

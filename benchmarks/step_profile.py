@@ -13,8 +13,14 @@ kernel time, and kernel time by category (PATTERNS, by kernel name); ``idle_ms``
 no kernel ran (the host's share of the step: scheduling, input preparation, sampling, output
 processing). ``tok_s`` is REQUESTS output tokens per step.
 
+The roofline of a step is the time to read what it must read at the GPU's copy bandwidth
+(decode_kernel.copy_bandwidth): the weights but the token embedding (a step reads only its batch's rows
+of it), and for every layer and request the KV cache of its context (decode_kernel.bytes_read: kitty's
+packed pages, sinks and ring, or bf16 / fp8 Keys and Values). ``roofline_ratio`` is the step's wall time
+over it (1.0 would be at the limit); recorded for auto, fp8 and the kitty dtypes on a GPU.
+
 Records {"benchmark": "step_profile", "kv_cache_dtype", "requests", "context", "step_ms", "gpu_ms",
-"idle_ms", "<category>_ms", "top_kernels_ms": {name: ms}, ...} merge into
+"idle_ms", "<category>_ms", "top_kernels_ms": {name: ms}, "roofline_ms", "roofline_ratio", ...} merge into
 ``<out>/<gpu>-<yyyy-mm-dd>.json`` and print as tables (benchmarks/report.py).
 """
 
@@ -123,12 +129,43 @@ def profile_run(llm, requests: int, context: int, steps: int) -> dict:
             "tok_s": requests / seconds * steps, **per_step, "top_kernels_ms": top}
 
 
+def weight_bytes_read(model) -> int:
+    """Bytes of ``model``'s weights that a decode step reads: every parameter but the token embedding."""
+    return sum(p.numel() * p.element_size() for name, p in model.named_parameters() if "embed_tokens" not in name)
+
+
+def roofline(llm, dtype: str, record: dict) -> dict:
+    """The step's roofline (module docstring) for ``record`` of profile_run; empty where it is not defined."""
+    import decode_kernel
+    import torch
+
+    from kitty_vllm.config import load_config
+    from kitty_vllm.patches import is_kitty_dtype
+
+    if not torch.cuda.is_available() or not (dtype in ("auto", "fp8") or is_kitty_dtype(dtype)):
+        return {}
+    shape = serving.QWEN3_8B_SHAPE
+    # The measured steps' mean context: the prompt, the first token, 4 unmeasured steps, then 2 x steps.
+    context = record["context"] + 5 + record["steps"]
+    if is_kitty_dtype(dtype):
+        kv = decode_kernel.bytes_read("kitty", load_config(dtype), record["requests"], context)
+    else:
+        kv = decode_kernel.bytes_read("flash", None, record["requests"], context, 1 if dtype == "fp8" else 2)
+    weights = llm.apply_model(weight_bytes_read)[0]
+    copy_gb_s = decode_kernel.copy_bandwidth()
+    total = weights + shape["num_hidden_layers"] * kv
+    roofline_ms = total / copy_gb_s / 1e6
+    return {"weight_bytes": weights, "kv_bytes": total - weights, "copy_gb_s": copy_gb_s, "roofline_ms": roofline_ms,
+            "roofline_ratio": record["step_ms"] / roofline_ms}
+
+
 def engine_process(dtype: str, requests: int, context: int, steps: int, conn) -> None:
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     try:
         llm = serving.start_engine(dtype, serving.model_dir())
-        conn.send(("record", {"benchmark": "step_profile", "kv_cache_dtype": dtype,
-                              **profile_run(llm, requests, context, steps)}))
+        record = profile_run(llm, requests, context, steps)
+        conn.send(("record", {"benchmark": "step_profile", "kv_cache_dtype": dtype, **record,
+                              **roofline(llm, dtype, record)}))
     except Exception as error:
         traceback.print_exc()
         conn.send(("error", f"{type(error).__name__}: {error}"))

@@ -52,7 +52,8 @@ RECORDS = [
     {"benchmark": "step_profile", "kv_cache_dtype": "kitty2", "requests": 512, "context": 2304, "step_ms": 40.0,
      "gpu_ms": 38.0, "idle_ms": 2.0, "tok_s": 12800.0, "kitty_attention_ms": 24.0, "kitty_store_ms": 1.0,
      "vllm_attention_ms": 0.0, "cache_write_ms": 0.0, "gemm_ms": 10.0, "other_ms": 3.0,
-     "top_kernels_ms": {"page_decode_kernel": 16.0, "nvjet_sm90_gemm": 10.0}, **ENVIRONMENT},
+     "top_kernels_ms": {"page_decode_kernel": 16.0, "nvjet_sm90_gemm": 10.0}, "roofline_ms": 25.0,
+     "roofline_ratio": 1.6, **ENVIRONMENT},
     {"benchmark": "speculative", "kv_cache_dtype": "auto", "speculative": "eagle3", "seconds": 20.0,
      "output_tok_s": 1600.0, "acceptance_length": 1.0, "adjusted_tok_s": {"2": 3200.0, "3": 4800.0}, **ENVIRONMENT},
     {"benchmark": "speculative", "kv_cache_dtype": "kitty2", "speculative": "eagle3", "seconds": 16.0,
@@ -143,6 +144,25 @@ def test_step_profile_steps_a_decode_batch():
     assert record["top_kernels_ms"] == {}
 
 
+def test_step_roofline_bytes():
+    """A decode step's roofline reads the weights but the embedding, and each layer's KV cache of every request:
+    kitty's packed pages, sinks and ring, or bf16 Keys and Values (fp8: half of them)."""
+    import decode_kernel
+    import step_profile
+    import torch
+
+    from kitty_vllm.config import load_config
+
+    model = torch.nn.ModuleDict({"embed_tokens": torch.nn.Embedding(100, 8), "proj": torch.nn.Linear(8, 8, bias=False)})
+    assert step_profile.weight_bytes_read(model) == 8 * 8 * 4
+    bf16 = decode_kernel.bytes_read("flash", None, 2, 1025)
+    queries = 2 * decode_kernel.NUM_HEADS * decode_kernel.HEAD_DIM * 2
+    assert bf16 - queries == 2 * 1024 * decode_kernel.NUM_KV_HEADS * decode_kernel.HEAD_DIM * 2 * 2
+    assert decode_kernel.bytes_read("flash", None, 2, 1025, 1) - queries == (bf16 - queries) // 2
+    kitty = decode_kernel.bytes_read("kitty", load_config("kitty2"), 2, 1025) - queries
+    assert (bf16 - queries) / 7 < kitty < (bf16 - queries) / 4     # about 2.5 bits per element, and the sinks
+
+
 def test_latency_measures_one_request():
     """measure times one request alone for 1 token and for 1 + output tokens: the time to first token and
     the time per output token."""
@@ -226,8 +246,8 @@ def test_tables():
     assert kitty_prefill[4:9] == ["4.000", "3.000", "75.0", f"{8192 / 4e-3:,.0f}", "0.50x"]
     assert table_row(tables, "2", "4,096", "0", "auto-flash")[5:7] == ["", ""]
     assert table_row(tables, "1", "2,048", "4,096", "kitty2")[-1] == "RuntimeError: boom"
-    assert table_row(tables, "kitty2", "512", "2,304", "40.00")[4:12] == [
-        "12,800", "24.00", "1.00", "0.00", "0.00", "10.00", "3.00", "2.00"]
+    assert table_row(tables, "kitty2", "512", "2,304", "40.00")[4:14] == [
+        "12,800", "24.00", "1.00", "0.00", "0.00", "10.00", "3.00", "2.00", "25.00", "1.60"]
     assert table_row(tables, "kitty2", "512", "2,304", "page_decode_kernel")[4:] == ["16.00", "40.0"]
     # Speculation: adjusted tok/s against auto with the same draft, and against the dtype without one.
     assert table_row(tables, "kitty2", "eagle3")[5:11] == ["4,000", "1.25x", "1.60x", "6,000", "1.25x", "2.40x"]
