@@ -9,8 +9,9 @@ own, with max_model_len covering the longest context and its output, and no pref
 context, one random prompt of that many tokens is generated alone, once for 1 token (the prefill and the
 first token: the time to first token) and once for 1 + ``--output-tokens`` tokens (ignore_eos); the
 difference divided by ``--output-tokens`` is the time per output token, batch-1 decode steps only. Each
-is the median of ``--repeats`` runs, after one unmeasured run at that context (which also compiles
-anything the context needs for the first time: the JIT-compile check is separate).
+is the median of ``--repeats`` runs, after one unmeasured run at that context, whose kernel compiles
+vLLM's JIT monitor reports are recorded (``jit_compiles``: a first request of this length would wait for
+them; serving.jit_compiles).
 
 Records {"benchmark": "latency", "kv_cache_dtype", "context", "ttft_ms", "request_ms" (the whole request of
 1 + ``--output-tokens`` tokens), "tpot_ms"} merge into
@@ -61,10 +62,12 @@ def measure(llm, context: int, output_tokens: int, repeats: int) -> dict:
         llm.generate([prompt], SamplingParams(max_tokens=max_tokens, ignore_eos=True), use_tqdm=False)
         return time.perf_counter() - start
 
-    seconds(1 + output_tokens)
+    with serving.jit_compiles() as compiled:
+        seconds(1 + output_tokens)
     first = statistics.median(seconds(1) for _ in range(repeats))
     whole = statistics.median(seconds(1 + output_tokens) for _ in range(repeats))
-    return {"ttft_ms": 1e3 * first, "request_ms": 1e3 * whole, "tpot_ms": 1e3 * (whole - first) / output_tokens}
+    return {"ttft_ms": 1e3 * first, "request_ms": 1e3 * whole, "tpot_ms": 1e3 * (whole - first) / output_tokens,
+            "jit_compiles": compiled}
 
 
 def engine_process(dtype: str, contexts: list[int], output_tokens: int, repeats: int, conn) -> None:

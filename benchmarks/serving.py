@@ -17,7 +17,8 @@ on an H100).
 - w1: 256 requests of 4,096 prompt tokens and 512 output tokens; w2: 512 requests of 256 prompt tokens
   and 4,096 output tokens. All requests are submitted at once with ignore_eos and temperature 1 (as
   ``vllm bench throughput``), after a short warm-up. Recorded: seconds for the whole batch, output
-  tokens/s, preemptions (``vllm:num_preemptions``), and the capacity at 4,624.
+  tokens/s, preemptions (``vllm:num_preemptions``), the kernels compiled in the warm-up and the timed run
+  (``jit_compiles``: vLLM's JIT monitor, which should see none after start-up), and the capacity at 4,624.
 
 Each dtype runs in its own process, with one engine for all its benchmarks: GPU memory is freed between
 dtypes, and a dtype that fails becomes an error record. The engine core runs inside that process
@@ -29,12 +30,14 @@ merged into ``<out>/<gpu>-<yyyy-mm-dd>.json`` as soon as each is measured (``...
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import multiprocessing
 import os
 import time
 import traceback
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -149,6 +152,27 @@ def start_engine(dtype: str, model: Path, **engine_args):
     return llm
 
 
+@contextlib.contextmanager
+def jit_compiles() -> Iterator[list[str]]:
+    """The kernels that vLLM's JIT monitor (vllm.utils.jit_monitor, active after the engine's warm-up and
+    CUDA-graph capture unless enforce_eager) reports compiled inside this block, as "backend: kernel", one
+    entry per compile. The engine runs in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0)."""
+    from vllm.utils import jit_monitor
+
+    compiled: list[str] = []
+    report_event = jit_monitor._handle_jit_event
+
+    def count(*, backend: str, event: str, fn_name: str, detail: str | None = None) -> None:
+        compiled.append(f"{backend}: {fn_name}")
+        report_event(backend=backend, event=event, fn_name=fn_name, detail=detail)
+
+    jit_monitor._handle_jit_event = count
+    try:
+        yield compiled
+    finally:
+        jit_monitor._handle_jit_event = report_event
+
+
 def kv_cache_capacity(llm, max_model_len: int) -> dict:
     """vLLM's maximum concurrency and KV-cache tokens of the engine's KV-cache config at ``max_model_len``."""
     from vllm.v1.core.kv_cache_utils import get_kv_cache_capacity
@@ -178,15 +202,16 @@ def run_workload(llm, workload: Workload) -> dict:
     tokens = numpy.random.default_rng(0).integers(0, vocab, (workload.requests, workload.prompt_tokens))
     prompts = [TokensPrompt(prompt_token_ids=row.tolist()) for row in tokens]
     warmup = SamplingParams(max_tokens=WARMUP_OUTPUT_TOKENS, ignore_eos=True)
-    llm.generate(prompts[:WARMUP_REQUESTS], warmup, use_tqdm=False)
     params = SamplingParams(temperature=1.0, top_p=1.0, max_tokens=workload.output_tokens, ignore_eos=True)
-    preempted = preemptions(llm)
-    start = time.perf_counter()
-    outputs = llm.generate(prompts, params)
-    seconds = time.perf_counter() - start
+    with jit_compiles() as compiled:
+        llm.generate(prompts[:WARMUP_REQUESTS], warmup, use_tqdm=False)
+        preempted = preemptions(llm)
+        start = time.perf_counter()
+        outputs = llm.generate(prompts, params)
+        seconds = time.perf_counter() - start
     output_tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
     return {**asdict(workload), "seconds": seconds, "output_tok_s": output_tokens / seconds,
-            "preemptions": preemptions(llm) - preempted}
+            "preemptions": preemptions(llm) - preempted, "jit_compiles": compiled}
 
 
 def engine_process(dtype: str, model: Path, benchmarks: list[str], max_model_lens: list[int],

@@ -12,6 +12,7 @@ KV cache in the model's dtype (kitty dtypes leave draft layers unquantized, kitt
 
 Workload: ``WORKLOAD`` (requests x prompt tokens, greedy output tokens with ignore_eos), all at once after a
 short warm-up, in one engine per (dtype, method), each in a fresh process. Recorded: seconds, output tokens/s,
+the kernels compiled in the warm-up and the timed run (serving.jit_compiles),
 vLLM's speculative-decoding counters over the timed run (verification steps, draft tokens, accepted tokens)
 and the mean acceptance length L (tokens a request gains per step: 1 + accepted / steps; 1 without a
 draft). A verification step costs the same whether its drafts are accepted or not, so the tokens/s that an
@@ -106,14 +107,16 @@ def run_workload(llm, workload: serving.Workload, speculating: bool) -> dict:
     tokens = numpy.random.default_rng(0).integers(0, vocab, (workload.requests, workload.prompt_tokens))
     prompts = [TokensPrompt(prompt_token_ids=row.tolist()) for row in tokens]
     warmup = SamplingParams(temperature=0.0, max_tokens=serving.WARMUP_OUTPUT_TOKENS, ignore_eos=True)
-    llm.generate(prompts[:serving.WARMUP_REQUESTS], warmup, use_tqdm=False)
     params = SamplingParams(temperature=0.0, max_tokens=workload.output_tokens, ignore_eos=True)
-    before = counters(llm)
-    start = time.perf_counter()
-    outputs = llm.generate(prompts, params, use_tqdm=False)
-    seconds = time.perf_counter() - start
+    with serving.jit_compiles() as compiled:
+        llm.generate(prompts[:serving.WARMUP_REQUESTS], warmup, use_tqdm=False)
+        before = counters(llm)
+        start = time.perf_counter()
+        outputs = llm.generate(prompts, params, use_tqdm=False)
+        seconds = time.perf_counter() - start
     output_tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
-    record = {**asdict(workload), "seconds": seconds, "output_tok_s": output_tokens / seconds}
+    record = {**asdict(workload), "seconds": seconds, "output_tok_s": output_tokens / seconds,
+              "jit_compiles": compiled}
     if speculating:
         steps, drafted, accepted = (counters(llm)[name] - before[name] for name in COUNTERS)
         length = 1 + accepted / steps

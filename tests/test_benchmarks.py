@@ -163,6 +163,17 @@ def test_step_roofline_bytes():
     assert (bf16 - queries) / 7 < kitty < (bf16 - queries) / 4     # about 2.5 bits per element, and the sinks
 
 
+def test_jit_compiles_counts_the_monitors_events():
+    """serving.jit_compiles lists what vLLM's JIT monitor reports inside the block, and only there."""
+    import serving
+    from vllm.utils import jit_monitor
+
+    with serving.jit_compiles() as compiled:
+        jit_monitor._handle_jit_event(backend="Triton", event="kernel JIT compilation", fn_name="_page_kernel")
+    jit_monitor._handle_jit_event(backend="Triton", event="kernel JIT compilation", fn_name="later")
+    assert compiled == ["Triton: _page_kernel"]
+
+
 def test_latency_measures_one_request():
     """measure times one request alone for 1 token and for 1 + output tokens: the time to first token and
     the time per output token."""
@@ -175,6 +186,7 @@ def test_latency_measures_one_request():
         record = latency.measure(llm, context=300, output_tokens=4, repeats=1)
         assert not llm.llm_engine.has_unfinished_requests()
     assert record["ttft_ms"] > 0 and record["request_ms"] > 0
+    assert record["jit_compiles"] == []     # eager engine: vLLM's JIT monitor is not active
     assert record["tpot_ms"] == pytest.approx((record["request_ms"] - record["ttft_ms"]) / 4)
 
 
