@@ -136,7 +136,9 @@ def engine_process(dtype: str, method: str, workload: serving.Workload, conn) ->
     try:
         speculative = None if method == "none" else {
             "method": method, "model": str(eagle3_head_dir()), "num_speculative_tokens": DRAFT_TOKENS}
-        llm = serving.start_engine(dtype, serving.model_dir(), speculative_config=speculative)
+        # max_num_seqs = the workload's requests: fewer CUDA graphs to capture at start.
+        llm = serving.start_engine(dtype, serving.model_dir(), speculative_config=speculative,
+                                   max_num_seqs=workload.requests)
         capacity = serving.kv_cache_capacity(llm, serving.ENGINE_MAX_MODEL_LEN)
         conn.send(("record", {"benchmark": "speculative", "kv_cache_dtype": dtype, "speculative": method,
                               "num_speculative_tokens": DRAFT_TOKENS if speculative else 0,
