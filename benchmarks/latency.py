@@ -21,11 +21,9 @@ Records {"benchmark": "latency", "kv_cache_dtype", "context", "ttft_ms", "reques
 from __future__ import annotations
 
 import argparse
-import datetime
-import os
 import statistics
 import time
-import traceback
+from collections.abc import Iterator
 from pathlib import Path
 
 import report
@@ -70,31 +68,17 @@ def measure(llm, context: int, output_tokens: int, repeats: int) -> dict:
             "jit_compiles": compiled}
 
 
-def engine_process(dtype: str, contexts: list[int], output_tokens: int, repeats: int, conn) -> None:
-    """Measure every context on one engine for ``dtype``, sending ("record", dict) or ("error", str)."""
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    try:
-        llm = serving.start_engine(dtype, serving.model_dir(), max_model_len=max(contexts) + output_tokens + 16)
-        for context in contexts:
-            conn.send(("record", {"benchmark": "latency", "kv_cache_dtype": dtype, "context": context,
-                                  "output_tokens": output_tokens, "repeats": repeats,
-                                  **measure(llm, context, output_tokens, repeats)}))
-    except Exception as error:
-        traceback.print_exc()
-        conn.send(("error", f"{type(error).__name__}: {error}"))
-    finally:
-        conn.close()
+def engine_process(dtype: str, contexts: list[int], output_tokens: int, repeats: int) -> Iterator[dict]:
+    """The record of every context, measured on one engine for ``dtype``."""
+    llm = serving.start_engine(dtype, serving.model_dir(), max_model_len=max(contexts) + output_tokens + 16)
+    for context in contexts:
+        yield {"benchmark": "latency", "kv_cache_dtype": dtype, "context": context, "output_tokens": output_tokens,
+               "repeats": repeats, **measure(llm, context, output_tokens, repeats)}
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    from vllm import __version__ as vllm_version
-    from vllm.platforms import current_platform
-
-    gpu = current_platform.get_device_name()
-    date = datetime.date.today().isoformat()
-    path = report.result_path(args.out, gpu, date)
-    environment = {"gpu": gpu, "vllm_version": vllm_version, "date": date, "model": serving.MODEL_NAME}
+    path, environment = serving.results_file(args.out)
     records = []
 
     def save(record: dict) -> None:

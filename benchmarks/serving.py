@@ -103,19 +103,37 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def model_dir() -> Path:
-    """The folder holding the Qwen3-8B-shaped config.json (written once, atomically)."""
+def config_dir(name: str, config: dict) -> Path:
+    """A model folder under ~/.cache/kitty_vllm/models holding only ``config`` as its config.json (written
+    once, atomically), for dummy weights."""
     from kitty_vllm.tools.assets import cache_dir
 
-    folder = cache_dir() / "models" / MODEL_NAME
-    config = json.dumps(QWEN3_8B_SHAPE, indent=1) + "\n"
+    folder = cache_dir() / "models" / name
+    text = json.dumps(config, indent=1) + "\n"
     path = folder / "config.json"
-    if not path.exists() or path.read_text() != config:
+    if not path.exists() or path.read_text() != text:
         folder.mkdir(parents=True, exist_ok=True)
         partial = path.with_name("config.json.partial")
-        partial.write_text(config)
+        partial.write_text(text)
         os.replace(partial, path)
     return folder
+
+
+def model_dir() -> Path:
+    """The folder holding the Qwen3-8B-shaped config.json."""
+    return config_dir(MODEL_NAME, QWEN3_8B_SHAPE)
+
+
+def results_file(out: Path, quick: bool = False, **fields) -> tuple[Path, dict]:
+    """This GPU's results file of today under ``out``, and what every record of the run carries: the GPU,
+    vLLM's version, the date, the model and ``fields``."""
+    from vllm import __version__ as vllm_version
+    from vllm.platforms import current_platform
+
+    gpu = current_platform.get_device_name()   # through NVML: this process never touches CUDA
+    date = datetime.date.today().isoformat()
+    environment = {"gpu": gpu, "vllm_version": vllm_version, "date": date, "model": MODEL_NAME, **fields}
+    return report.result_path(out, gpu, date, quick), environment
 
 
 def require_flash_attention_2() -> None:
@@ -215,25 +233,18 @@ def run_workload(llm, workload: Workload) -> dict:
 
 
 def engine_process(dtype: str, model: Path, benchmarks: list[str], max_model_lens: list[int],
-                   workloads: dict[str, Workload], conn) -> None:
-    """Run ``benchmarks`` for ``dtype`` on one engine, sending ("record", dict) or ("error", str) to ``conn``."""
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    try:
-        llm = start_engine(dtype, model)
-        if "capacity" in benchmarks:
-            for max_model_len in max_model_lens:
-                conn.send(("record", {"benchmark": "capacity", "kv_cache_dtype": dtype, "max_model_len": max_model_len,
-                                      **kv_cache_capacity(llm, max_model_len)}))
-        capacity = kv_cache_capacity(llm, ENGINE_MAX_MODEL_LEN)
-        for name in (b for b in benchmarks if b in workloads):
-            progress(f"{dtype}: {name} {asdict(workloads[name])}")
-            conn.send(("record", {"benchmark": name, "kv_cache_dtype": dtype, "max_model_len": ENGINE_MAX_MODEL_LEN,
-                                  **capacity, **run_workload(llm, workloads[name])}))
-    except Exception as error:
-        traceback.print_exc()
-        conn.send(("error", f"{type(error).__name__}: {error}"))
-    finally:
-        conn.close()
+                   workloads: dict[str, Workload]) -> Iterator[dict]:
+    """The records of ``benchmarks`` for ``dtype``, measured on one engine."""
+    llm = start_engine(dtype, model)
+    if "capacity" in benchmarks:
+        for max_model_len in max_model_lens:
+            yield {"benchmark": "capacity", "kv_cache_dtype": dtype, "max_model_len": max_model_len,
+                   **kv_cache_capacity(llm, max_model_len)}
+    capacity = kv_cache_capacity(llm, ENGINE_MAX_MODEL_LEN)
+    for name in (b for b in benchmarks if b in workloads):
+        progress(f"{dtype}: {name} {asdict(workloads[name])}")
+        yield {"benchmark": name, "kv_cache_dtype": dtype, "max_model_len": ENGINE_MAX_MODEL_LEN, **capacity,
+               **run_workload(llm, workloads[name])}
 
 
 def expected_keys(benchmarks: list[str], max_model_lens: list[int]) -> list[tuple[str, int]]:
@@ -241,12 +252,26 @@ def expected_keys(benchmarks: list[str], max_model_lens: list[int]) -> list[tupl
     return [(b, n) for b in benchmarks for n in (max_model_lens if b == "capacity" else [ENGINE_MAX_MODEL_LEN])]
 
 
-def run_in_process(target, args: tuple, save) -> tuple[list[dict], str | None]:
-    """Run ``target(*args, conn)`` in a fresh spawned process (so that its GPU memory is freed when it ends),
-    ``save`` every record it sends; return the records and its error (None if it ended cleanly)."""
+def _child(measure, args: tuple, conn) -> None:
+    """In the spawned process: the engine in this process (so that its scheduler can be read), each record
+    of ``measure(*args)`` sent as ("record", dict) as soon as it is measured, and an exception as ("error", str)."""
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    try:
+        for record in measure(*args):
+            conn.send(("record", record))
+    except Exception as error:
+        traceback.print_exc()
+        conn.send(("error", f"{type(error).__name__}: {error}"))
+    finally:
+        conn.close()
+
+
+def run_in_process(measure, args: tuple, save) -> tuple[list[dict], str | None]:
+    """Run the generator ``measure(*args)`` in a fresh spawned process (so that its GPU memory is freed when
+    it ends), ``save`` every record it yields; return the records and its error (None if it ended cleanly)."""
     context = multiprocessing.get_context("spawn")
     receive, send = context.Pipe(duplex=False)
-    process = context.Process(target=target, args=(*args, send))
+    process = context.Process(target=_child, args=(measure, args, send))
     process.start()
     send.close()
     records, error = [], None
@@ -294,16 +319,11 @@ def summary(record: dict) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    from vllm import __version__ as vllm_version
-    from vllm.platforms import current_platform
-
-    gpu = current_platform.get_device_name()   # through NVML: this process never touches CUDA
-    date = datetime.date.today().isoformat()
-    path = report.result_path(args.out, gpu, date, args.quick)
     workloads = QUICK_WORKLOADS if args.quick else WORKLOADS
     model = args.model or model_dir()
-    environment = {"gpu": gpu, "vllm_version": vllm_version, "date": date, "model": model.name, "quick": args.quick}
-    progress(f"{gpu}, vLLM {vllm_version}: {' '.join(args.benchmarks)} for {' '.join(args.kv_cache_dtypes)} -> {path}")
+    path, environment = results_file(args.out, args.quick, model=model.name, quick=args.quick)
+    progress(f"{environment['gpu']}, vLLM {environment['vllm_version']}: {' '.join(args.benchmarks)} for "
+             f"{' '.join(args.kv_cache_dtypes)} -> {path}")
 
     def save(record: dict) -> None:
         record = {**record, **environment}

@@ -24,11 +24,8 @@ Records are merged into ``<out>/<gpu>-<yyyy-mm-dd>.json`` (benchmark "speculativ
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import os
 import time
-import traceback
+from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 
@@ -79,18 +76,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def eagle3_head_dir() -> Path:
-    """The folder holding the EAGLE-3 head's config.json (written once, atomically)."""
-    from kitty_vllm.tools.assets import cache_dir
-
-    folder = cache_dir() / "models" / EAGLE3_HEAD_NAME
-    config = json.dumps(EAGLE3_HEAD, indent=1) + "\n"
-    path = folder / "config.json"
-    if not path.exists() or path.read_text() != config:
-        folder.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name("config.json.partial")
-        partial.write_text(config)
-        os.replace(partial, path)
-    return folder
+    """The folder holding the EAGLE-3 head's config.json."""
+    return serving.config_dir(EAGLE3_HEAD_NAME, EAGLE3_HEAD)
 
 
 def counters(llm) -> dict[str, float]:
@@ -130,25 +117,16 @@ def run_workload(llm, workload: serving.Workload, speculating: bool) -> dict:
     return record
 
 
-def engine_process(dtype: str, method: str, workload: serving.Workload, conn) -> None:
-    """Measure ``workload`` for (``dtype``, ``method``) on one engine, sending ("record", dict) or ("error", str)."""
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    try:
-        speculative = None if method == "none" else {
-            "method": method, "model": str(eagle3_head_dir()), "num_speculative_tokens": DRAFT_TOKENS}
-        # max_num_seqs = the workload's requests: fewer CUDA graphs to capture at start.
-        llm = serving.start_engine(dtype, serving.model_dir(), speculative_config=speculative,
-                                   max_num_seqs=workload.requests)
-        capacity = serving.kv_cache_capacity(llm, serving.ENGINE_MAX_MODEL_LEN)
-        conn.send(("record", {"benchmark": "speculative", "kv_cache_dtype": dtype, "speculative": method,
-                              "num_speculative_tokens": DRAFT_TOKENS if speculative else 0,
-                              "max_model_len": serving.ENGINE_MAX_MODEL_LEN, **capacity,
-                              **run_workload(llm, workload, bool(speculative))}))
-    except Exception as error:
-        traceback.print_exc()
-        conn.send(("error", f"{type(error).__name__}: {error}"))
-    finally:
-        conn.close()
+def engine_process(dtype: str, method: str, workload: serving.Workload) -> Iterator[dict]:
+    """The record of ``workload`` for (``dtype``, ``method``), measured on one engine."""
+    speculative = None if method == "none" else {
+        "method": method, "model": str(eagle3_head_dir()), "num_speculative_tokens": DRAFT_TOKENS}
+    # max_num_seqs = the workload's requests: fewer CUDA graphs to capture at start.
+    llm = serving.start_engine(dtype, serving.model_dir(), speculative_config=speculative,
+                               max_num_seqs=workload.requests)
+    yield {"benchmark": "speculative", "kv_cache_dtype": dtype, "speculative": method,
+           "num_speculative_tokens": DRAFT_TOKENS if speculative else 0, "max_model_len": serving.ENGINE_MAX_MODEL_LEN,
+           **serving.kv_cache_capacity(llm, serving.ENGINE_MAX_MODEL_LEN), **run_workload(llm, workload, bool(speculative))}
 
 
 def summary(record: dict) -> str:
@@ -165,15 +143,8 @@ def summary(record: dict) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    from vllm import __version__ as vllm_version
-    from vllm.platforms import current_platform
-
-    gpu = current_platform.get_device_name()
-    date = datetime.date.today().isoformat()
-    path = report.result_path(args.out, gpu, date, args.quick)
     workload = QUICK_WORKLOAD if args.quick else WORKLOAD
-    environment = {"gpu": gpu, "vllm_version": vllm_version, "date": date, "model": serving.MODEL_NAME,
-                   "draft_model": EAGLE3_HEAD_NAME, "quick": args.quick}
+    path, environment = serving.results_file(args.out, args.quick, draft_model=EAGLE3_HEAD_NAME, quick=args.quick)
 
     def save(record: dict) -> None:
         record = {**record, **environment}

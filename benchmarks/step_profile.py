@@ -27,11 +27,9 @@ Records {"benchmark": "step_profile", "kv_cache_dtype", "requests", "context", "
 from __future__ import annotations
 
 import argparse
-import datetime
-import os
 import re
 import time
-import traceback
+from collections.abc import Iterator
 from pathlib import Path
 
 import report
@@ -159,29 +157,16 @@ def roofline(llm, dtype: str, record: dict) -> dict:
             "roofline_ratio": record["step_ms"] / roofline_ms}
 
 
-def engine_process(dtype: str, requests: int, context: int, steps: int, conn) -> None:
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    try:
-        llm = serving.start_engine(dtype, serving.model_dir())
-        record = profile_run(llm, requests, context, steps)
-        conn.send(("record", {"benchmark": "step_profile", "kv_cache_dtype": dtype, **record,
-                              **roofline(llm, dtype, record)}))
-    except Exception as error:
-        traceback.print_exc()
-        conn.send(("error", f"{type(error).__name__}: {error}"))
-    finally:
-        conn.close()
+def engine_process(dtype: str, requests: int, context: int, steps: int) -> Iterator[dict]:
+    """The step profile of ``requests`` requests for ``dtype``, measured on one engine."""
+    llm = serving.start_engine(dtype, serving.model_dir())
+    record = profile_run(llm, requests, context, steps)
+    yield {"benchmark": "step_profile", "kv_cache_dtype": dtype, **record, **roofline(llm, dtype, record)}
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    from vllm import __version__ as vllm_version
-    from vllm.platforms import current_platform
-
-    gpu = current_platform.get_device_name()
-    date = datetime.date.today().isoformat()
-    path = report.result_path(args.out, gpu, date)
-    environment = {"gpu": gpu, "vllm_version": vllm_version, "date": date, "model": serving.MODEL_NAME}
+    path, environment = serving.results_file(args.out)
     records = []
 
     def save(record: dict) -> None:

@@ -163,6 +163,23 @@ def test_step_roofline_bytes():
     assert (bf16 - queries) / 7 < kitty < (bf16 - queries) / 4     # about 2.5 bits per element, and the sinks
 
 
+def _two_records_then_error(first: int):
+    yield {"i": first}
+    yield {"i": first + 1}
+    raise RuntimeError("boom")
+
+
+def test_run_in_process_saves_records_and_reports_errors():
+    """Each engine runs in a spawned process: every record it yields is saved as it comes, and an exception
+    comes back as the error of that dtype's remaining records."""
+    import serving
+
+    saved = []
+    records, error = serving.run_in_process(_two_records_then_error, (5,), saved.append)
+    assert records == saved == [{"i": 5}, {"i": 6}]
+    assert error == "RuntimeError: boom"
+
+
 def test_jit_compiles_counts_the_monitors_events():
     """serving.jit_compiles lists what vLLM's JIT monitor reports inside the block, and only there."""
     import serving
