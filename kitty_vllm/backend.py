@@ -24,6 +24,7 @@ from vllm.v1.attention.backend import (AttentionBackend, AttentionCGSupport, Att
 
 from vllm.v1.kv_cache_layout import KVCacheLayout
 
+from kitty_vllm import reference
 from kitty_vllm.block_manager.spec import KV_CACHE_LAYOUTS
 from kitty_vllm.kernels import decode_attention
 from kitty_vllm.kernels.common import SUPPORTED_HEAD_DIMS
@@ -165,6 +166,9 @@ class KittyAttentionBackend(AttentionBackend):
                 config.num_boost_channels(selector_config.head_size)
             except KittyConfigError as e:
                 reasons.append(str(e))
+            if config.value_rotation == "hadamard" and selector_config.head_size & (selector_config.head_size - 1):
+                reasons.append(f"head size {selector_config.head_size} with value_rotation=hadamard (the Hadamard "
+                               f"rotation needs a power-of-two head size; set value_rotation: none)")
         if selector_config.dtype not in cls.supported_dtypes:
             reasons.append(f"model dtype {selector_config.dtype}")
         return reasons
@@ -191,6 +195,8 @@ class KittyAttentionImpl(AttentionImpl):
         # which the model's weights are loaded into after this, as vLLM's FlashAttention backend keeps it.
         self.logits_soft_cap = float(logits_soft_cap or 0.0)
         self.sinks = sinks
+        # KittyConfig.value_rotation: the matrix, moved to the device of the first forward that stores.
+        self.rotation = reference.value_rotation(self.config, head_size)
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata: KittyMetadata | None,
                 output=None, output_scale=None, output_block_scale=None):
@@ -199,6 +205,15 @@ class KittyAttentionImpl(AttentionImpl):
             raise NotImplementedError("kitty attention does not produce quantized outputs")
         if attn_metadata is None:  # profiling run: no cache yet
             return output.fill_(0)
+        if self.rotation is None:
+            return self._attend(layer, query, key, value, kv_cache, attn_metadata, output)
+        self.rotation = self.rotation.to(query.device)
+        self._attend(layer, query, key, reference.rotate(value, self.rotation), kv_cache, attn_metadata, output)
+        return output.copy_(reference.rotate(output, self.rotation))
+
+    def _attend(self, layer, query, key, value, kv_cache, attn_metadata: KittyMetadata, output) -> torch.Tensor:
+        """Store this step's Keys and Values and write its attention into ``output`` (forward's orchestration:
+        decode-only batches on the decode path, else the split into one-token requests and spans)."""
         stage = layer.kitty_stage
         stage_metadata = get_forward_context().attn_metadata
         if isinstance(stage_metadata, list):

@@ -28,6 +28,7 @@ import yaml
 
 PRESETS = ("kitty2", "kitty2-lite", "kivi2")
 BOOST_POLICIES = ("magnitude", "variance", "random")
+VALUE_ROTATIONS = ("none", "hadamard")
 CONFIG_FILE_ENV = "KITTY_CONFIG"
 # The key of kitty's fields in vLLM's ``--additional-config`` mapping.
 ADDITIONAL_CONFIG_KEY = "kitty"
@@ -70,6 +71,11 @@ class KittyConfig:
         ``--speculative-config`` (kitty_vllm.patches). Drafts that verification rejects are stored
         before anyone knows, so the ring keeps ``draft_tokens`` slots beyond the window (``ring_slots``):
         a rejected draft then never overwrites a token that is still read.
+    value_rotation: ``hadamard`` multiplies every token's Value vector (per KV head) by the normalized
+        Hadamard matrix before it is stored, so that pages quantize rotated Values, whose per-token range
+        the rotation spreads evenly over the channels, and the attention output by the same matrix after
+        (it is its own inverse); Keys are not rotated (their per-channel boost picks outlier channels,
+        which a rotation would spread). Needs a power-of-two head size. ``none``: Values as they are.
     """
 
     page_size: int = 128
@@ -82,6 +88,7 @@ class KittyConfig:
     boost_policy: str = "magnitude"
     exact_prefill: bool = False
     draft_tokens: int = 0
+    value_rotation: str = "none"
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -111,6 +118,9 @@ class KittyConfig:
         if self.boost_policy not in BOOST_POLICIES:
             raise KittyConfigError(
                 f"boost_policy={self.boost_policy!r}: must be one of {', '.join(BOOST_POLICIES)}")
+        if self.value_rotation not in VALUE_ROTATIONS:
+            raise KittyConfigError(
+                f"value_rotation={self.value_rotation!r}: must be one of {', '.join(VALUE_ROTATIONS)}")
 
     @property
     def ring_slots(self) -> int:

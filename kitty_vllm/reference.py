@@ -192,6 +192,33 @@ def dequantize_pages(pages: torch.Tensor, config: KittyConfig,
     return keys.transpose(-3, -2), values.transpose(-3, -2)
 
 
+def hadamard(dim: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """The normalized Sylvester Hadamard matrix, float32 [dim, dim]: symmetric, ``H @ H = I``, so it undoes
+    itself (KittyConfig.value_rotation). ``dim`` must be a power of two."""
+    if dim < 1 or dim & (dim - 1):
+        raise ValueError(f"head_dim={dim}: the Hadamard rotation needs a power of two")
+    matrix = torch.ones(1, 1, dtype=torch.float64)
+    while matrix.shape[0] < dim:
+        matrix = torch.cat([torch.cat([matrix, matrix], 1), torch.cat([matrix, -matrix], 1)])
+    return (matrix / dim ** 0.5).to(torch.float32).to(device)
+
+
+def rotate(x: torch.Tensor, rotation: torch.Tensor | None) -> torch.Tensor:
+    """``x`` [..., D] times ``rotation`` [D, D] in float32 (float64 for float64 ``x``), back in x's dtype
+    (None: ``x`` itself). With value_rotation, Values go in through it before they are stored and the
+    attention output comes out through it (the matrix being its own inverse)."""
+    if rotation is None:
+        return x
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    return (x.to(dtype) @ rotation.to(dtype)).to(x.dtype)
+
+
+def value_rotation(config: KittyConfig, head_dim: int, device: torch.device | str | None = None
+                   ) -> torch.Tensor | None:
+    """The matrix of ``config.value_rotation`` for ``head_dim`` (None: no rotation)."""
+    return hadamard(head_dim, device) if config.value_rotation == "hadamard" else None
+
+
 def quantized_sequence(keys: torch.Tensor, values: torch.Tensor, config: KittyConfig,
                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """Every complete page of a sequence ``[N, H, D]``, quantized and dequantized (float32).
@@ -229,14 +256,17 @@ def reference_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.T
     query [Tq, Hq, D] at ``query_positions`` (default: the last Tq positions); keys/values
     [N, Hkv, D] hold the sequence's full-precision K (after RoPE) and V for positions 0..N-1. The
     queries are one step: each sees the cache as it stands at its position (module docstring). Hq is a multiple of Hkv.
-    ``soft_cap`` and ``sinks``: as :func:`schedule_attention`.
+    ``soft_cap`` and ``sinks``: as :func:`schedule_attention`. With ``config.value_rotation`` the Values are
+    stored rotated and the output rotated back, as the backend does around the cache.
     """
     num_keys = keys.shape[0]
     if query_positions is None:
         query_positions = torch.arange(num_keys - query.shape[0], num_keys)
+    rotation = value_rotation(config, keys.shape[-1], keys.device)
+    values = rotate(values, rotation)
     keys_q, values_q = quantized_sequence(keys, values, config)
-    return schedule_attention(query, keys, values, keys_q, values_q, query_positions, config, scale, soft_cap,
-                              sinks)
+    return rotate(schedule_attention(query, keys, values, keys_q, values_q, query_positions, config, scale, soft_cap,
+                                     sinks), rotation)
 
 
 def schedule_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,

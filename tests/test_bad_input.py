@@ -109,6 +109,15 @@ def test_unsupported_head_size_names_the_supported_ones(start_engine, monkeypatc
     assert "head size 72 (kitty supports head sizes 64, 80, 96, 112, 128, 160, 192, 256)" in message
 
 
+def test_value_rotation_needs_a_power_of_two_head_size(start_engine, monkeypatch):
+    """The Hadamard rotation of the Values (KittyConfig.value_rotation) has no matrix of size 96."""
+    monkeypatch.delenv("KITTY_CONFIG", raising=False)
+    message = startup_error(start_engine, build_tiny_model(head_dim=96),
+                            additional_config={"kitty": {"value_rotation": "hadamard"}})
+    assert ("head size 96 with value_rotation=hadamard (the Hadamard rotation needs a power-of-two head size; "
+            "set value_rotation: none)") in message
+
+
 # The tiny model's config.json turned into architectures kitty cannot serve.
 UNSERVABLE_MODELS = {
     # DeepSeek-V2 attention (MLA), with dense MLPs only: every layer precedes first_k_dense_replace.

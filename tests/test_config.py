@@ -39,6 +39,7 @@ def test_unknown_preset_lists_the_valid_ones():
     ("value_window: 64\n", "value_window=64: must equal page_size=128"),
     ("key_bits: 3\n", "key_bits=3: only 2 is supported"),
     ("boost_policy: largest\n", "boost_policy='largest': must be one of magnitude, variance, random"),
+    ("value_rotation: random\n", "value_rotation='random': must be one of none, hadamard"),
     ("- 1\n- 2\n", "expected a mapping"),
     ("page_size: [1\n", "not valid YAML"),
 ])

@@ -111,6 +111,30 @@ def test_attention_without_full_pages_is_exact():
     torch.testing.assert_close(out, expected.transpose(0, 1), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dim", [64, 128, 256])
+def test_hadamard_is_symmetric_and_its_own_inverse(dim):
+    h = R.hadamard(dim)
+    assert torch.equal(h, h.T) and torch.equal(h.abs(), torch.full_like(h, dim ** -0.5))
+    torch.testing.assert_close(h @ h, torch.eye(dim), rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="head_dim=96: the Hadamard rotation needs a power of two"):
+        R.hadamard(96)
+
+
+def test_value_rotation_quantizes_rotated_values_and_rotates_the_output_back():
+    """With value_rotation=hadamard, reference_attention is kitty2's attention over Values V H, its output
+    times H: exact where nothing is quantized, different where pages are."""
+    rotated = KITTY2.replace(value_rotation="hadamard")
+    h = R.hadamard(64)
+    q, k, v = torch.randn(5, 4, 64), torch.randn(300, 2, 64), torch.randn(300, 2, 64)
+    out = R.reference_attention(q, k, v, rotated)
+    torch.testing.assert_close(out, R.reference_attention(q, k, v @ h, KITTY2) @ h)
+    assert not torch.allclose(out, R.reference_attention(q, k, v, KITTY2), atol=1e-3)
+    short = slice(0, 100)   # no complete page: full precision throughout, the rotation cancels
+    torch.testing.assert_close(R.reference_attention(q, k[short], v[short], rotated),
+                               R.reference_attention(q, k[short], v[short], KITTY2), rtol=1e-5, atol=1e-5)
+    assert R.value_rotation(KITTY2, 64) is None and R.rotate(v, None) is v
+
+
 def test_soft_cap_and_sinks_follow_their_definitions():
     """Soft-capping (Gemma 2): the scaled scores become cap * tanh(score / cap) before the softmax.
     Learned sinks (gpt-oss): sum_t exp(s_t - m) v_t / (sum_t exp(s_t - m) + exp(sink_h - m)), per query

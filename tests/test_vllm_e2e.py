@@ -28,7 +28,7 @@ import torch
 
 from engine import prompt_inputs, torch_threads, vllm_engine
 from kitty_vllm.tools.assets import token_windows
-from kitty_vllm.config import KittyConfig
+from kitty_vllm.config import ADDITIONAL_CONFIG_KEY, KittyConfig
 from kitty_vllm.tools.oracle import kitty_greedy
 from tiny_model import build_tiny_model
 
@@ -60,6 +60,9 @@ MIN_GAP = 2e-3
 # pages complete inside steps (at 127 in 80..159) and steps start inside pages.
 ALONE = [2, 3]
 STEP = 80
+# The value_rotation engine: the 120- and 300-token prompts (pages complete while decoding and before);
+# under the rotation the 740-token one decodes a near-tie (top-2 gap 7e-4) at its 24th token.
+ROTATED = [1, 2]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -77,7 +80,7 @@ def model_dir():
 def prompts(model_dir):
     """``batch``: BOS + essay text of PROMPT_LENS tokens, each from its own window (no shared
     prefixes); ``long``: the 740-token one; ``follow_up``: a prompt sharing SHARED_PREFIX tokens with
-    it, and an exact repeat of it; ``alone``: the ALONE prompts of the batch."""
+    it, and an exact repeat of it; ``alone`` and ``rotated``: the ALONE and ROTATED prompts of the batch."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
@@ -86,22 +89,23 @@ def prompts(model_dir):
     batch = [[tokenizer.bos_token_id] + windows[i][: n - 1] for i, n in enumerate(PROMPT_LENS)]
     follow_up = [batch[3][:SHARED_PREFIX] + windows[-1][:FOLLOW_UP_TAIL], list(batch[3])]
     assert [len(p) for p in batch] == list(PROMPT_LENS)
-    return {"batch": batch, "long": [batch[3]], "follow_up": follow_up, "alone": [batch[i] for i in ALONE]}
+    return {"batch": batch, "long": [batch[3]], "follow_up": follow_up, "alone": [batch[i] for i in ALONE],
+            "rotated": [batch[i] for i in ROTATED]}
 
 
 class Oracle:
-    """The oracle's greedy tokens for ``prompts[which]`` under a preset (None: plain attention), and
-    the smallest top-1/top-2 logit gap among the choices it made; each computed once. ``step=None``:
-    the preset with exact_prefill, each prompt prefilled in one step; ``step=k``: the preset as it is,
-    each prompt prefilled in k-token steps."""
+    """The oracle's greedy tokens for ``prompts[which]`` under a preset (None: plain attention) with
+    ``fields`` replaced, and the smallest top-1/top-2 logit gap among the choices it made; each computed
+    once. ``step=None``: the preset with exact_prefill, each prompt prefilled in one step; ``step=k``: the
+    preset as it is, each prompt prefilled in k-token steps."""
 
     def __init__(self, model_dir, prompts):
         self.model_dir, self.prompts, self.results = model_dir, prompts, {}
 
-    def _run(self, preset: str | None, which: str, step: int | None):
-        key = (preset, which, step)
+    def _run(self, preset: str | None, which: str, step: int | None, fields: dict):
+        key = (preset, which, step, tuple(sorted(fields.items())))
         if key not in self.results:
-            config = None if preset is None else KittyConfig.from_preset(preset)
+            config = None if preset is None else KittyConfig.from_preset(preset).replace(**fields)
             if config is not None and step is None:
                 config = config.replace(exact_prefill=True)
             start = time.perf_counter()
@@ -110,15 +114,17 @@ class Oracle:
             gap = min(float(top[:, 0].sub(top[:, 1]).min())
                       for top in (torch.topk(chosen, 2, dim=-1).values for chosen in logits))
             self.results[key] = tokens, gap
-            print(f"\n[oracle] {preset or 'plain'} {which} {f'{step}-token steps' if step else 'exact_prefill'}: "
+            print(f"\n[oracle] {preset or 'plain'} {fields or ''} {which} "
+                  f"{f'{step}-token steps' if step else 'exact_prefill'}: "
                   f"{time.perf_counter() - start:.1f} s, smallest top-2 logit gap {gap:.4f}")
         return self.results[key]
 
-    def __call__(self, preset: str | None, which: str = "batch", step: int | None = None) -> list[list[int]]:
-        return self._run(preset, which, step)[0]
+    def __call__(self, preset: str | None, which: str = "batch", step: int | None = None,
+                 **fields) -> list[list[int]]:
+        return self._run(preset, which, step, fields)[0]
 
-    def gap(self, preset: str | None, which: str = "batch", step: int | None = None) -> float:
-        return self._run(preset, which, step)[1]
+    def gap(self, preset: str | None, which: str = "batch", step: int | None = None, **fields) -> float:
+        return self._run(preset, which, step, fields)[1]
 
 
 @pytest.fixture(scope="module")
@@ -193,6 +199,14 @@ def kitty2_default(model_dir, prompts):
                       max_num_seqs=1)
 
 
+@pytest.fixture(scope="module")
+def kitty2_hadamard(model_dir, prompts):
+    """kitty2 with its Values stored through the Hadamard rotation (KittyConfig.value_rotation), set as a
+    user sets one field: ``--additional-config '{"kitty": {"value_rotation": "hadamard"}}'``."""
+    return run_engine(model_dir, [prompts["rotated"]], kv_cache_dtype="kitty2",
+                      additional_config={ADDITIONAL_CONFIG_KEY: {"value_rotation": "hadamard"}})
+
+
 # Tests.
 
 def test_oracle_quantization_changes_greedy_output(oracle):
@@ -211,6 +225,7 @@ def test_oracle_choices_are_not_near_ties(oracle):
                                   ("kivi2", "batch")]}
     for which, step in [("alone", STEP), ("long", HIT_STEP), ("follow_up", HIT_STEP)]:
         gaps["kitty2", which, step] = oracle.gap("kitty2", which, step)
+    gaps["kitty2", "rotated"] = oracle.gap("kitty2", "rotated", value_rotation="hadamard")
     assert min(gaps.values()) >= MIN_GAP, gaps
 
 
@@ -264,3 +279,11 @@ def test_kitty2_default_prefill_steps_match_oracle(kitty2_default, oracle):
     [(tokens, hits)] = kitty2_default
     assert hits == [0] * len(ALONE)
     assert tokens == oracle("kitty2", "alone", STEP)
+
+
+def test_kitty2_value_rotation_matches_oracle(kitty2_hadamard, oracle):
+    """With value_rotation, vLLM's Values go into pages and ring rotated and its attention output comes
+    back through the rotation (the backend), as the oracle's reference_attention does."""
+    [(tokens, _)] = kitty2_hadamard
+    assert tokens == oracle("kitty2", "rotated", value_rotation="hadamard")
+    assert tokens != [oracle("kitty2")[i] for i in ROTATED], "the rotation changes no token: nothing is compared"

@@ -16,7 +16,9 @@ published config.json. What a request of ``--tokens`` tokens holds, in blocks of
   that ``kv_cache_dtype_skip_layers`` names (``skipped``), in bf16, every token in the blocks of most
   tokens that fit the shared page; every block padded to one shared page, at least a kitty page, a
   16-token bf16 block and the recurrent state, chosen as kitty_vllm.block_manager.mixed chooses it
-  (vLLM pads Mamba pages itself).
+  (vLLM pads Mamba pages itself). ``lagged_values`` (issue 30's value lag, kitty_vllm.tools.levers): that
+  many more of a request's newest Values per full-attention layer in full precision beside the ring, in
+  staging blocks, which hold twice as many Values alone as they hold tokens.
 
 The capacity ratio is ``auto``'s bytes over the kitty dtype's: how many more requests of that length
 fit in the same memory. vLLM's padding of layer groups to equal sizes (a few percent at most for these
@@ -132,11 +134,14 @@ def shared_pages(shape: ModelShape, config: KittyConfig, skipped: int = 0) -> li
 
 
 def kitty_bytes(shape: ModelShape, config: KittyConfig, tokens: int, step_tokens: int = STEP_TOKENS,
-                skipped: int = 0) -> int:
+                skipped: int = 0, lagged_values: int = 0) -> int:
     """KV-cache bytes one request of ``tokens`` tokens holds with the kitty dtype ``config`` and
     ``skipped`` of the full-attention layers in bf16 (``kv_cache_dtype_skip_layers``), in the shared
-    page that makes it smallest."""
-    staging = stage_layout(config, shape.head_dim, shape.kv_heads, BF16_BYTES).blocks_needed(tokens)
+    page that makes it smallest; ``lagged_values``: full-precision Values beyond the ring (module
+    docstring)."""
+    stage = stage_layout(config, shape.head_dim, shape.kv_heads, BF16_BYTES)
+    lagged = min(tokens, config.ring_slots + lagged_values) - min(tokens, config.ring_slots)
+    staging = stage.blocks_needed(tokens) + _cdiv(lagged, 2 * stage.tokens_per_block)
     token_bytes = 2 * shape.kv_heads * shape.head_dim * BF16_BYTES
 
     def at(page: int) -> int:

@@ -31,6 +31,9 @@ would silently change every kitty dtype). ``DTYPE:skip=LAYERS`` runs a quantized
 kitty preset) with the comma-separated ``LAYERS`` (indices from 0) left unquantized, in the model's
 dtype (vLLM's ``kv_cache_dtype_skip_layers``; a kitty dtype keeps them beside its pages, sharing the
 block pool: kitty_vllm.block_manager.mixed), labelled e.g. ``fp8 (layer 0 unquantized)``.
+``DTYPE:lever=NAMES`` runs a kitty preset with the comma-separated accuracy levers of issue 30 that only
+the float32 simulation implements (kitty_vllm.tools.levers: ``value-lag``, ``hadamard-v``), labelled e.g.
+``kitty2 (value-lag + hadamard-v)``; it needs ``--reference``, since the kernels do not implement them.
 ``--ablations`` adds the GSM8K ablations of the boost: policy (magnitude = kitty2, variance, random;
 25% of channels) and ratio (0 = kivi2, 12.5% = kitty2-lite, 25% = kitty2, 50%), from
 kitty_vllm/tools/ablations/.
@@ -83,6 +86,7 @@ ABLATIONS = ("kitty2:boost-variance", "kitty2:boost-random", "kitty2:boost-ratio
 Z95 = 1.96
 CPU_KV_CACHE_GIB = 2.0
 SKIP_PREFIX = "skip="
+LEVER_PREFIX = "lever="
 
 
 @dataclass(frozen=True)
@@ -106,14 +110,16 @@ class Record:
 
 @dataclass(frozen=True)
 class CacheSpec:
-    """A ``--kv-cache-dtype`` value, with the kitty config file that replaces its preset (if any) or
-    the layers that vLLM leaves unquantized (if any, sorted). ``exact_prefill``: run the kitty config
-    with exact_prefill on (the perplexity task's engine; the label stays the dtype's)."""
+    """A ``--kv-cache-dtype`` value, with the kitty config file that replaces its preset (if any), the
+    layers that vLLM leaves unquantized (if any, sorted) or the simulation's accuracy levers (if any, in
+    kitty_vllm.tools.levers.LEVERS' order). ``exact_prefill``: run the kitty config with exact_prefill on
+    (the perplexity task's engine; the label stays the dtype's)."""
 
     kv_cache_dtype: str
     config_file: Path | None = None
     skip_layers: tuple[int, ...] = ()
     exact_prefill: bool = False
+    levers: tuple[str, ...] = ()
 
     @classmethod
     def parse(cls, text: str) -> CacheSpec:
@@ -123,7 +129,12 @@ class CacheSpec:
         if file.startswith(SKIP_PREFIX):   # "fp8:skip=0" is no file name
             return cls(dtype, skip_layers=_skip_layers(text, dtype, file.removeprefix(SKIP_PREFIX)))
         if dtype not in PRESETS:
-            raise ValueError(f"{text}: a config file applies to kitty dtypes only ({', '.join(PRESETS)})")
+            what = "a lever" if file.startswith(LEVER_PREFIX) else "a config file"
+            raise ValueError(f"{text}: {what} applies to kitty dtypes only ({', '.join(PRESETS)})")
+        if file.startswith(LEVER_PREFIX):
+            from kitty_vllm.tools import levers
+
+            return cls(dtype, levers=levers.parse(file.removeprefix(LEVER_PREFIX)))
         path = Path(file)
         if path.suffix != ".yaml":   # "kitty2:boost-random" names ablations/boost-random.yaml here
             path = ABLATION_DIR / f"{file}.yaml"
@@ -132,6 +143,8 @@ class CacheSpec:
 
     @property
     def label(self) -> str:
+        if self.levers:
+            return f"{self.kv_cache_dtype} ({' + '.join(self.levers)})"
         if self.skip_layers:
             layers = ("layers " if len(self.skip_layers) > 1 else "layer ") + ",".join(map(str, self.skip_layers))
             return f"{self.kv_cache_dtype} ({layers} unquantized)"
@@ -146,7 +159,11 @@ class CacheSpec:
         return config.replace(exact_prefill=True) if self.exact_prefill else config
 
     def llm_kwargs(self) -> dict[str, Any]:
-        """The cache's arguments to ``vllm.LLM``. vLLM matches skipped layers by ``str(index)``."""
+        """The cache's arguments to ``vllm.LLM``. vLLM matches skipped layers by ``str(index)``. Levers
+        are refused: only the float32 simulation implements them."""
+        if self.levers:
+            raise ValueError(f"{self.label}: {LEVER_PREFIX}{','.join(self.levers)} runs in the float32 simulation "
+                             "only (--reference); the kernels do not implement it yet")
         kwargs: dict[str, Any] = {"kv_cache_dtype": self.kv_cache_dtype}
         if self.skip_layers:
             kwargs["kv_cache_dtype_skip_layers"] = [str(i) for i in self.skip_layers]
@@ -213,20 +230,23 @@ def window_nlls(llm, windows: Sequence[Sequence[int]], use_tqdm: bool = True) ->
 
 
 def reference_window_nlls(model_dir: Path, windows: Sequence[Sequence[int]], spec: CacheSpec) -> list[float]:
-    """``window_nlls`` of the float32 decode-time simulation (kitty_vllm.tools.oracle) of ``spec``'s cache."""
+    """``window_nlls`` of the float32 decode-time simulation (kitty_vllm.tools.oracle) of ``spec``'s cache,
+    its levers included (kitty_vllm.tools.levers)."""
     import torch
 
     if spec.kv_cache_dtype != "auto" and spec.kv_cache_dtype not in PRESETS:
         raise ValueError(f"the float32 simulation covers auto and the kitty dtypes, not {spec.kv_cache_dtype}")
     from kitty_vllm.tools import oracle
+    from kitty_vllm.tools.levers import lever_attention
 
     config = spec.kitty_config()
     if config is not None:
         config = config.replace(exact_prefill=True)   # decode-time, as the perplexity engine runs it
+    attention = lever_attention(spec.levers)
     nlls = []
     for i, window in enumerate(windows):
         start = time.perf_counter()
-        logits = oracle.kitty_logits(model_dir, list(window), config)
+        logits = oracle.kitty_logits(model_dir, list(window), config, attention=attention)
         logprobs = torch.log_softmax(logits[:-1], dim=-1).gather(1, torch.tensor(window[1:])[:, None])
         nlls.append(-float(logprobs.double().mean()))
         logger.info("  simulation window %d/%d: nll %.4f (%.0f s)", i + 1, len(windows), nlls[-1],
@@ -474,8 +494,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--model", required=True, choices=sorted(assets.MODELS))
     parser.add_argument("--kv-cache-dtypes", nargs="+", default=list(KV_CACHE_DTYPES), metavar="DTYPE[:CONFIG]",
-                        help="CONFIG: a kitty config (FILE.yaml or an ablation's name) or skip=LAYERS "
-                             "(these layers unquantized, e.g. fp8:skip=0, kitty2:skip=0,1)")
+                        help="CONFIG: a kitty config (FILE.yaml or an ablation's name), skip=LAYERS "
+                             "(these layers unquantized, e.g. fp8:skip=0, kitty2:skip=0,1) or lever=NAMES "
+                             "(--reference only, e.g. kitty2:lever=value-lag,hadamard-v)")
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
     parser.add_argument("--ablations", action="store_true", help="add the GSM8K boost ablations")
     parser.add_argument("--limit", type=int, default=None, help="first N GSM8K problems (default: all 1,319)")
@@ -516,6 +537,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error(str(e))
     if args.reference and any(spec.skip_layers for spec in args.specs):
         parser.error("--reference: the float32 simulation quantizes every layer; it cannot run skip=LAYERS")
+    leveled = [spec.label for spec in args.specs if spec.levers]
+    if leveled and not args.reference:
+        parser.error(f"{', '.join(leveled)}: {LEVER_PREFIX}NAMES runs in the float32 simulation only (the kernels "
+                     "do not implement the levers yet): add --reference --tasks perplexity --dtype float32")
     if args.ablations and "gsm8k" not in args.tasks:
         parser.error("--ablations are GSM8K runs: add gsm8k to --tasks")
     if args.limit is not None and args.limit < 1:

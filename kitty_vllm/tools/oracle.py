@@ -11,6 +11,9 @@ prompt must be fed in the chunks vLLM prefills it in (``chunk_size``) for the tw
 
 ``config=None`` means plain attention: the same path with a config whose first page never fills
 (page_size > sequence length, no sinks), which makes ``reference_attention`` exact causal attention.
+``attention`` (kitty_logits; None: ``reference_attention``) replaces ``reference_attention`` for the
+quantized layers with a function of the same arguments: the accuracy levers of kitty_vllm.tools.levers,
+which the kernels do not implement.
 
 Sliding-window layers (Gemma 2/3, Mistral: transformers passes their ``sliding_window``) read their
 window in full precision, as kitty dtypes keep them in the model's dtype in vLLM
@@ -26,7 +29,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import threading
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 
 import torch
@@ -47,18 +50,21 @@ def plain_config(num_tokens: int) -> KittyConfig:
 
 @contextlib.contextmanager
 def kitty_attention(config: KittyConfig | None, plain_layers: Collection[int] = (),
-                    max_model_len: int | None = None) -> Iterator[None]:
-    """Within this block, ``"kitty_reference"`` attention uses ``config`` (None: plain attention), except
-    in the layers numbered in ``plain_layers`` (those ``kv_cache_dtype_skip_layers`` names in vLLM),
-    which attend plainly, and in sliding-window layers, whose window is shorter than ``max_model_len``
-    tokens (None: every sliding-window layer), which attend plainly over their window."""
+                    max_model_len: int | None = None,
+                    attention: Callable[..., torch.Tensor] | None = None) -> Iterator[None]:
+    """Within this block, ``"kitty_reference"`` attention uses ``config`` (None: plain attention) through
+    ``attention`` (``reference_attention``'s arguments; None: ``reference_attention``), except in the layers
+    numbered in ``plain_layers`` (those ``kv_cache_dtype_skip_layers`` names in vLLM), which attend plainly,
+    and in sliding-window layers, whose window is shorter than ``max_model_len`` tokens (None: every
+    sliding-window layer), which attend plainly over their window."""
     previous = (getattr(_state, "config", None), getattr(_state, "plain_layers", frozenset()),
-                getattr(_state, "max_model_len", None))
-    _state.config, _state.plain_layers, _state.max_model_len = config, frozenset(plain_layers), max_model_len
+                getattr(_state, "max_model_len", None), getattr(_state, "attention", None))
+    _state.config, _state.plain_layers, _state.max_model_len, _state.attention = (
+        config, frozenset(plain_layers), max_model_len, attention)
     try:
         yield
     finally:
-        _state.config, _state.plain_layers, _state.max_model_len = previous
+        _state.config, _state.plain_layers, _state.max_model_len, _state.attention = previous
 
 
 def kitty_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
@@ -85,13 +91,13 @@ def kitty_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: t
     window, max_model_len = kwargs.get("sliding_window"), getattr(_state, "max_model_len", None)
     if window is not None and (max_model_len is None or window < max_model_len):
         return sliding_window_attention(query, key, value, window, scale, soft_cap, sinks), None
-    config = getattr(_state, "config", None)
+    config, attend = getattr(_state, "config", None), getattr(_state, "attention", None) or reference_attention
     if getattr(module, "layer_idx", None) in getattr(_state, "plain_layers", ()):
         config = None
     batch, _, num_queries, _ = query.shape
     num_keys = key.shape[2]
     if config is None:
-        config = plain_config(num_keys)
+        config, attend = plain_config(num_keys), reference_attention
     position_ids = kwargs.get("position_ids")
     outputs = []
     for b in range(batch):
@@ -101,9 +107,8 @@ def kitty_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: t
             positions = torch.arange(num_keys - num_queries, num_keys)
         if positions.numel() != num_queries or int(positions.max()) >= num_keys:
             raise ValueError(f"query positions {positions.tolist()} do not fit {num_keys} cached keys")
-        out = reference_attention(query[b].transpose(0, 1), key[b].transpose(0, 1),
-                                  value[b].transpose(0, 1), config, query_positions=positions, scale=scale,
-                                  soft_cap=soft_cap, sinks=sinks)
+        out = attend(query[b].transpose(0, 1), key[b].transpose(0, 1), value[b].transpose(0, 1), config,
+                     query_positions=positions, scale=scale, soft_cap=soft_cap, sinks=sinks)
         outputs.append(out)
     return torch.stack(outputs).to(query.dtype), None
 
@@ -161,12 +166,14 @@ def _load_model(model_dir: str, attn_implementation: str, dtype: torch.dtype):
 
 @torch.no_grad()
 def kitty_logits(model_dir: str | Path, token_ids: list[int], config: KittyConfig | None,
-                 chunk_size: int | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                 chunk_size: int | None = None, dtype: torch.dtype = torch.float32,
+                 attention: Callable[..., torch.Tensor] | None = None) -> torch.Tensor:
     """float32 logits [T, V] for every position of ``token_ids`` under ``config``'s cache schedule.
 
     ``chunk_size=None`` runs one prefill of the whole sequence; ``chunk_size=k`` feeds it ``k``
     tokens at a time through the cache (chunked prefill; ``1`` is token-by-token decoding).
     ``dtype`` is the model's (projections, norms, MLP); the attention itself is always float32.
+    ``attention``: as in :func:`kitty_attention` (kitty_vllm.tools.levers.lever_attention).
     """
     model = load_model(model_dir, dtype=dtype)
     from transformers import DynamicCache
@@ -175,7 +182,7 @@ def kitty_logits(model_dir: str | Path, token_ids: list[int], config: KittyConfi
     step = ids.shape[1] if chunk_size is None else chunk_size
     cache = DynamicCache(config=model.config)
     logits = []
-    with kitty_attention(config):
+    with kitty_attention(config, attention=attention):
         for start in range(0, ids.shape[1], step):
             chunk = ids[:, start:start + step]
             positions = torch.arange(start, start + chunk.shape[1]).unsqueeze(0)

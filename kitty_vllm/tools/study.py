@@ -4,19 +4,23 @@ difference, bits per element and capacity, from the records of a ``kitty_vllm.to
     python -m kitty_vllm.tools.study --eval-json RUN.json --kv-cache-dtypes auto kitty2 kitty2:skip=0 \\
         --json STUDY.json [--tokens 4624 32768]
 
-``--kv-cache-dtypes`` are the eval's own (``DTYPE``, ``DTYPE:skip=LAYERS``, ``DTYPE:FILE.yaml``); each
-must have a perplexity record with its windows' log-likelihoods (``window_nlls``) in ``--eval-json``.
+``--kv-cache-dtypes`` are the eval's own (``DTYPE``, ``DTYPE:skip=LAYERS``, ``DTYPE:FILE.yaml``,
+``DTYPE:lever=NAMES``); each must have a perplexity record with its windows' log-likelihoods
+(``window_nlls``) in ``--eval-json``.
 For each, against ``auto`` on the same windows:
 
 * the per-window differences of mean negative log-likelihood per token (positive: worse than ``auto``),
   their mean, and the perplexity change ``exp(mean) - 1`` with a 95% paired-bootstrap interval
   (windows resampled with replacement, ``--resamples`` times, fixed seed); the same against the plain
-  dtype (``kitty2`` for ``kitty2:skip=0``) where that is in the run too, the lever's own effect;
+  dtype (``kitty2`` for ``kitty2:skip=0`` or ``kitty2:lever=value-lag``) where that is in the run too, the
+  lever's own effect;
 * for each model of ``kitty_vllm.tools.capacity.EVAL_MODELS``: bits per K or V element averaged over
   the layers (a skipped layer at bf16's 16 bits, the others at the kitty page's bits, metadata included)
   and the capacity against ``auto`` at each of ``--tokens`` tokens per request, computed from the layouts
   for bf16 on a GPU as kitty_vllm.tools.capacity does: how many times ``auto``'s maximum concurrency
-  vLLM reports. Skipped layers are taken to be full-attention layers, as in these models.
+  vLLM reports. Skipped layers are taken to be full-attention layers, as in these models. The levers of
+  kitty_vllm.tools.levers leave the page, so its bits, as they are; the value lag's full-precision Values
+  beyond the ring count in the capacity (kitty_vllm.tools.capacity.kitty_bytes' ``lagged_values``).
 
 Writes ``--json`` and the markdown table beside it (``.md``).
 """
@@ -35,6 +39,7 @@ from typing import Any
 from kitty_vllm.layout import page_layout
 from kitty_vllm.tools.capacity import EVAL_MODELS, ModelShape, auto_bytes, kitty_bytes
 from kitty_vllm.tools.eval import CacheSpec
+from kitty_vllm.tools.levers import lagged_values
 
 BF16_BITS = 16
 RESAMPLES = 10_000
@@ -65,11 +70,12 @@ def cache_figures(spec: CacheSpec, shape: ModelShape, tokens: Sequence[int]) -> 
         if spec.kv_cache_dtype != "auto":
             raise ValueError(f"{spec.label}: capacity is computed for auto and the kitty dtypes only")
         return {"bits_per_element": float(BF16_BITS), "capacity_vs_auto": {str(n): 1.0 for n in tokens}}
-    skipped = len(spec.skip_layers)
+    skipped, lagged = len(spec.skip_layers), lagged_values(spec.levers, config)
     page_bits = page_layout(config, shape.head_dim).effective_bits
     bits = ((shape.full - skipped) * page_bits + skipped * BF16_BITS) / shape.full
     return {"bits_per_element": bits, "capacity_vs_auto": {
-        str(n): auto_bytes(shape, n) / kitty_bytes(shape, config, n, skipped=skipped) for n in tokens}}
+        str(n): auto_bytes(shape, n) / kitty_bytes(shape, config, n, skipped=skipped, lagged_values=lagged)
+        for n in tokens}}
 
 
 def study(records: Sequence[dict[str, Any]], specs: Sequence[CacheSpec], tokens: Sequence[int],

@@ -1,0 +1,190 @@
+"""The simulation's accuracy levers (kitty_vllm.tools.levers): the Hadamard rotation of the Values and the
+value lag, how the eval and the study take them, and that vLLM runs refuse them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from kitty_vllm import reference as R
+from kitty_vllm.config import KittyConfig
+from kitty_vllm.layout import page_layout
+from kitty_vllm.tools import levers, oracle
+from kitty_vllm.tools.capacity import EVAL_MODELS, kitty_bytes
+from kitty_vllm.tools.eval import CacheSpec
+
+KITTY2 = KittyConfig.from_preset("kitty2")
+EXACT = KITTY2.replace(exact_prefill=True)
+PAGE, SINKS = KITTY2.page_size, KITTY2.sink_tokens
+ROOT = Path(__file__).parents[1]
+SCREEN = ROOT / "benchmarks/results/lever-screen-2026-12-07"
+
+
+def sequence(num_keys: int = 700, kv_heads: int = 2, head_dim: int = 16, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    keys = torch.randn(num_keys, kv_heads, head_dim, generator=generator) * torch.linspace(0.5, 8, head_dim)
+    values = torch.randn(num_keys, kv_heads, head_dim, generator=generator)
+    return keys, values
+
+
+def uniform_read(values_read: torch.Tensor, position: int) -> torch.Tensor:
+    """What a query of zeros (every score 0, so equal weights on keys 0..position) at ``position`` gets
+    from the Values it reads, [N, Hkv, D], with 2 query heads per KV head: [Hq, D]."""
+    return values_read[:position + 1].mean(dim=0).repeat_interleave(2, dim=0)
+
+
+def test_hadamard_spreads_an_outlier_channel_over_the_per_token_scale():
+    """Per-token 2-bit Values with one large channel: rotated, the other channels keep their resolution."""
+    values = torch.randn(PAGE, 2, 64, generator=torch.Generator().manual_seed(1))
+    values[..., 5] *= 30
+    rotation = R.hadamard(64)
+    plain = R.quantized_sequence(values, values, KITTY2)[1]
+    rotated = R.quantized_sequence(values, values @ rotation, KITTY2)[1] @ rotation.T
+    assert (rotated - values).square().mean() < 0.5 * (plain - values).square().mean()
+
+
+@pytest.mark.parametrize("position", [255, 256, 383, 699])
+def test_value_lag_reads_the_newest_128_to_255_values_in_full_precision(position):
+    """A decode at ``position`` reads the Values of its page and the page before in full precision, the
+    older ones (sinks aside) as plain kitty2 packs them; Keys as plain kitty2 reads them."""
+    keys, values = sequence()
+    packed = int(levers.packed_value_pages(torch.tensor([position]), EXACT))
+    assert PAGE <= position - packed * PAGE <= 2 * PAGE - 1
+    _, values_q = R.quantized_sequence(keys, values, KITTY2)
+    t = torch.arange(len(values))
+    full = (t < SINKS) | (t // PAGE >= position // PAGE - 1)
+    expected = uniform_read(torch.where(full[:, None, None], values, values_q), position)
+    query = torch.zeros(1, 4, keys.shape[-1])
+    step = dict(query_positions=torch.tensor([position]))
+    lagged = levers.attention(query, keys[:position + 1], values[:position + 1], KITTY2, **step, levers=["value-lag"])
+    assert torch.allclose(lagged[0], expected, atol=1e-5)
+    plain = R.reference_attention(query, keys[:position + 1], values[:position + 1], KITTY2, **step)
+    assert (plain - lagged).abs().max() > 1e-4   # kitty2 reads only the newest 128 in full precision
+    query = torch.randn(1, 4, keys.shape[-1], generator=torch.Generator().manual_seed(position))   # Keys as kitty2's
+    lagged = levers.attention(query, keys[:position + 1], values[:position + 1], KITTY2, **step, levers=["value-lag"])
+    keys_q, _ = R.quantized_sequence(keys[:position + 1], values[:position + 1], KITTY2)
+    read = torch.where(full[:, None, None], values, values_q)[:position + 1]
+    assert torch.allclose(lagged, R.schedule_attention(query, keys[:position + 1], values[:position + 1], keys_q,
+                                                       read, step["query_positions"], KITTY2), atol=1e-5)
+
+
+def test_value_lag_on_a_prefill_step_reads_the_page_before_its_first_token_in_full_precision():
+    """exact_prefill off: a step of several tokens from position c reads the pages complete before c
+    quantized, except the Values of the page before c's."""
+    keys, values = sequence()
+    start, count = 450, 40
+    _, values_q = R.quantized_sequence(keys[:start + count], values[:start + count], KITTY2)
+    t = torch.arange(start + count)
+    full = (t < SINKS) | (t // PAGE >= start // PAGE - 1)
+    query = torch.zeros(count, 4, keys.shape[-1])
+    out = levers.attention(query, keys[:start + count], values[:start + count], KITTY2, levers=["value-lag"])
+    for i in (0, count - 1):
+        read = torch.where(full[:, None, None], values[:start + count], values_q)
+        assert torch.allclose(out[i], uniform_read(read, start + i), atol=1e-5)
+
+
+@pytest.mark.parametrize("names", [["value-lag"], ["hadamard-v"], ["value-lag", "hadamard-v"]])
+def test_exact_prefill_under_a_lever_equals_its_decodes(names):
+    """With exact_prefill one step over every position reads what each position's decode reads."""
+    keys, values = sequence(num_keys=420)
+    query = torch.randn(len(keys), 4, keys.shape[-1], generator=torch.Generator().manual_seed(2))
+    whole = levers.attention(query, keys, values, EXACT, levers=names)
+    for p in (31, 128, 255, 256, 419):
+        decode = levers.attention(query[p:p + 1], keys[:p + 1], values[:p + 1], KITTY2, levers=names)
+        assert torch.allclose(whole[p], decode[0], atol=1e-5), p
+
+
+def test_hadamard_v_quantizes_the_rotated_values_and_leaves_the_keys():
+    keys, values = sequence(head_dim=64)
+    rotation = R.hadamard(64)
+    keys_q, _ = R.quantized_sequence(keys, values, KITTY2)
+    values_q = R.quantized_sequence(keys, values @ rotation, KITTY2)[1] @ rotation.T
+    positions = torch.tensor([400, 699])
+    query = torch.randn(2, 4, 64, generator=torch.Generator().manual_seed(3))
+    out = levers.attention(query, keys, values, EXACT, query_positions=positions, levers=["hadamard-v"])
+    assert torch.allclose(out, R.schedule_attention(query, keys, values, keys_q, values_q, positions, EXACT),
+                          atol=1e-5)
+    assert not torch.allclose(out, R.reference_attention(query, keys, values, EXACT, query_positions=positions),
+                              atol=1e-4)
+
+
+def test_levers_parse_in_order_and_refuse_unknown_names():
+    assert levers.parse("hadamard-v,value-lag") == ("value-lag", "hadamard-v")
+    for text in ("value-lags", "value-lag,value-lag", ""):
+        with pytest.raises(ValueError, match="the levers are value-lag, hadamard-v"):
+            levers.parse(text)
+    assert levers.lever_attention(()) is None
+    spec = CacheSpec.parse("kitty2:lever=hadamard-v,value-lag")
+    assert spec.levers == ("value-lag", "hadamard-v") and spec.label == "kitty2 (value-lag + hadamard-v)"
+    with pytest.raises(ValueError, match="unknown: 'rotate'"):
+        CacheSpec.parse("kitty2:lever=rotate")
+    with pytest.raises(ValueError, match="a lever applies to kitty dtypes only"):
+        CacheSpec.parse("fp8:lever=value-lag")
+
+
+def test_vllm_runs_refuse_levers(monkeypatch, capsys):
+    """The kernels do not implement the levers: only --reference runs them."""
+    from kitty_vllm.tools.eval import parse_args
+
+    monkeypatch.delenv("KITTY_CONFIG", raising=False)
+    with pytest.raises(SystemExit):
+        parse_args(["--model", "smollm2", "--tasks", "perplexity", "--kv-cache-dtypes", "kitty2:lever=value-lag"])
+    assert "float32 simulation only" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="kernels do not implement"):
+        CacheSpec.parse("kitty2:lever=hadamard-v").llm_kwargs()
+    args = parse_args(["--model", "smollm2", "--reference", "--tasks", "perplexity",
+                       "--kv-cache-dtypes", "kitty2", "kitty2:lever=value-lag"])
+    assert [spec.levers for spec in args.specs] == [(), ("value-lag",)]
+
+
+def test_the_oracle_attends_through_the_lever_in_quantized_layers_only():
+    keys, values = sequence(num_keys=300)
+    calls = []
+
+    def spy(*args, **kwargs):
+        calls.append(args[3])
+        return levers.attention(*args, **kwargs, levers=["value-lag"])
+
+    def forward(layer):
+        module = SimpleNamespace(layer_idx=layer, scaling=0.25)
+        q = torch.randn(1, 4, 1, 16)
+        return oracle.kitty_attention_forward(module, q, keys.transpose(0, 1)[None], values.transpose(0, 1)[None],
+                                              None, position_ids=torch.tensor([[299]]))[0]
+
+    with oracle.kitty_attention(EXACT, plain_layers=[1], attention=spy):
+        forward(0)
+        forward(1)
+    assert calls == [EXACT]
+
+
+def test_the_value_lag_costs_capacity_and_hadamard_nothing():
+    from kitty_vllm.tools.study import cache_figures
+
+    plain, lag, rotation = (CacheSpec.parse(t) for t in ("kitty2", "kitty2:lever=value-lag", "kitty2:lever=hadamard-v"))
+    assert levers.lagged_values(lag.levers, KITTY2) == PAGE and levers.lagged_values(rotation.levers, KITTY2) == 0
+    for shape in EVAL_MODELS:
+        figures = cache_figures(plain, shape, (4624, 32768))
+        assert cache_figures(rotation, shape, (4624, 32768)) == figures
+        lagged = cache_figures(lag, shape, (4624, 32768))
+        assert lagged["bits_per_element"] == figures["bits_per_element"]
+        for n, ratio in figures["capacity_vs_auto"].items():
+            assert 0.85 * ratio < lagged["capacity_vs_auto"][n] < ratio
+        # One page of bf16 Values per full-attention layer, in whole staging blocks, once a request has two pages.
+        extra = [kitty_bytes(shape, KITTY2, n, lagged_values=PAGE) - kitty_bytes(shape, KITTY2, n)
+                 for n in (PAGE, 2 * PAGE, 4624, 32768)]
+        block = shape.kv_heads * page_layout(KITTY2, shape.head_dim).page_bytes
+        values = shape.full * PAGE * shape.kv_heads * shape.head_dim * 2
+        assert extra[0] == 0 and extra[1] == extra[2] == extra[3] and values <= extra[1] < values + shape.full * block
+
+
+def test_docs_lever_screen_tables_are_the_study_json():
+    """docs/accuracy.md shows the screen's tables as kitty_vllm.tools.study prints its JSON."""
+    from kitty_vllm.tools.study import markdown_table
+
+    result = json.loads((SCREEN / "study.json").read_text())
+    assert markdown_table(result) in (ROOT / "docs" / "accuracy.md").read_text()
+    assert markdown_table(result) in (SCREEN / "README.md").read_text()
