@@ -4,10 +4,13 @@
 # vLLM 0.32.0 needs torch 2.13.0, so the bundle carries torch 2.13.0, its triton and torchvision 0.28.0 too;
 # everything is installed into /opt/vsite on the device, and `. /opt/vsite/env.sh` (PYTHONPATH) shadows the
 # image's torch 2.11. (The 0.26 bundle, ../shared/gpu/make-bundle, is for vLLM 0.26.0 only.)
+# --vllm=0.34.0 builds the vLLM 0.34.0 bundle instead (torch 2.14.0, its triton 3.8.0, torchvision 0.29.0,
+# and transformers, tokenizers and huggingface_hub, which the image has too old: see the pin sets below).
 #
 # Usage (here, where PyPI is reachable; downloads are cached under ~/.cache/kitty-gpu-bundle):
-#   scripts/make_gpu_bundle.sh [--with-fa2] [--with-moe] [--with-cuda-libs[=NAME,...]] [OUT_DIR]  (default .gpu-bundle)
-#   scripts/make_gpu_bundle.sh --derive-deps      # re-derive scripts/gpu-bundle-deps.txt (prints it)
+#   scripts/make_gpu_bundle.sh [--vllm=VERSION] [--with-fa2] [--with-moe] [--with-cuda-libs[=NAME,...]] [OUT_DIR]
+#                                                 (default: 0.32.0 into .gpu-bundle)
+#   scripts/make_gpu_bundle.sh [--vllm=VERSION] --derive-deps   # re-derive its deps file (prints it)
 #
 #   --with-fa2         FlashAttention 2 (vllm_flash_attn/_vllm_fa2_C, 85 MB packed, +1 chunk): vLLM's
 #                      turboquant_* KV formats and FA-version overrides need it; Hopper uses FA3 by default.
@@ -31,10 +34,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 HERE=scripts
 
-VLLM_VERSION=0.32.0
-FLASHINFER_VERSION=0.7.0.post1
-TORCH_VERSION=2.13.0
-DEPS_FILE=$HERE/gpu-bundle-deps.txt
 # vLLM requirements deliberately not carried (heavy, imported lazily, unused on Hopper for dense text models;
 # see the header of gpu-bundle-deps.txt). Written into the MANIFEST, so the device check can name them.
 OMIT=tilelang,z3-solver,torch-c-dlpack-ext,nvidia-cutlass-dsl,quack-kernels,tokenspeed-mla,tokenspeed-triton
@@ -44,21 +43,33 @@ CHUNK_LIMIT=$((60 * 1024 * 1024 - 256 * 1024))   # bytes of parts per chunk; the
 CACHE=${KITTY_BUNDLE_CACHE:-$HOME/.cache/kitty-gpu-bundle}
 PY=${PYTHON:-python3}   # the Python that runs pip here (any version: pip downloads for 3.12)
 
-WITH_FA2=0 WITH_MOE=0 CUDA_LIBS="" DERIVE=0 OUT_DIR=.gpu-bundle
+WITH_FA2=0 WITH_MOE=0 CUDA_LIBS="" DERIVE=0 OUT_DIR=.gpu-bundle VLLM_VERSION=0.32.0
 for arg in "$@"; do
   case "$arg" in
+    --vllm=*) VLLM_VERSION=${arg#--vllm=} ;;
     --with-fa2) WITH_FA2=1 ;;
     --with-moe) WITH_MOE=1 ;;
     --with-cuda-libs) CUDA_LIBS=all ;;
     --with-cuda-libs=*) CUDA_LIBS=${arg#--with-cuda-libs=} ;;
     --derive-deps) DERIVE=1 ;;
-    -h|--help) sed -n 2,30p "$0"; exit 0 ;;
+    -h|--help) sed -n 2,32p "$0"; exit 0 ;;
     -*) echo "make_gpu_bundle: unknown option $arg" >&2; exit 2 ;;
     OUT_DIR=*) OUT_DIR=${arg#OUT_DIR=}; OUT_DIR=${OUT_DIR%/} ;;
     *) OUT_DIR=${arg%/} ;;
   esac
 done
 case "$OUT_DIR" in /*|..*|*/*|"") echo "make_gpu_bundle: OUT_DIR must be a folder name inside the repo" >&2; exit 2 ;; esac
+
+# Pin sets. REPLACE: packages the image has that the bundle carries anyway, in the version vLLM needs.
+REPLACE=torch,triton,torchvision
+case "$VLLM_VERSION" in
+  0.32.0) TORCH_VERSION=2.13.0 FLASHINFER_VERSION=0.7.0.post1 DEPS_FILE=$HERE/gpu-bundle-deps.txt ;;
+  # vLLM pins flashinfer-python==0.7.3, which PyPI does not have (0.7.2.post1, then 0.7.4); it needs
+  # huggingface_hub>=2 (the image has 1.33.0, and its transformers 5.17.0 wants <2) and tokenizers>=0.23.3.
+  0.34.0) TORCH_VERSION=2.14.0 FLASHINFER_VERSION=0.7.4 DEPS_FILE=$HERE/gpu-bundle-deps-0.34.0.txt
+          REPLACE=$REPLACE,transformers,tokenizers,huggingface-hub ;;
+  *) echo "make_gpu_bundle: no pin set for vLLM $VLLM_VERSION (add one)" >&2; exit 2 ;;
+esac
 
 log() { echo "[make_gpu_bundle] $*" >&2; }
 PLAT=()
@@ -125,11 +136,26 @@ if [ "$DERIVE" = 1 ]; then
   # Resolve vllm + torch for the device's Python, then walk vLLM's requirements, stopping at what the image has.
   log "resolving vllm==$VLLM_VERSION for CPython 3.12 (about 2 minutes)"
   tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
-  printf '%s\n' transformers==5.17.0 tokenizers==0.23.2 huggingface_hub==1.33.0 safetensors==0.8.0 \
-    tiktoken==0.14.0 sentencepiece==0.2.2 torchaudio==2.11.0 "torch==$TORCH_VERSION" > "$tmp/image.txt"
+  # The image's known versions as constraints, except for the packages the bundle replaces.
+  printf '%s\n' transformers==5.17.0 tokenizers==0.23.2 huggingface-hub==1.33.0 safetensors==0.8.0 \
+    tiktoken==0.14.0 sentencepiece==0.2.2 torchaudio==2.11.0 | grep -v -E "^(${REPLACE//,/|})==" > "$tmp/image.txt"
+  echo "torch==$TORCH_VERSION" >> "$tmp/image.txt"
+  # vLLM's requirements, with flashinfer-python at the pin set's version (0.34.0's own pin is not on PyPI).
+  "$PY" - "$VLLM_WHL" "$FLASHINFER_VERSION" > "$tmp/vllm.txt" <<'PY'
+import sys, zipfile
+from packaging.requirements import Requirement
+whl, flashinfer = sys.argv[1:3]
+with zipfile.ZipFile(whl) as z:
+    meta = z.read(next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))).decode()
+for line in meta.splitlines():
+    if line.startswith("Requires-Dist:"):
+        r = line.split(":", 1)[1].strip()
+        print(f"flashinfer-python=={flashinfer}" if Requirement(r).name == "flashinfer-python" else r)
+PY
   pipq install --dry-run --ignore-installed --target "$tmp/t" "${TARGET_PY[@]}" -c "$tmp/image.txt" \
-    --report "$tmp/report.json" "$VLLM_WHL"
-  "$PY" - "$tmp/report.json" "$OMIT" "${KITTY_KINDS_MD:-/work/.library/device/KINDS.md}" <<'PY'
+    --report "$tmp/report.json" -r "$tmp/vllm.txt"
+  "$PY" - "$tmp/report.json" "$OMIT" "${KITTY_KINDS_MD:-/work/.library/device/KINDS.md}" "$REPLACE" \
+    "$tmp/vllm.txt" <<'PY'
 import json, re, sys
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name as cn
@@ -141,6 +167,8 @@ env = {"python_version": "3.12", "python_full_version": "3.12.3", "platform_syst
        "platform_python_implementation": "CPython", "os_name": "posix"}
 pk = {cn(i["metadata"]["name"]): i["metadata"] for i in json.load(open(sys.argv[1]))["install"]}
 omit = {cn(x) for x in sys.argv[2].split(",")}
+replace = {cn(x) for x in sys.argv[4].split(",")}
+pk["vllm"] = {"name": "vllm", "requires_dist": open(sys.argv[5]).read().splitlines()}
 handled = {"torch", "triton", "torchvision", "vllm", "flashinfer-python"}   # the script pins these itself
 seen, extras, stack = {}, {}, [("vllm", frozenset())]
 while stack:
@@ -153,7 +181,7 @@ while stack:
         if r.marker and not any(r.marker.evaluate({**env, "extra": e}) for e in ("",) + tuple(extras[n])):
             continue
         c = cn(r.name)
-        if c in omit or (c in image and c not in {"torch", "triton", "torchvision"}):
+        if c in omit or (c in image and c not in replace):
             continue
         stack.append((c, frozenset(r.extras)))
 for n in sorted(set(seen) - handled, key=str.lower):
