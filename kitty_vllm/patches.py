@@ -54,8 +54,10 @@ declare them (kitty_vllm.block_manager.spec).
    it does nothing, and ``Platform.update_block_size_for_backend``, which every worker calls after
    building the model and before the KV-cache specs, is wrapped to set the shared page itself
    (kitty_vllm.block_manager.mixed.share_block_pool). ``Attention.get_kv_cache_spec`` (3) pads kitty's
-   blocks and skipped full-attention layers to it; vLLM pads sliding-window layers. Goes when vLLM
-   asks each spec for its page size per block instead of per token.
+   blocks and skipped full-attention layers to it; vLLM pads sliding-window layers, which the wrapper
+   returns as kitty's subclass of their spec, whose manager keeps the windows kitty's prefix-cache hits
+   end on (kitty_vllm.block_manager.manager). Goes when vLLM asks each spec for its page size per block
+   instead of per token; the subclass when a kitty group can tell vLLM where its hits end.
 """
 
 from __future__ import annotations
@@ -160,7 +162,7 @@ def _route_backend_selection() -> None:
 def _wrap_attention_layer() -> None:
     from vllm.model_executor.layers.attention.attention import Attention
 
-    from kitty_vllm.block_manager.mixed import keep_sliding_window_in_model_dtype, pad_skipped_full_attention
+    from kitty_vllm.block_manager.mixed import keep_sliding_window_in_model_dtype, spec_beside_kitty_pages
 
     original_init = Attention.__init__
     original_spec = Attention.get_kv_cache_spec
@@ -183,7 +185,7 @@ def _wrap_attention_layer() -> None:
     @functools.wraps(original_spec)
     def get_kv_cache_spec(self, vllm_config):
         if not is_kitty_dtype(self.kv_cache_dtype):
-            return pad_skipped_full_attention(self, original_spec(self, vllm_config), vllm_config)
+            return spec_beside_kitty_pages(self, original_spec(self, vllm_config), vllm_config)
         from kitty_vllm.block_manager import kitty_specs
 
         return kitty_specs(load_config_for(self.kv_cache_dtype, vllm_config), self.num_kv_heads,

@@ -28,6 +28,8 @@ from vllm.v1.request import Request, RequestStatus
 from kitty_vllm.block_manager import (
     KittyPackedManager,
     KittyPackedSpec,
+    KittySlidingWindowManager,
+    KittySlidingWindowSpec,
     KittyStageManager,
     KittyStageSpec,
     kitty_specs,
@@ -396,6 +398,60 @@ def test_without_prefix_caching():
     sim.assert_all_free()
 
 
+# ---- beside sliding-window layers ----------------------------------------------------------------
+
+# A Gemma-3-like mix: one kitty layer, then sliding-window layers in bf16 with 32-token blocks padded to
+# the shared page (kitty_vllm.block_manager.mixed). The window spans 2 of the 4 blocks of a 128-token
+# scheduler block, so vLLM keeps a window only where a hit can end, not every block.
+WINDOW, WINDOW_BLOCK = 64, 32
+SHARED_PAGE = WINDOW_BLOCK * 2 * NUM_KV_HEADS * HEAD_DIM * 2
+
+
+def serve_alone(manager: KVCacheManager, request: Request, chunk: int = 256) -> int:
+    """Prefill ``request`` in ``chunk``-token steps, then finish it; returns its prefix-hit length."""
+    hit_blocks, num_hit, _ = manager.get_computed_blocks(request)
+    num_new = min(chunk, request.num_tokens - num_hit)
+    assert manager.allocate_slots(request, num_new, num_new_computed_tokens=num_hit, new_computed_blocks=hit_blocks,
+                                  full_sequence_must_fit=True) is not None
+    request.status = RequestStatus.RUNNING
+    request.num_computed_tokens = num_hit + num_new
+    while request.num_computed_tokens < request.num_tokens:
+        num_new = min(chunk, request.num_tokens - request.num_computed_tokens)
+        assert manager.allocate_slots(request, num_new) is not None
+        request.num_computed_tokens += num_new
+    manager.free(request)
+    return num_hit
+
+
+@pytest.mark.parametrize("window_spec, hits", [(KittySlidingWindowSpec, True), (SlidingWindowSpec, False)])
+def test_hits_beside_sliding_window_layers(window_spec, hits):
+    """A repeated prompt and a longer one hit all but the last of the 5 pages cached before the repeat's
+    last token, 512 tokens: the packed group gives that page up, the staging group grants the length as
+    it is (had it given up another page on each of the coordinator's repeated asks, the hit would have
+    shrunk to nothing), and KittySlidingWindowManager kept the window before token 512. vLLM's own manager
+    keeps only the window before 640, where a kitty hit cannot end: every lookup misses."""
+    vllm_config = make_vllm_config(MAX_MODEL_LEN)
+    packed, stage = kitty_specs(KITTY2, NUM_KV_HEADS, HEAD_DIM, MODEL_DTYPE, shared_page_bytes=SHARED_PAGE)
+    window = window_spec(block_size=WINDOW_BLOCK, num_kv_heads=NUM_KV_HEADS, head_size=HEAD_DIM, dtype=MODEL_DTYPE,
+                         sliding_window=WINDOW, page_size_padded=SHARED_PAGE)
+    specs = {"model.layers.0.self_attn.attn": packed, "model.layers.0.self_attn.attn.kitty_stage": stage,
+             "model.layers.1.self_attn.attn": window}
+    kv_cache_config = kv_cache_utils.get_kv_cache_configs(vllm_config, [specs], [POOL_BLOCKS * SHARED_PAGE * 3])[0]
+    scheduler_block, hash_block = kv_cache_utils.resolve_kv_cache_block_sizes(kv_cache_config, vllm_config)
+    manager = KVCacheManager(kv_cache_config, MAX_MODEL_LEN, scheduler_block_size=scheduler_block,
+                             hash_block_size=hash_block, max_in_flight_tokens=vllm_config.max_in_flight_tokens,
+                             enable_caching=True)
+    assert scheduler_block == KITTY2.page_size
+    assert [type(m) for m in manager.coordinator.single_type_managers] == [
+        KittyPackedManager, KittyStageManager, KittySlidingWindowManager if hits else SlidingWindowManager]
+    hasher = kv_cache_utils.get_request_block_hasher(hash_block, sha256)
+    prompts = {"first": PROMPT, "repeat": PROMPT, "longer": PROMPT + list(range(9000, 9300))}
+    served = {name: serve_alone(manager, Request(name, prompt, SamplingParams(max_tokens=1), None,
+                                                 block_hasher=hasher))
+              for name, prompt in prompts.items()}
+    assert served == {"first": 0, "repeat": 512 if hits else 0, "longer": 512 if hits else 0}
+
+
 # ---- registration --------------------------------------------------------------------------------
 
 def test_registration_is_idempotent_and_keeps_the_builtins(monkeypatch):
@@ -414,5 +470,9 @@ def test_registration_is_idempotent_and_keeps_the_builtins(monkeypatch):
     assert KVCacheSpecRegistry.get_manager_class(window) is SlidingWindowManager
     assert KVCacheSpecRegistry.get_manager_class(packed) is KittyPackedManager
     assert KVCacheSpecRegistry.get_manager_class(stage) is KittyStageManager
+    kitty_window = KittySlidingWindowSpec(block_size=16, num_kv_heads=8, head_size=128, dtype=torch.bfloat16,
+                                          sliding_window=64)
+    assert KVCacheSpecRegistry.get_manager_class(kitty_window) is KittySlidingWindowManager
+    assert KVCacheSpecRegistry.get_uniform_type_base_spec(kitty_window) is SlidingWindowSpec
     assert KVCacheSpecRegistry.get_uniform_type_base_spec(packed) is FullAttentionSpec
     assert KVCacheSpecRegistry.get_uniform_type_base_spec(stage) is KittyStageSpec

@@ -22,6 +22,9 @@ vLLM's maximum concurrency equals what the layer mix implies: every block padded
 request holding its pages and staging blocks in each kitty layer, its tokens in each skipped layer and
 its window's blocks in each sliding-window layer.
 
+With prefix caching on (kitty2 as users get it), the Gemma-3-like model reuses a repeated prompt's
+prefix, the sliding-window layers' window included, and decodes what it decodes without the hit.
+
 A Mistral-like model whose every layer has a sliding window shorter than MAX_MODEL_LEN is served as
 ``auto`` serves it, with a warning that kitty stores nothing.
 Hybrid Mamba models are not tested here: vLLM 0.32's CPU build fails in the Mamba mixer's first forward
@@ -74,6 +77,12 @@ CASES = {
     "llama-skip-0": (dict(family="llama", num_layers=2, head_dim=64, seed=1), ["0"]),
 }
 KV_HEADS = 2    # build_tiny_model's default
+# The prefix-caching test: a prompt of 4 whole pages and part of a fifth, far past the window, then the
+# same prompt with PREFIX_SUFFIX more tokens, prefilled in PREFIX_STEP-token steps.
+PREFIX_PROMPT = 600
+PREFIX_SUFFIX = 100
+PREFIX_STEP = 384
+PAGE = 128
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -184,21 +193,22 @@ def layer_mix(case: str) -> dict[str, list[int]]:
 
 def test_each_layer_in_kitty_pages_or_the_model_dtype(served, case):
     """Full-attention layers in kitty pages (packed and staging groups); sliding-window and skipped layers
-    in float32, in vLLM's own specs."""
-    from vllm.v1.kv_cache_interface import FullAttentionSpec, SlidingWindowSpec
+    in float32, in vLLM's own specs (sliding-window layers in kitty's subclass, for prefix caching)."""
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
 
-    from kitty_vllm.block_manager import KittyPackedSpec, KittyStageSpec
+    from kitty_vllm.block_manager import KittyPackedSpec, KittySlidingWindowSpec, KittyStageSpec
 
     mix = layer_mix(case)
     layers: dict[type, list[int]] = {}
     for group in served["kv_cache_config"].kv_cache_groups:
         spec = group.kv_cache_spec
         layers.setdefault(type(spec), []).extend(int(name.split(".")[2]) for name in group.layer_names)
-        if type(spec) in (SlidingWindowSpec, FullAttentionSpec):
+        if type(spec) in (KittySlidingWindowSpec, FullAttentionSpec):
             assert spec.dtype == torch.float32
     assert {kind: sorted(found) for kind, found in layers.items()} == {
         kind: found for kind, found in {KittyPackedSpec: mix["kitty"], KittyStageSpec: mix["kitty"],
-                                        SlidingWindowSpec: mix["sliding"], FullAttentionSpec: mix["skipped"]}.items()
+                                        KittySlidingWindowSpec: mix["sliding"],
+                                        FullAttentionSpec: mix["skipped"]}.items()
         if found}
 
 
@@ -259,6 +269,41 @@ def test_gemma3_under_vllm_serve_matches_oracle(tmp_path):
     finally:
         server.stop()
     assert served == expected
+
+
+def test_gemma3_reuses_a_repeated_prompts_prefix():
+    """kitty2 as users get it, prefix caching on: a PREFIX_PROMPT-token prompt, the same prompt again, then
+    the prompt and PREFIX_SUFFIX more tokens, one at a time. The first request leaves 4 whole pages of
+    its prompt cached (and the prompt less its last token, which a repeat recomputes for its logits, spans
+    them); a kitty hit takes all but the last cached page (the window of newest tokens must be computed by
+    the request itself: kitty_vllm.block_manager.manager), so both later requests reuse 3 pages, 384
+    tokens, with their sinks and the sliding-window layers' WINDOW-token window before token 384, which
+    KittySlidingWindowManager keeps for such a hit. In PREFIX_STEP-token steps every hit starts a step
+    where a run without it starts one too, so the greedy tokens equal the run without prefix caching and
+    the oracle prefilling in the same steps."""
+    from transformers import AutoTokenizer
+    from vllm import SamplingParams
+
+    model_dir = build_tiny_model(**CASES["gemma3"][0])
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    window = token_windows(tokenizer, FIRST_WINDOW + 1, PREFIX_PROMPT + PREFIX_SUFFIX)[FIRST_WINDOW]
+    prompt = [tokenizer.bos_token_id] + window[:PREFIX_PROMPT - 1]
+    longer = prompt + window[PREFIX_PROMPT - 1:PREFIX_PROMPT - 1 + PREFIX_SUFFIX]
+    (first, extended), logits = kitty_greedy(model_dir, [prompt, longer], NEW_TOKENS, KittyConfig.from_preset("kitty2"),
+                                             chunk_size=PREFIX_STEP, return_logits=True)
+    assert smallest_gap(logits) >= MIN_GAP
+    params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
+    runs = {}
+    for prefix_caching in (True, False):
+        with vllm_engine(model_dir, kv_cache_dtype="kitty2", dtype="float32", max_model_len=MAX_MODEL_LEN,
+                         kv_cache_memory_bytes=KV_CACHE_BYTES, max_num_batched_tokens=PREFIX_STEP,
+                         enable_prefix_caching=prefix_caching) as llm:
+            outputs = [llm.generate(prompt_inputs([p]), params, use_tqdm=False)[0] for p in (prompt, prompt, longer)]
+        runs[prefix_caching] = ([list(o.outputs[0].token_ids) for o in outputs], [o.num_cached_tokens for o in outputs])
+    hit = (PREFIX_PROMPT - 1) // PAGE * PAGE - PAGE
+    assert runs[True][1] == [0, hit, hit] and hit == 384
+    assert runs[False][1] == [0, 0, 0]
+    assert runs[True][0] == runs[False][0] == [first, first, extended]
 
 
 def test_sliding_window_on_every_layer_is_served_as_auto_serves_it(monkeypatch):

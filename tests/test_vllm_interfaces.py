@@ -14,11 +14,12 @@ import inspect
 import pytest
 
 from kitty_vllm.backend import KittyAttentionBackend, KittyAttentionImpl, KittyMetadataBuilder
-from kitty_vllm.block_manager import KittyPackedManager, KittyStageManager
+from kitty_vllm.block_manager import KittyPackedManager, KittySlidingWindowManager, KittyStageManager
 from kitty_vllm.stage import KittyStageBackend, KittyStageCache, KittyStageMetadataBuilder
 
-KITTY_CLASSES = (KittyPackedManager, KittyStageManager, KittyAttentionBackend, KittyAttentionImpl,
-                 KittyMetadataBuilder, KittyStageBackend, KittyStageCache, KittyStageMetadataBuilder)
+KITTY_CLASSES = (KittyPackedManager, KittyStageManager, KittySlidingWindowManager, KittyAttentionBackend,
+                 KittyAttentionImpl, KittyMetadataBuilder, KittyStageBackend, KittyStageCache,
+                 KittyStageMetadataBuilder)
 
 
 def _overrides():
@@ -72,6 +73,9 @@ WRAPPED = {
     "vllm.v1.core.block_pool:BlockPool.cache_full_blocks":
         ["self", "request", "blocks", "num_cached_blocks", "num_full_blocks", "block_size", "kv_cache_group_id"],
     "vllm.v1.core.kv_cache_utils:resolve_block_hashes": ["block_hashes", "hash_block_size", "block_size"],
+    "vllm.v1.core.single_type_kv_cache_manager:SlidingWindowManager.cache_blocks":
+        ["self", "request", "num_tokens", "retention_interval", "replay_boundaries"],
+    "vllm.v1.kv_cache_interface:replace_as": ["spec", "target_cls"],
     "vllm.v1.kv_cache_spec_registry:KVCacheSpecRegistry.register":
         ["kvcache_spec_cls", "manager_class", "uniform_type_base_spec"],
     "vllm.v1.kv_cache_spec_registry:KVCacheSpecRegistry._ensure_registered": [],

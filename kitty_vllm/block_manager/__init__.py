@@ -3,14 +3,17 @@ blocks (sinks and the window of newest tokens) as a second vLLM KV-cache group s
 
 from kitty_vllm.block_manager.manager import (
     KittyPackedManager,
+    KittySlidingWindowManager,
     KittyStageManager,
     register_kv_cache_managers,
 )
-from kitty_vllm.block_manager.spec import KittyPackedSpec, KittyStageSpec, kitty_specs
+from kitty_vllm.block_manager.spec import KittyPackedSpec, KittySlidingWindowSpec, KittyStageSpec, kitty_specs
 
 __all__ = [
     "KittyPackedManager",
     "KittyPackedSpec",
+    "KittySlidingWindowManager",
+    "KittySlidingWindowSpec",
     "KittyStageManager",
     "KittyStageSpec",
     "kitty_specs",

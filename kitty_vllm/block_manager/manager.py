@@ -1,4 +1,5 @@
-"""Scheduler-side block managers of the two kitty KV-cache groups, and their registration with vLLM.
+"""Scheduler-side block managers of the two kitty KV-cache groups and of sliding-window layers beside
+them, and their registration with vLLM.
 
 Prefix caching. A hit ends on a page boundary (the scheduler block is the page), one page short of
 the cached prefix, and the first step after it must compute at least a whole page:
@@ -11,10 +12,19 @@ any one-token step reads it. The page given up guarantees that at least page_siz
 compute. With ``exact_prefill``, whose queries read their windows in prefill too, or a scheduler that
 never gives a request a whole page in one step, every lookup misses (KittyStageSpec.prefix_hits).
 
+The packed group gives the page up (KittyPackedManager.find_longest_cache_hit). vLLM's hybrid
+coordinator asks each group in turn for its longest hit within a candidate length, and asks the others
+again whenever one shortens it, until none does; it asks a full-attention group such as the packed one
+only once, then trims its blocks. So every other group must answer a candidate it can serve with that
+candidate: a group that gave up a page on each call would shorten the hit to a miss.
+
 Sinks are cached under the request's own block hashes, and a hit is granted only when the sinks are
 cached too. vLLM publishes a block when it schedules it, so a hit may land on a page that another
 request packs in the same step: the backend stores every request of a batch before any attends
 (PagedKittyCache.store).
+
+Sliding-window layers (kitty_vllm.block_manager.mixed) are vLLM's, except that KittySlidingWindowManager
+also keeps the window where a kitty hit on a repeated prompt ends (its docstring).
 
 Pinned to vLLM 0.32: these classes lean on ``SingleTypeKVCacheManager`` internals, marked below.
 """
@@ -24,14 +34,19 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import ClassVar
 
+from vllm.utils.math_utils import round_down
 from vllm.v1.core.block_pool import BlockPool
 from vllm.v1.core.kv_cache_utils import BlockHashList, KVCacheBlock, resolve_block_hashes
-from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager, SingleTypeKVCacheManager
-from vllm.v1.kv_cache_interface import FullAttentionSpec
+from vllm.v1.core.single_type_kv_cache_manager import (
+    FullAttentionManager,
+    SingleTypeKVCacheManager,
+    SlidingWindowManager,
+)
+from vllm.v1.kv_cache_interface import FullAttentionSpec, SlidingWindowSpec
 from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
 from vllm.v1.request import Request
 
-from kitty_vllm.block_manager.spec import KittyPackedSpec, KittyStageSpec
+from kitty_vllm.block_manager.spec import KittyPackedSpec, KittySlidingWindowSpec, KittyStageSpec
 from kitty_vllm.metrics import kv_stats
 
 
@@ -85,6 +100,29 @@ class KittyPackedManager(FullAttentionManager):
         # partly filled page, whose tokens still live in the staging ring and are not packed.
         SingleTypeKVCacheManager.cache_blocks(self, request, num_tokens, retention_interval=retention_interval,
                                               replay_boundaries=replay_boundaries)
+
+    @classmethod
+    def find_longest_cache_hit(
+        cls,
+        block_hashes: BlockHashList,
+        max_length: int,
+        kv_cache_group_ids: list[int],
+        block_pool: BlockPool,
+        kv_cache_spec: KittyPackedSpec,
+        drop_eagle_block: bool,
+        alignment_tokens: int,
+        dcp_world_size: int = 1,
+        pcp_world_size: int = 1,
+    ) -> tuple[tuple[list[KVCacheBlock], ...], int]:
+        """The cached pages less the last one, ending on a multiple of ``alignment_tokens`` (the module
+        docstring says why, and why here rather than in another group)."""
+        hits, cached_length = super().find_longest_cache_hit(
+            block_hashes, max_length, kv_cache_group_ids, block_pool, kv_cache_spec, drop_eagle_block,
+            alignment_tokens, dcp_world_size, pcp_world_size)
+        hit_length = max(round_down(cached_length - kv_cache_spec.block_size, alignment_tokens), 0)
+        for group_hits in hits:
+            del group_hits[hit_length // kv_cache_spec.block_size:]
+        return hits, hit_length
 
 
 class KittyStageManager(SingleTypeKVCacheManager):
@@ -196,17 +234,16 @@ class KittyStageManager(SingleTypeKVCacheManager):
         dcp_world_size: int = 1,
         pcp_world_size: int = 1,
     ) -> tuple[tuple[list[KVCacheBlock], ...], int]:
-        """The sink blocks, and the packed group's candidate length less one page, or a miss.
+        """The sink blocks for the candidate length ``max_length``, or a miss.
 
-        The hybrid coordinator asks the full-attention (packed) group first, so ``max_length`` is
-        already its page-aligned hit; the coordinator trims that group's blocks to the length
-        returned here (module docstring: why a page less). Pages without their sinks are useless, so
-        a missing sink block turns the whole hit into a miss.
+        The packed group has already given up its last page (module docstring), so the candidate is
+        granted as it is: a missing sink block turns the whole hit into a miss, since pages are useless
+        without their sinks.
         """
         miss = tuple([] for _ in kv_cache_group_ids), 0
         if not kv_cache_spec.prefix_hits:
             return miss
-        hit_length = max_length - max_length % alignment_tokens - kv_cache_spec.kitty_config.page_size
+        hit_length = round_down(max_length, alignment_tokens)
         sink_blocks = kv_cache_spec.layout.sink_blocks
         if hit_length < sink_blocks * kv_cache_spec.block_size:
             return miss
@@ -224,6 +261,29 @@ class KittyStageManager(SingleTypeKVCacheManager):
         return hits, hit_length
 
 
+class KittySlidingWindowManager(SlidingWindowManager):
+    """vLLM's sliding-window manager that also keeps, in the prefix cache, the window before the point
+    where a kitty hit on a repeated prompt ends.
+
+    A hit on a sliding-window group needs the blocks of the window that ends where the hit does. vLLM
+    caches those only where a hit can end (``reachable_block_mask``): by default
+    (``prefix_cache_retention_interval=0``) at the request's replay boundaries (the prompt less its last
+    token, rounded down to the scheduler block) and at shared-prefix junctions. A kitty hit ends a page
+    short of the cached prefix (module docstring), where no window was kept: a repeated prompt missed.
+    Each replay boundary is kept one scheduler block earlier too, which is where a kitty hit on it ends:
+    the scheduler block is the least common multiple of every group's block, so a multiple of the page.
+    Junctions need no shift: vLLM sets one at the longest hit of any group, the packed group's, which is
+    already a page short.
+    """
+
+    def cache_blocks(self, request: Request, num_tokens: int, retention_interval: int | None = None, *,
+                     replay_boundaries: Sequence[int]) -> None:
+        block = self.cache_hit_alignment_tokens
+        kitty_boundaries = [boundary - block for boundary in replay_boundaries if boundary >= block]
+        super().cache_blocks(request, num_tokens, retention_interval,
+                             replay_boundaries=[*replay_boundaries, *kitty_boundaries])
+
+
 def register_kv_cache_managers() -> None:
     """Tell vLLM which manager serves each kitty spec. Idempotent; call it in every process."""
     # KVCacheSpecRegistry._ensure_registered (semi-private): the registry adds vLLM's built-in specs
@@ -233,3 +293,5 @@ def register_kv_cache_managers() -> None:
                                  uniform_type_base_spec=FullAttentionSpec)
     KVCacheSpecRegistry.register(KittyStageSpec, KittyStageManager,
                                  uniform_type_base_spec=KittyStageSpec)
+    KVCacheSpecRegistry.register(KittySlidingWindowSpec, KittySlidingWindowManager,
+                                 uniform_type_base_spec=SlidingWindowSpec)

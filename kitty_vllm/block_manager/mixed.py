@@ -21,6 +21,10 @@ sliding-window layers to it, with the most tokens per block that fit, and kitty 
 staging blocks and skipped full-attention layers the same way. Padding is counted in every spec's page
 size, so vLLM's "Maximum concurrency" stays honest. What it costs per model: docs/models.md.
 
+Prefix caching: a sliding-window layer beside kitty's pages gets kitty's subclass of vLLM's spec
+(KittySlidingWindowSpec), the same bytes, whose manager also keeps the window where a kitty hit on a
+repeated prompt ends, a page before vLLM's own (kitty_vllm.block_manager.manager).
+
 Mamba and linear-attention layers are not attention layers here: vLLM keeps their state as it is and
 pads every page to its block, kitty's too (a warning says so).
 """
@@ -133,17 +137,24 @@ def _warn_of_state_pages(vllm_config, kitty) -> None:
             vllm_config.cache_config.cache_dtype, state_page, kitty_page, state_page / kitty_page)
 
 
-def pad_skipped_full_attention(layer, spec, vllm_config):
-    """A full-attention layer that ``kv_cache_dtype_skip_layers`` keeps in the model's dtype, in a
-    block padded to the shared page with the most tokens that fit (vLLM pads only sliding-window
-    layers); other specs are returned as they are."""
+def spec_beside_kitty_pages(layer, spec, vllm_config):
+    """The spec of a layer in the model's dtype beside kitty's pages (the shared page is set): a
+    full-attention layer that ``kv_cache_dtype_skip_layers`` keeps in the model's dtype in a block padded
+    to the shared page with the most tokens that fit (vLLM pads only sliding-window layers); with a kitty
+    dtype, a sliding-window layer as a KittySlidingWindowSpec. Other specs are returned as they are."""
     from vllm.model_executor.layers.attention.attention import _largest_kernel_block_within
-    from vllm.v1.kv_cache_interface import FullAttentionSpec
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, SlidingWindowSpec, replace_as
+
+    from kitty_vllm.block_manager.spec import KittySlidingWindowSpec
+    from kitty_vllm.patches import is_kitty_dtype
 
     shared = vllm_config.cache_config.skip_page_size_padded
-    if shared is None or type(spec) is not FullAttentionSpec or spec.page_size_bytes == shared:
+    if shared is None:
+        return spec
+    if type(spec) is SlidingWindowSpec and is_kitty_dtype(vllm_config.cache_config.cache_dtype):
+        return replace_as(spec, KittySlidingWindowSpec)
+    if type(spec) is not FullAttentionSpec or spec.page_size_bytes == shared:
         return spec
     per_token = spec.real_page_size_bytes // spec.block_size
     block = _largest_kernel_block_within(layer.get_attn_backend(), per_token, shared, spec.block_size, spec)
     return replace(spec, block_size=block, page_size_padded=shared)
-

@@ -10,7 +10,7 @@ Each kitty attention layer owns one block in each of two vLLM KV-cache groups:
 A staging block has the byte size of a packed page, so both groups share vLLM's one block pool with
 no padding and no block-size scaling. Every byte count comes from ``kitty_vllm.layout``. Beside layers
 in the model's dtype (sliding-window or skipped layers) both are padded to the pool's shared page
-(kitty_vllm.block_manager.mixed).
+(kitty_vllm.block_manager.mixed), and sliding-window layers get ``KittySlidingWindowSpec``.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import torch
 from typing_extensions import Self
 from vllm.utils.torch_utils import get_dtype_size
-from vllm.v1.kv_cache_interface import AttentionSpec, FullAttentionSpec
+from vllm.v1.kv_cache_interface import AttentionSpec, FullAttentionSpec, SlidingWindowSpec
 from vllm.v1.kv_cache_layout import KVCacheLayout
 
 from kitty_vllm.config import KittyConfig
@@ -96,6 +96,13 @@ class KittyStageSpec(AttentionSpec):
         # check count, so it must match KittyStageManager.get_num_blocks_to_allocate.
         max_model_len = vllm_config.model_config.max_model_len
         return self.layout.blocks_needed(max_model_len) * self.page_size_bytes
+
+
+@dataclass(frozen=True, kw_only=True)
+class KittySlidingWindowSpec(SlidingWindowSpec):
+    """A sliding-window layer in the model's dtype beside kitty's pages: vLLM's spec, byte for byte, served
+    by ``KittySlidingWindowManager``, which also keeps the windows where kitty's prefix-cache hits end
+    (kitty_vllm.block_manager.manager)."""
 
 
 def kitty_specs(config: KittyConfig, num_kv_heads: int, head_dim: int, model_dtype: torch.dtype,
