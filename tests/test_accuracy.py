@@ -221,6 +221,9 @@ def test_cache_specs_and_ablation_files():
         changed[spec.config_file.stem] = {k: v for k, v in vars(config).items() if vars(kitty2)[k] != v}
     assert changed == {"boost-variance": {"boost_policy": "variance"}, "boost-random": {"boost_policy": "random"},
                        "boost-ratio-50": {"boost_ratio": 0.5}}
+    rotation = CacheSpec.parse("kitty2:value-rotation")   # issue 30's finalist, for the GPU study
+    assert rotation.label == "kitty2:value-rotation"
+    assert rotation.kitty_config() == kitty2.replace(value_rotation="hadamard")
     with pytest.raises(ValueError, match="kitty dtypes only"):
         CacheSpec.parse("fp8:boost-random")
     with pytest.raises(KittyConfigError, match="cannot read"):
