@@ -6,12 +6,14 @@ a patch: docs/vllm-0.32-map.md (section 1). Its new spec geometry (``tokens_per_
 ``state_content_bytes``) and ``supported_kv_cache_layouts`` need no patch: kitty's specs and backends
 declare them (kitty_vllm.block_manager.spec).
 
-1. ``kv_cache_dtype``: ``CacheDType`` (vllm/config/cache.py) is a closed ``Literal`` checked by pydantic
-   (``CacheConfig.cache_dtype``), by argparse ``choices`` (``engine/arg_utils._compute_kwargs``,
+1. ``kv_cache_dtype``: in vLLM 0.32 ``CacheDType`` (vllm/config/cache.py) is a closed ``Literal`` checked
+   by pydantic (``CacheConfig.cache_dtype``), by argparse ``choices`` (``engine/arg_utils._compute_kwargs``,
    lru-cached) and by an assert in ``v1/attention/selector.get_attn_backend``. The presets are appended
    to the Literal's arguments in place, ``CacheConfig`` is rebuilt, and the choices cache is cleared.
-   ``STR_DTYPE_TO_TORCH_DTYPE`` maps them to uint8 (packed bytes). Goes when vLLM accepts
-   plugin-registered cache dtypes.
+   ``STR_DTYPE_TO_TORCH_DTYPE`` maps them to uint8 (packed bytes). From 0.33 on, every check reads
+   ``KV_CACHE_DTYPES``, a copy of the Literal's arguments made at import, so editing the Literal admits
+   nothing; 0.33 also adds the hook that replaces the patch, ``register_kv_cache_dtype``, and kitty
+   registers each preset with it (``KittyCacheDType``) wherever it exists. The patch goes with 0.32.
 2. Backend selection: CUDA picks no backend for an unknown dtype and the CPU platform always returns
    CPU_ATTN, ignoring ``--attention-backend``. The platform's ``get_attn_backend_cls`` is wrapped to
    return kitty's backend for kitty dtypes (and to refuse models kitty cannot serve, with the reason).
@@ -117,10 +119,42 @@ def check_vllm_version(version: str) -> None:
             f"installed: pip install 'vllm{spec}', or a kitty_vllm release for your vLLM")
 
 
+class KittyCacheDType:
+    """vLLM's ``KVCacheDTypeHandler`` for a preset (vLLM 0.33 on): ``_extend_cache_dtypes`` registers one
+    subclass per preset, naming it in ``name``.
+
+    The storage is packed bytes, so uint8. The quant mode is ``NONE``, which is what vLLM 0.32 computes
+    for a dtype it does not know: kitty's backend stores and reads its own pages, and none of vLLM's
+    paths for quantized caches (fp8 scales, its own store kernels) may act on them, on any release.
+    Not ``KVQuantMode.CUSTOM``, which the handler protocol suggests for backends that dispatch their
+    own kernels: in 0.33 and 0.34 it is declared with ``OCTAVE_K3V4``'s value in an ``IntEnum``, so it
+    is an alias of ``OCTAVE_K3V4`` and vLLM would take kitty's pages for Octave's.
+    """
+
+    name: str
+
+    def torch_dtype(self) -> torch.dtype:
+        return torch.uint8
+
+    def quant_mode(self):
+        from vllm.v1.kv_cache_interface import KVQuantMode
+
+        return KVQuantMode.NONE
+
+
 def _extend_cache_dtypes() -> None:
+    from vllm.config import cache as cache_module
+
+    # vLLM 0.33 on, told by the hook itself rather than by the version: its checks read KV_CACHE_DTYPES,
+    # which only the hook extends.
+    if hasattr(cache_module, "register_kv_cache_dtype"):
+        for preset in PRESETS:
+            handler = type(f"KittyCacheDType[{preset}]", (KittyCacheDType,), {"name": preset})
+            cache_module.register_kv_cache_dtype(preset)(handler)
+        return
+
     from pydantic.dataclasses import rebuild_dataclass
 
-    from vllm.config import cache as cache_module
     from vllm.engine import arg_utils
     from vllm.utils import torch_utils
 

@@ -21,7 +21,7 @@ from vllm.v1.core.single_type_kv_cache_manager import (
     FullAttentionManager,
     SlidingWindowManager,
 )
-from vllm.v1.kv_cache_interface import FullAttentionSpec, SlidingWindowSpec
+from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, SlidingWindowSpec
 from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
 from vllm.v1.request import Request, RequestStatus
 
@@ -53,12 +53,13 @@ def registered():
 
 
 def make_vllm_config(max_model_len: int, enable_prefix_caching: bool = True) -> VllmConfig:
-    """A VllmConfig with a stand-in model config: only what KV-cache sizing reads."""
+    """A VllmConfig with a stand-in model config: only what KV-cache sizing reads (from vLLM 0.33 also
+    ``supports_kv_cache_grouping``, which Qwen3's class does not declare: vLLM groups the layers)."""
     config = VllmConfig()
     config.model_config = types.SimpleNamespace(
         max_model_len=max_model_len, original_max_model_len=max_model_len, runner_type="generate",
         is_hybrid=False, is_attention_free=False, architectures=["Qwen3ForCausalLM"],
-        is_moe=False, is_diffusion=False,
+        is_moe=False, is_diffusion=False, supports_kv_cache_grouping=False,
     )
     config.cache_config.enable_prefix_caching = enable_prefix_caching
     config.cache_config.kv_cache_layout = "LBNHC"   # the engine core resolves it from the backends
@@ -80,8 +81,21 @@ def bf16_layer_specs() -> dict:
     return {f"model.layers.{i}.self_attn.attn": spec for i in range(NUM_LAYERS)}
 
 
+def plan_kv_cache(vllm_config: VllmConfig, specs: dict, memory: int) -> KVCacheConfig:
+    """The KV-cache config that vLLM's engine core plans for one worker with ``specs`` and ``memory``.
+
+    vLLM 0.33 moved the planning from ``kv_cache_utils`` to ``kv_cache_planning``, whose
+    ``get_kv_cache_configs`` takes the model's KV-cache groups, which the engine core computes first.
+    """
+    try:
+        from vllm.v1.core.kv_cache_planning import get_global_kv_cache_groups, get_kv_cache_configs
+    except ImportError:  # vLLM 0.32
+        return kv_cache_utils.get_kv_cache_configs(vllm_config, [specs], [memory])[0]
+    return get_kv_cache_configs(vllm_config, [specs], [memory], get_global_kv_cache_groups(vllm_config, [specs]))[0]
+
+
 def max_concurrency(vllm_config: VllmConfig, specs: dict, memory: int) -> float:
-    kv_cache_config = kv_cache_utils.get_kv_cache_configs(vllm_config, [specs], [memory])[0]
+    kv_cache_config = plan_kv_cache(vllm_config, specs, memory)
     return kv_cache_utils.get_max_concurrency_for_kv_cache_config(vllm_config, kv_cache_config)
 
 
@@ -130,8 +144,7 @@ def test_specs_are_hashable_picklable_and_merge():
 def test_reported_concurrency_beats_bf16(max_model_len, min_ratio):
     vllm_config = make_vllm_config(max_model_len)
     memory = 40 * GiB
-    kv_cache_config = kv_cache_utils.get_kv_cache_configs(
-        vllm_config, [kitty_layer_specs()], [memory])[0]
+    kv_cache_config = plan_kv_cache(vllm_config, kitty_layer_specs(), memory)
     packed, stage = kitty_specs(KITTY2, NUM_KV_HEADS, HEAD_DIM, MODEL_DTYPE)
     # Two groups of 36 layers with the specs unchanged: no padding, no block-size scaling.
     assert [g.kv_cache_spec for g in kv_cache_config.kv_cache_groups] == [packed, stage]
@@ -154,8 +167,7 @@ class SchedulerStandIn:
     def __init__(self, enable_caching: bool = True):
         vllm_config = make_vllm_config(MAX_MODEL_LEN, enable_caching)
         layer_page = kitty_layer_specs()["model.layers.0.self_attn.attn"].page_size_bytes
-        kv_cache_config = kv_cache_utils.get_kv_cache_configs(
-            vllm_config, [kitty_layer_specs()], [POOL_BLOCKS * layer_page * NUM_LAYERS])[0]
+        kv_cache_config = plan_kv_cache(vllm_config, kitty_layer_specs(), POOL_BLOCKS * layer_page * NUM_LAYERS)
         scheduler_block, hash_block = kv_cache_utils.resolve_kv_cache_block_sizes(
             kv_cache_config, vllm_config)
         self.concurrency = kv_cache_utils.get_max_concurrency_for_kv_cache_config(
@@ -275,6 +287,28 @@ def test_unfinished_page_is_never_cached(sim):
     FullAttentionManager.cache_blocks(packed_manager, request, request.num_computed_tokens,
                                       replay_boundaries=())
     assert unfinished_page.block_hash is not None  # control: the check above can fail
+
+
+def test_sinks_are_cached_as_their_block_hashes_arrive(sim):
+    """From vLLM 0.33, with EAGLE or MTP and prefix caching, a block is hashed only once the drafter's
+    lookahead past it exists, so a request's block hashes can end before the tokens the coordinator asks
+    a group to cache. The staging group then caches the sink blocks that have a hash and the rest later,
+    as vLLM's own managers do (BlockPool.cache_full_blocks needs a hash per block: IndexError).
+
+    The coordinator asks for whole scheduler blocks (pages), so with kitty2's 128-token pages the lag
+    reaches the sinks only past a 96-token lookahead, sooner with smaller pages. The manager is called
+    directly here, and dropping a hash stands in for the lag, on any vLLM release."""
+    request = sim.request("r1", list(range(40)))          # both 16-token sink blocks full
+    sim.admit(request, 40)                                # less than a page: the coordinator caches none
+    stage_manager = sim.manager.coordinator.single_type_managers[1]
+    sinks = [sim.pool.blocks[i] for i in sim.sink_ids(request)]
+    del request.block_hashes[1:]
+    stage_manager.cache_blocks(request, 40)
+    assert [block.block_hash is not None for block in sinks] == [True, False]
+    request.update_block_hashes()                         # the lookahead has arrived
+    stage_manager.cache_blocks(request, 40)
+    assert all(block.block_hash is not None for block in sinks)
+    assert sim.staging_hash_entries() == sim.layout.sink_blocks
 
 
 def test_short_request_grows_its_ring_block_by_block(sim):
@@ -436,7 +470,7 @@ def test_hits_beside_sliding_window_layers(window_spec, hits):
                          sliding_window=WINDOW, page_size_padded=SHARED_PAGE)
     specs = {"model.layers.0.self_attn.attn": packed, "model.layers.0.self_attn.attn.kitty_stage": stage,
              "model.layers.1.self_attn.attn": window}
-    kv_cache_config = kv_cache_utils.get_kv_cache_configs(vllm_config, [specs], [POOL_BLOCKS * SHARED_PAGE * 3])[0]
+    kv_cache_config = plan_kv_cache(vllm_config, specs, POOL_BLOCKS * SHARED_PAGE * 3)
     scheduler_block, hash_block = kv_cache_utils.resolve_kv_cache_block_sizes(kv_cache_config, vllm_config)
     manager = KVCacheManager(kv_cache_config, MAX_MODEL_LEN, scheduler_block_size=scheduler_block,
                              hash_block_size=hash_block, max_in_flight_tokens=vllm_config.max_in_flight_tokens,

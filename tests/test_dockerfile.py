@@ -42,7 +42,10 @@ def test_dockerfile_lints_clean():
 
 @pytest.fixture(scope="module")
 def serve_parser():
-    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    try:
+        from vllm.entrypoints.common.cli_args import make_arg_parser  # vLLM 0.33 on
+    except ImportError:
+        from vllm.entrypoints.launchers.cli_args import make_arg_parser  # vLLM 0.32
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
     return make_arg_parser(FlexibleArgumentParser())

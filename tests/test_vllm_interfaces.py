@@ -7,6 +7,9 @@ of deep inside an engine start (or silently, where kitty's override would shadow
   and kind, in order (kitty may add defaults, never drop or rename a parameter).
 * Every vLLM function that kitty_vllm.patches wraps or calls by keyword has the parameters the patch
   passes.
+
+A signature cannot show a change of behaviour, such as vLLM 0.33 checking cache dtypes against a list
+copied at import (patch 1): test_vllm_versions.py builds what vLLM builds from kitty's dtypes.
 """
 
 import inspect

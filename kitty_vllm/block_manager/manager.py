@@ -206,7 +206,12 @@ class KittyStageManager(SingleTypeKVCacheManager):
         num_cached = self.num_cached_block.get(request_id, 0)
         if num_cached >= self.layout.sink_blocks:
             return
-        num_full = min(num_tokens // self.block_size, self.layout.sink_blocks)
+        # From vLLM 0.33, with EAGLE or MTP and prefix caching, a block is hashed only once the drafter's
+        # lookahead past it exists, so the hashes can end before the tokens; cache_full_blocks needs a hash
+        # per block. SingleTypeKVCacheManager.cache_blocks stops at the hashed tokens in the same way. On
+        # 0.32 every full block of the request is hashed, and this is num_tokens // block_size.
+        num_hashed_tokens = len(request.block_hashes) * self.block_pool.hash_block_size
+        num_full = min(min(num_tokens, num_hashed_tokens) // self.block_size, self.layout.sink_blocks)
         if num_full <= num_cached:
             return
         # BlockPool.cache_full_blocks (semi-private signature): hashes blocks[i] under the
