@@ -25,8 +25,8 @@ DTYPE_ORDER = ("auto", "auto-flash", "auto-triton", "fp8", "int4_per_token_head"
 # The formats every serving figure is compared with, and the decode kernel every kernel is compared with.
 SERVING_BASELINES = ("auto", "fp8")
 KERNEL_BASELINE = "auto-flash"
-KEY_FIELDS = ("benchmark", "kv_cache_dtype", "speculative", "max_model_len", "batch", "requests", "new_tokens",
-              "context")
+KEY_FIELDS = ("benchmark", "model", "kv_cache_dtype", "speculative", "max_model_len", "batch", "requests",
+              "new_tokens", "context")
 
 
 def result_path(out_dir: str | Path, gpu: str, date: str, quick: bool = False) -> Path:
@@ -252,13 +252,33 @@ def latency_table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def model_capacity_table(records: list[dict]) -> str:
+    """vLLM's maximum concurrency per model shape (benchmarks/model_capacity.py), measured and as
+    kitty_vllm.tools.capacity computes it, and the measured and computed ratios against ``auto``."""
+    rows = sorted((r for r in records if r["benchmark"] == "model_capacity"),
+                  key=lambda r: (r["model"], _dtype_rank(r["kv_cache_dtype"])))
+    if not rows:
+        return ""
+    auto = {r["model"]: r for r in rows if r["kv_cache_dtype"] == "auto"}
+    lines = ["| model | kv_cache_dtype | tokens | max concurrency | computed | vs auto | computed vs auto | pool page "
+             "bytes | note |", "|---" * 9 + "|"]
+    for r in rows:
+        base = auto.get(r["model"], {})
+        lines.append(f"| {r['model']} | {r['kv_cache_dtype']} | {r['max_model_len']:,} | {_number(r.get('max_concurrency'), 2)} "
+                     f"| {_number(r.get('computed_max_concurrency'), 2)} "
+                     f"| {_ratio(r.get('max_concurrency'), base.get('max_concurrency'))} "
+                     f"| {_ratio(r.get('computed_max_concurrency'), base.get('computed_max_concurrency'))} "
+                     f"| {_number(r.get('pool_page_bytes'))} | {_note(r)} |")
+    return "\n".join(lines)
+
+
 def markdown_tables(records: list[dict]) -> str:
     """The tables of every benchmark present, headed by the GPU, vLLM version and date of the records."""
     sources = sorted({(r.get("gpu"), r.get("vllm_version"), r.get("date")) for r in records}, key=str)
     header = "; ".join(f"{gpu}, vLLM {version}, {date}" for gpu, version, date in sources)
     tables = [t for t in (serving_table(records), decode_kernel_table(records), prefill_kernel_table(records),
                           step_profile_table(records), step_kernels_table(records), speculative_table(records),
-                          latency_table(records)) if t]
+                          latency_table(records), model_capacity_table(records)) if t]
     return "\n\n".join([header, *tables])
 
 

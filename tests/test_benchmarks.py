@@ -64,11 +64,15 @@ RECORDS = [
      **ENVIRONMENT},
     {"benchmark": "latency", "kv_cache_dtype": "kitty2", "context": 8192, "ttft_ms": 550.0, "tpot_ms": 7.0,
      **ENVIRONMENT},
+    {"benchmark": "model_capacity", "model": "Gemma-3-12B", "kv_cache_dtype": "auto", "max_model_len": 32768,
+     "max_concurrency": 1.6, "computed_max_concurrency": 1.64, "pool_page_bytes": 1048576, **ENVIRONMENT},
+    {"benchmark": "model_capacity", "model": "Gemma-3-12B", "kv_cache_dtype": "kitty2", "max_model_len": 32768,
+     "max_concurrency": 2.4, "computed_max_concurrency": 2.46, "pool_page_bytes": 262144, **ENVIRONMENT},
 ]
 
 
 @pytest.mark.parametrize("script", ["serving.py", "speculative.py", "latency.py", "decode_kernel.py",
-                                    "prefill_kernel.py", "step_profile.py", "plot.py"])
+                                    "prefill_kernel.py", "step_profile.py", "plot.py", "model_capacity.py"])
 def test_help(script):
     result = subprocess.run([sys.executable, str(BENCHMARKS / script), "--help"], capture_output=True, text=True,
                             timeout=120)
@@ -180,6 +184,23 @@ def test_run_in_process_saves_records_and_reports_errors():
     assert error == "RuntimeError: boom"
 
 
+def test_model_capacity_is_what_the_layer_mix_implies():
+    """A Gemma-3-12B-shaped model (8 full and 40 sliding-window layers of 8 KV heads x 256) at 32k tokens:
+    vLLM's maximum concurrency, with auto and with kitty2, is what kitty_vllm.tools.capacity computes
+    for this platform, so docs/models.md's table is vLLM's own accounting."""
+    import model_capacity
+    import serving
+
+    records = {}
+    for dtype in ("auto", "kitty2"):
+        (record,), error = serving.run_in_process(model_capacity.engine_process,
+                                                  ("Gemma-3-12B", dtype, 32768, 8192, 6 * 2**30), lambda r: None)
+        assert error is None
+        records[dtype] = record
+        assert record["max_concurrency"] == pytest.approx(record["computed_max_concurrency"], rel=0.01), record
+    assert records["kitty2"]["max_concurrency"] > 1.3 * records["auto"]["max_concurrency"]
+
+
 def test_jit_compiles_counts_the_monitors_events():
     """serving.jit_compiles lists what vLLM's JIT monitor reports inside the block, and only there."""
     import serving
@@ -282,6 +303,8 @@ def test_tables():
     assert table_row(tables, "kitty2", "eagle3")[5:11] == ["4,000", "1.25x", "1.60x", "6,000", "1.25x", "2.40x"]
     assert table_row(tables, "auto", "eagle3")[5:8] == ["3,200", "1.00x", ""]
     assert table_row(tables, "8,192", "kitty2")[2:5] == ["550.0", "7.00", "0.88x"]
+    # Model shapes: vLLM's maximum concurrency and the computed one, each against auto's.
+    assert table_row(tables, "Gemma-3-12B", "kitty2")[3:7] == ["2.40", "2.46", "1.50x", "1.50x"]
 
 
 def test_plot_script(tmp_path):

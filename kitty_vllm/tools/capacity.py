@@ -20,9 +20,9 @@ published config.json. What a request of ``--tokens`` tokens holds, in blocks of
   many more of a request's newest Values per full-attention layer in full precision beside the ring, in
   staging blocks, which hold twice as many Values alone as they hold tokens.
 
-The capacity ratio is ``auto``'s bytes over the kitty dtype's: how many more requests of that length
-fit in the same memory. vLLM's padding of layer groups to equal sizes (a few percent at most for these
-mixes) is left out of both.
+Both count vLLM's padding of its KV-cache groups to equal numbers of layers (vllm_layer_counts). The
+capacity ratio is ``auto``'s bytes over the kitty dtype's: how many more requests of that length fit in the
+same memory. ``benchmarks/model_capacity.py`` measures vLLM's own figures for these shapes beside these.
 """
 
 from __future__ import annotations
@@ -105,54 +105,73 @@ def _sliding_blocks(shape: ModelShape, block: int, tokens: int, step_tokens: int
     return _cdiv(min(shape.window - 1 + step_tokens, tokens), block) + 1
 
 
-def auto_bytes(shape: ModelShape, tokens: int, step_tokens: int = STEP_TOKENS) -> int:
-    """KV-cache bytes one request of ``tokens`` tokens holds with ``--kv-cache-dtype auto`` (bf16)."""
+def vllm_layer_counts(counts: list[int]) -> list[int]:
+    """The layers of each kind (each KV-cache spec that vLLM groups apart) as vLLM 0.32 allocates them: with
+    two kinds or more, every kind is padded to whole groups of one size, the fewest layers of a kind, or the
+    most where that is under 1.5 times the fewest (``kv_cache_utils._get_kv_cache_groups_uniform_page_size``;
+    Gemma-3-27B's 52 sliding-window layers are held as 60 beside its 10 full-attention layers)."""
+    kinds = [count for count in counts if count]
+    if len(kinds) < 2:
+        return counts
+    group = min(kinds) if max(kinds) >= 1.5 * min(kinds) else max(kinds)
+    return [_cdiv(count, group) * group for count in counts]
+
+
+def auto_bytes(shape: ModelShape, tokens: int, step_tokens: int = STEP_TOKENS, kernel_block: int = KERNEL_BLOCK) -> int:
+    """KV-cache bytes one request of ``tokens`` tokens holds with ``--kv-cache-dtype auto`` (bf16);
+    ``kernel_block``: the attention backend's smallest block (16 on a GPU, 32 for vLLM's CPU backend)."""
     token_bytes = 2 * shape.kv_heads * shape.head_dim * BF16_BYTES
-    block = KERNEL_BLOCK * _cdiv(shape.state_bytes, KERNEL_BLOCK * token_bytes) if shape.state_bytes else KERNEL_BLOCK
-    blocks = shape.full * _cdiv(tokens, block) + shape.state_layers
+    block = kernel_block * _cdiv(shape.state_bytes, kernel_block * token_bytes) if shape.state_bytes else kernel_block
+    full, sliding, state = vllm_layer_counts([shape.full, shape.sliding, shape.state_layers])
+    blocks = full * _cdiv(tokens, block) + state
     if shape.sliding:
-        blocks += shape.sliding * _sliding_blocks(shape, block, tokens, step_tokens)
+        blocks += sliding * _sliding_blocks(shape, block, tokens, step_tokens)
     return blocks * block * token_bytes
 
 
-def shared_pages(shape: ModelShape, config: KittyConfig, skipped: int = 0) -> list[int]:
+def shared_pages(shape: ModelShape, config: KittyConfig, skipped: int = 0, kernel_block: int = KERNEL_BLOCK) -> list[int]:
     """The pages kitty_vllm.block_manager.mixed tries for the pool: the smallest that holds a kitty
-    page, a KERNEL_BLOCK-token bf16 block of a layer in bf16 (sliding-window or ``skipped``) and the
+    page, a ``kernel_block``-token bf16 block of a layer in bf16 (sliding-window or ``skipped``) and the
     recurrent state (padded by vLLM to its uint8 attention block), and whole bf16 blocks up to
     MAX_PAGE_GROWTH x that."""
     pages = [shape.kv_heads * page_layout(config, shape.head_dim).page_bytes]
-    sliding_block = KERNEL_BLOCK * 2 * shape.kv_heads * shape.head_dim * BF16_BYTES
+    sliding_block = kernel_block * 2 * shape.kv_heads * shape.head_dim * BF16_BYTES
     bf16_layers = bool(shape.sliding or skipped)
     if bf16_layers:
         pages.append(sliding_block)
     if shape.state_bytes:
         uint8_token = 2 * shape.kv_heads * shape.head_dim
-        pages.append(KERNEL_BLOCK * _cdiv(shape.state_bytes, KERNEL_BLOCK * uint8_token) * uint8_token)
+        pages.append(kernel_block * _cdiv(shape.state_bytes, kernel_block * uint8_token) * uint8_token)
     smallest = max(pages)
     larger = range(_cdiv(smallest + 1, sliding_block) * sliding_block, MAX_PAGE_GROWTH * smallest + 1, sliding_block)
     return [smallest, *(larger if bf16_layers else ())]
 
 
 def kitty_bytes(shape: ModelShape, config: KittyConfig, tokens: int, step_tokens: int = STEP_TOKENS,
-                skipped: int = 0, lagged_values: int = 0) -> int:
+                skipped: int = 0, lagged_values: int = 0, kernel_block: int = KERNEL_BLOCK) -> int:
     """KV-cache bytes one request of ``tokens`` tokens holds with the kitty dtype ``config`` and
     ``skipped`` of the full-attention layers in bf16 (``kv_cache_dtype_skip_layers``), in the shared
     page that makes it smallest; ``lagged_values``: full-precision Values beyond the ring (module
-    docstring)."""
+    docstring); ``kernel_block`` as for auto_bytes."""
     stage = stage_layout(config, shape.head_dim, shape.kv_heads, BF16_BYTES)
     lagged = min(tokens, config.ring_slots + lagged_values) - min(tokens, config.ring_slots)
     staging = stage.blocks_needed(tokens) + _cdiv(lagged, 2 * stage.tokens_per_block)
     token_bytes = 2 * shape.kv_heads * shape.head_dim * BF16_BYTES
 
-    def at(page: int) -> int:
-        block = max(KERNEL_BLOCK, page // token_bytes // KERNEL_BLOCK * KERNEL_BLOCK)
-        blocks = (shape.full - skipped) * (_cdiv(tokens, config.page_size) + staging) + shape.state_layers
-        blocks += skipped * _cdiv(tokens, block)
+    kitty = shape.full - skipped
+    counts = [kitty, kitty, skipped, shape.sliding, shape.state_layers]
+
+    def at(page: int, layers: list[int]) -> int:
+        packed, staged, bf16_full, sliding, state = layers
+        block = max(kernel_block, page // token_bytes // kernel_block * kernel_block)
+        blocks = packed * _cdiv(tokens, config.page_size) + staged * staging + bf16_full * _cdiv(tokens, block) + state
         if shape.sliding:
-            blocks += shape.sliding * _sliding_blocks(shape, block, tokens, step_tokens)
+            blocks += sliding * _sliding_blocks(shape, block, tokens, step_tokens)
         return blocks * page
 
-    return min(at(page) for page in shared_pages(shape, config, skipped))
+    # The page kitty chooses by the specs' own accounting, then what vLLM's groups of it hold.
+    page = min(shared_pages(shape, config, skipped, kernel_block), key=lambda page: at(page, counts))
+    return at(page, vllm_layer_counts(counts))
 
 
 def table(preset: str = "kitty2", tokens: int = 32768, step_tokens: int = STEP_TOKENS) -> str:
