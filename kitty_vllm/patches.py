@@ -60,6 +60,14 @@ declare them (kitty_vllm.block_manager.spec).
    returns as kitty's subclass of their spec, whose manager keeps the windows kitty's prefix-cache hits
    end on (kitty_vllm.block_manager.manager). Goes when vLLM asks each spec for its page size per block
    instead of per token; the subclass when a kitty group can tell vLLM where its hits end.
+9. Hybrid models (Mamba or linear-attention layers: Qwen3-Next, Jamba, Granite 4) prefix-cache their state
+   in vLLM's "align" mode, whose hits may end on any 16-token block, and vLLM refuses at start a mix with
+   kitty's pages, whose hits end on 128-token pages ("Invalid prefix_match_unit=16 ... alignments=[16,
+   128]": ``kv_cache_utils`` checks the Mamba groups' fine-grained hits without asking the other groups'
+   managers). ``VllmConfig.try_verify_and_update_config``, where vLLM's per-model hooks choose the Mamba
+   cache mode, is wrapped to turn prefix caching off first for kitty dtypes on such a model, with a
+   warning, so that the model is served. Goes when kitty's pages can prefix-cache beside aligned Mamba
+   state.
 """
 
 from __future__ import annotations
@@ -101,6 +109,7 @@ def apply() -> None:
     _resolve_config_in_the_engine()
     _wrap_attention_layer()
     _share_block_pool_with_model_dtype_layers()
+    _no_prefix_caching_on_hybrid_models()
     from kitty_vllm.block_manager import register_kv_cache_managers
 
     register_kv_cache_managers()
@@ -319,6 +328,25 @@ def _resolve_config_in_the_engine() -> None:
                                          ADDITIONAL_CONFIG_KEY: dataclasses.asdict(config)}
 
     platform_cls.check_and_update_config = classmethod(check_and_update_config)
+
+
+def _no_prefix_caching_on_hybrid_models() -> None:
+    from vllm.config import VllmConfig
+
+    original = VllmConfig.try_verify_and_update_config
+
+    @functools.wraps(original)
+    def try_verify_and_update_config(self):
+        cache_config, model_config = self.cache_config, self.model_config
+        if (model_config is not None and is_kitty_dtype(cache_config.cache_dtype) and model_config.is_hybrid
+                and cache_config.enable_prefix_caching):
+            logger.warning("--kv-cache-dtype %s: prefix caching is off for %s, a hybrid model: vLLM prefix-caches "
+                           "its Mamba or linear-attention state in 16-token steps, which kitty's 128-token pages "
+                           "cannot follow yet", cache_config.cache_dtype, model_config.architecture)
+            cache_config.enable_prefix_caching = False
+        return original(self)
+
+    VllmConfig.try_verify_and_update_config = try_verify_and_update_config
 
 
 def _full_attention_under_a_window_longer_than_requests(vllm_config) -> None:

@@ -9,19 +9,20 @@
 # Each chunk's install.sh keeps its part in /tmp/ray-parts and installs Ray and those dependencies
 # into /tmp/site-ray once all parts are there, so Ray imports without the vLLM bundle on the path.
 #   bash scripts/device_tp.sh bundle           # here, once: writes .whl-ray/1 and .whl-ray/2
-# On the device, after the vLLM bundle (../shared/gpu/make-bundle) is installed in /opt/vsite:
+# On the device, after the vLLM 0.32 bundle (scripts/gpu_bundle.sh install) is in /opt/vsite:
 #   bash .whl-ray/1/install.sh                                        # carry .whl-ray/1
 #   bash .whl-ray/2/install.sh && bash scripts/device_tp.sh run       # carry .whl-ray/2
 # `run` passes further arguments to pytest (e.g. -k mp).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-RAY_VERSION=2.56.1      # the Ray release of vLLM 0.26.0's month; vLLM's Ray executor needs >= 2.43
+RAY_VERSION=2.56.1      # vLLM's Ray executor needs >= 2.43 (0.26.0 through 0.32.0)
 BUNDLE=.whl-ray
 # Ray's dependencies that the GPU image already has (its package list: `python3 -m pip list` there);
 # every other one is carried, pinned to the vLLM bundle's version where that has one.
 ON_IMAGE="attrs certifi charset-normalizer click filelock idna msgpack packaging protobuf pyyaml requests
   typing-extensions urllib3"
-VLLM_BUNDLE_PINS=../shared/gpu/device-deps.txt
+# The vLLM bundle's pins (scripts/make_gpu_bundle.sh), so that Ray's dependencies match what it installs.
+VLLM_BUNDLE_PINS=scripts/gpu-bundle-deps.txt
 
 bundle() {
   local cache=${KITTY_BUNDLE_CACHE:-$HOME/.cache/kitty-gpu-bundle}/ray

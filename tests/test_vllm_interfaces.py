@@ -63,6 +63,7 @@ def _vllm(path: str):
 # What kitty_vllm.patches (and the block managers) call, with the parameters they rely on.
 WRAPPED = {
     "vllm.config.cache:CacheConfig": ["sliding_window", "kv_cache_dtype_skip_layers", "skip_page_size_padded"],
+    "vllm.config.vllm:VllmConfig.try_verify_and_update_config": ["self"],
     "vllm.model_executor.layers.attention.attention:Attention.__init__":
         ["self", "cache_config", "per_layer_sliding_window"],
     "vllm.model_executor.layers.attention.attention:Attention.get_kv_cache_spec": ["self", "vllm_config"],

@@ -1,4 +1,4 @@
-"""A tiny random-weight Llama (or Gemma-3, Gemma-2, Mistral, gpt-oss, Phi-3) with a locally trained
+"""A tiny random-weight Llama (or Gemma-3, Gemma-2, Mistral, gpt-oss, Phi-3, Qwen3-Next) with a locally trained
 tokenizer, for fast end-to-end tests.
 
 ``build_tiny_model()`` writes an ordinary HuggingFace directory (float32 ``model.safetensors``,
@@ -17,7 +17,9 @@ two alternate, as Gemma 2; ``attn_logit_softcapping`` as given, none by default)
 sliding window on every layer, as Mistral 7B v0.1); ``gpt_oss`` (sliding-window and full-attention layers
 alternate, learned per-head attention sinks, biased projections, a mixture of experts, as gpt-oss);
 ``phi3`` (fused QKV and gate/up projections, and one window on every layer, as Phi-3 checkpoints declare:
-262144 tokens in Phi-3.5-mini). The window is ``sliding_window`` tokens.
+262144 tokens in Phi-3.5-mini); ``qwen3_next`` (a hybrid: Gated DeltaNet linear-attention layers, three
+before each full-attention layer, gated attention output, a quarter of each head rotated, a mixture of
+experts with a shared expert, as Qwen3-Next). The window is ``sliding_window`` tokens.
 """
 
 from __future__ import annotations
@@ -60,9 +62,14 @@ GPT_OSS_EXPERTS_PER_TOKEN = 2
 _MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
                 "tokenizer_config.json")
 
-FAMILIES = ("llama", "gemma3", "gemma2", "mistral", "gpt_oss", "phi3")
-# Sliding-window layers before each full-attention layer (Gemma 3 has 5; 3 keeps the tiny model small).
-SLIDING_PER_FULL = {"gemma3": 3, "gemma2": 1, "gpt_oss": 1}
+FAMILIES = ("llama", "gemma3", "gemma2", "mistral", "gpt_oss", "phi3", "qwen3_next")
+# Sliding-window (Qwen3-Next: linear-attention) layers before each full-attention layer (Gemma 3 has 5;
+# 3 keeps the tiny model small; Qwen3-Next has 3).
+SLIDING_PER_FULL = {"gemma3": 3, "gemma2": 1, "gpt_oss": 1, "qwen3_next": 3}
+# Qwen3-Next's linear-attention heads: 2 key heads and 4 value heads of 128 channels (vLLM's CPU kernel
+# takes 128, as in Qwen3-Next).
+QWEN3_NEXT_LINEAR = dict(linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=128,
+                         linear_value_head_dim=128, linear_conv_kernel_dim=4)
 
 
 def tiny_model_name(*, family: str = "llama", head_dim: int = 64, num_kv_heads: int = 2, num_heads: int = 4,
@@ -86,7 +93,8 @@ def layer_types(family: str, num_layers: int) -> list[str]:
     if family in ("mistral", "phi3"):
         return ["sliding_attention"] * num_layers
     period = SLIDING_PER_FULL[family] + 1
-    return ["full_attention" if (i + 1) % period == 0 else "sliding_attention" for i in range(num_layers)]
+    other = "linear_attention" if family == "qwen3_next" else "sliding_attention"
+    return ["full_attention" if (i + 1) % period == 0 else other for i in range(num_layers)]
 
 
 def _complete(path: Path) -> bool:
@@ -179,6 +187,12 @@ def _family_config(family: str, common: dict, num_layers: int, head_dim: int, sl
         return transformers.GptOssConfig(**common, layer_types=layer_types(family, num_layers),
                                          sliding_window=sliding_window, num_local_experts=GPT_OSS_EXPERTS,
                                          num_experts_per_tok=GPT_OSS_EXPERTS_PER_TOKEN, tie_word_embeddings=False)
+    if family == "qwen3_next":
+        return transformers.Qwen3NextConfig(**common, layer_types=layer_types(family, num_layers), **QWEN3_NEXT_LINEAR,
+                                            num_experts=GPT_OSS_EXPERTS, num_experts_per_tok=GPT_OSS_EXPERTS_PER_TOKEN,
+                                            moe_intermediate_size=common["intermediate_size"],
+                                            shared_expert_intermediate_size=common["intermediate_size"],
+                                            tie_word_embeddings=False)
     config_class = transformers.Gemma3TextConfig if family == "gemma3" else transformers.Gemma2Config
     gemma = dict(layer_types=layer_types(family, num_layers), sliding_window=sliding_window,
                  query_pre_attn_scalar=head_dim, final_logit_softcapping=None,
@@ -221,8 +235,13 @@ def _write_model(out: Path, *, family: str, head_dim: int, num_kv_heads: int, nu
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith("norm.weight"):
-                # Gemma's norms scale by 1 + weight: both make a unit scale.
-                param.fill_(0.0 if gemma else 1.0)
+                # Gemma's and Qwen3-Next's norms scale by 1 + weight (not Qwen3-Next's gated norm of the
+                # linear attention): all make a unit scale.
+                param.fill_(0.0 if gemma or (family == "qwen3_next" and "linear_attn" not in name) else 1.0)
+                continue
+            if name.endswith("A_log"):
+                # Gated DeltaNet's decay rates, as transformers initializes them: log(U(0, 16)).
+                param.copy_(torch.rand(param.shape, generator=generator).mul(16.0).log())
                 continue
             mean = SINK_MEAN if name.endswith("sinks") else 0.0
             if name.endswith("sinks"):
@@ -234,7 +253,9 @@ def _write_model(out: Path, *, family: str, head_dim: int, num_kv_heads: int, nu
                 std = embed_std / hidden ** 0.5 if gemma else embed_std
             else:
                 gain = LM_HEAD_GAIN if name.startswith("lm_head") else linear_gain
-                std = gain / param.shape[1] ** 0.5
+                # Inputs are the last axis of Qwen3-Next's expert and convolution weights, the second elsewhere.
+                fan_in = param.shape[-1] if family == "qwen3_next" and param.dim() == 3 else param.shape[1]
+                std = gain / fan_in ** 0.5
             param.copy_(torch.randn(param.shape, generator=generator, dtype=torch.float32) * std + mean)
     # vLLM reads the checkpoint dtype from config.json; state it explicitly rather than "auto".
     model.config.dtype = torch.float32
