@@ -1,5 +1,6 @@
-"""The simulation's accuracy levers (kitty_vllm.tools.levers): the Hadamard rotation of the Values and the
-value lag, how the eval and the study take them, and that vLLM runs refuse them."""
+"""The simulation's accuracy levers (kitty_vllm.tools.levers): the Hadamard rotation of the Values, the
+value lag and per-layer boost ratios (with their calibration, kitty_vllm.tools.calibrate), how the eval and
+the study take them, and that vLLM runs refuse them."""
 
 from __future__ import annotations
 
@@ -13,9 +14,10 @@ import torch
 from kitty_vllm import reference as R
 from kitty_vllm.config import KittyConfig
 from kitty_vllm.layout import page_layout
-from kitty_vllm.tools import levers, oracle
+from kitty_vllm.tools import calibrate, levers, oracle
 from kitty_vllm.tools.capacity import EVAL_MODELS, kitty_bytes
 from kitty_vllm.tools.eval import CacheSpec
+from tiny_model import build_tiny_model
 
 KITTY2 = KittyConfig.from_preset("kitty2")
 EXACT = KITTY2.replace(exact_prefill=True)
@@ -188,3 +190,133 @@ def test_docs_lever_screen_tables_are_the_study_json():
     result = json.loads((SCREEN / "study.json").read_text())
     assert markdown_table(result) in (ROOT / "docs" / "accuracy.md").read_text()
     assert markdown_table(result) in (SCREEN / "README.md").read_text()
+
+
+# ----------------------------------------------------------------------------- per-layer boost ratios
+
+TINY_LAYERS = 4
+
+
+@pytest.fixture(scope="module")
+def tiny_dir() -> Path:
+    return build_tiny_model(num_layers=TINY_LAYERS)
+
+
+def tiny_tokens(model_dir: Path, count: int = 300) -> list[int]:
+    """``count`` calibration tokens: two complete pages, read quantized from position 160 on."""
+    from transformers import AutoTokenizer
+
+    return calibrate.calibration_tokens(AutoTokenizer.from_pretrained(model_dir), count)
+
+
+def write_profile(path: Path, ratios, model: str = "smollm2", base: float = 0.25) -> Path:
+    return levers.LayerBoostProfile(model, base, tuple(ratios), {}).to_yaml(path)
+
+
+def test_the_greedy_spends_the_base_channels_on_the_most_sensitive_layers():
+    counts = [0, 8, 16, 24, 32]
+    errors = [[4.0, 2.0, 1.0, 0.5, 0.25],        # sensitive: gains 2, 1, 0.5, 0.25 per step
+              [0.4, 0.2, 0.1, 0.05, 0.025],      # ten times less
+              [1.0, 0.5, 0.45, 0.44, 0.43]]      # one large first step, then little
+    chosen = calibrate.assign(errors, counts, 16)
+    assert sum(chosen) == 16 * len(errors) and chosen == [32, 8, 8]
+    assert calibrate.assign(errors, counts, 0) == [0, 0, 0]
+    with pytest.raises(ValueError, match="outside the allowed"):
+        calibrate.assign(errors, [0, 8], 16)
+
+
+def test_calibrate_writes_a_profile_that_averages_to_the_preset_ratio_and_the_eval_loads(tiny_dir, tmp_path,
+                                                                                         monkeypatch):
+    monkeypatch.setattr(calibrate.assets, "model_path", lambda key: tiny_dir)
+    out = tmp_path / "tiny-profile.yaml"
+    calibrate.main(["--model", "smollm2", "--out", str(out), "--tokens", "300"])
+    profile = levers.LayerBoostProfile.load(out)
+    assert profile.model == "smollm2" and len(profile.ratios) == TINY_LAYERS
+    assert profile.boost_ratio == KITTY2.boost_ratio
+    assert sum(profile.ratios) / TINY_LAYERS == pytest.approx(KITTY2.boost_ratio, abs=1e-12)
+    assert set(profile.ratios) <= set(calibrate.RATIOS) and len(set(profile.ratios)) > 1
+    errors = profile.calibration["errors"]
+    assert len(errors) == TINY_LAYERS and all(row[0] > row[-1] > 0 for row in errors)
+    spec = CacheSpec.parse(f"kitty2:lever=hadamard-v,layer-boost={out}")
+    assert spec.levers == ("hadamard-v", f"layer-boost={out}")
+    assert spec.label == "kitty2 (hadamard-v + layer-boost=tiny-profile)"
+    # Equal average bits, up to the 16-byte alignment of each page's index of boosted channels.
+    layout = page_layout(KITTY2, 64)
+    assert abs(profile.bits_per_element(KITTY2, 64) - layout.effective_bits) <= 16 * 8 / (2 * PAGE * 64)
+
+
+def test_layer_boost_changes_exactly_the_layers_whose_ratio_differs(tiny_dir, tmp_path):
+    """Through the oracle, each layer quantizes its Keys at its own ratio: the layers at the preset's ratio
+    attend as plain kitty2 (with hadamard-v, as hadamard-v alone), the others not."""
+    profile = write_profile(tmp_path / "p.yaml", [0.5, 0.25, 0.25, 0.0])
+    tokens = tiny_tokens(tiny_dir)
+    changed: dict[int, list[bool]] = {}
+
+    def spy(*args, **kwargs):
+        layer = levers.current_layer()
+        lever = f"layer-boost={profile}"
+        pairs = (([lever], None), (["hadamard-v", lever], ["hadamard-v"]))
+        for lever, plain in pairs:
+            out = levers.attention(*args, **kwargs, levers=lever)
+            base = levers.attention(*args, **kwargs, levers=plain) if plain else R.reference_attention(*args, **kwargs)
+            changed.setdefault(layer, []).append(not torch.equal(out, base))
+        return R.reference_attention(*args, **kwargs)
+
+    with levers.layer_indices(oracle.load_model(tiny_dir)):
+        oracle.kitty_logits(tiny_dir, tokens, EXACT, attention=spy)
+    assert changed == {0: [True, True], 1: [False, False], 2: [False, False], 3: [True, True]}
+    with pytest.raises(RuntimeError, match="layer_indices"):
+        oracle.kitty_logits(tiny_dir, tokens, EXACT, attention=levers.lever_attention([f"layer-boost={profile}"]))
+
+
+@pytest.mark.parametrize("text, message", [
+    (None, "no such layer-boost profile"),
+    ("- 0.25\n", "a mapping with model, boost_ratio and ratios"),
+    ("model: smollm2\nboost_ratio: 0.25\n", "a mapping with model, boost_ratio and ratios"),
+    ("model: smollm2\nboost_ratio: 0.25\nratios: [0.25, x]\n", "must be numbers in \\[0, 1\\]"),
+    ("model: smollm2\nboost_ratio: 0.25\nratios: [0.5, 0.5, 0.25, 0]\n", "average 0.3125, not boost_ratio 0.25"),
+    ("model: [smollm2\n", "not YAML"),
+])
+def test_a_bad_profile_file_is_refused_with_the_command_that_makes_one(tmp_path, text, message):
+    path = tmp_path / "bad.yaml"
+    if text is not None:
+        path.write_text(text)
+    for attempt in (lambda: levers.LayerBoostProfile.load(path),
+                    lambda: CacheSpec.parse(f"kitty2:lever=layer-boost={path}")):
+        with pytest.raises(ValueError, match=message) as error:
+            attempt()
+        assert f"python -m kitty_vllm.tools.calibrate --model MODEL --out {path}" in str(error.value)
+    for lever in ("layer-boost", "layer-boost="):
+        with pytest.raises(ValueError, match="takes a profile file"):
+            levers.parse(lever)
+
+
+@pytest.mark.parametrize("ratios, model, preset, message", [
+    ([0.25] * TINY_LAYERS, "qwen-0.5b", "kitty2", "a profile of qwen-0.5b, not smollm2"),
+    ([0.25] * 3, "smollm2", "kitty2", "3 ratios for smollm2's 4 layers"),
+    ([0.25] * TINY_LAYERS, "smollm2", "kitty2-lite", "for a preset of boost_ratio 0.125"),
+    ([0.3, 0.2, 0.25, 0.25], "smollm2", "kitty2", "layer 0: boost_ratio=0.3"),
+])
+def test_the_eval_refuses_a_profile_that_does_not_fit_the_model_or_preset(tmp_path, ratios, model, preset, message):
+    from kitty_vllm.tools.eval import check_layer_profile
+
+    path = write_profile(tmp_path / "p.yaml", ratios, model=model)
+    spec = CacheSpec.parse(f"{preset}:lever=layer-boost={path}")
+    model_config = SimpleNamespace(num_hidden_layers=TINY_LAYERS, head_dim=64)
+    with pytest.raises(SystemExit, match=message) as error:
+        check_layer_profile(spec, "smollm2", model_config)
+    assert f"python -m kitty_vllm.tools.calibrate --model smollm2 --out {path}" in str(error.value)
+    check_layer_profile(CacheSpec.parse("kitty2:lever=hadamard-v"), "smollm2", model_config)
+
+
+def test_docs_layer_boost_tables_are_the_study_json():
+    """The layer-boost screen's README shows the study's tables, docs/accuracy.md its perplexity table, as
+    kitty_vllm.tools.study prints its JSON; bits.txt holds the profile's bits as the lever computes them."""
+    from kitty_vllm.tools.study import markdown_table
+
+    folder = ROOT / "benchmarks/results/lever-layer-boost-2026-12-07"
+    table = markdown_table(json.loads((folder / "study.json").read_text()))
+    assert table in (folder / "README.md").read_text()
+    assert table.split("\n\n")[0] in (ROOT / "docs" / "accuracy.md").read_text()
+    profile = levers.LayerBoostProfile.load(folder / "smollm2-layer-boost.yaml")
+    assert f"smollm2-layer-boost: {profile.bits_per_element(KITTY2, 64):.4f}" in (folder / "bits.txt").read_text()

@@ -32,8 +32,11 @@ kitty preset) with the comma-separated ``LAYERS`` (indices from 0) left unquanti
 dtype (vLLM's ``kv_cache_dtype_skip_layers``; a kitty dtype keeps them beside its pages, sharing the
 block pool: kitty_vllm.block_manager.mixed), labelled e.g. ``fp8 (layer 0 unquantized)``.
 ``DTYPE:lever=NAMES`` runs a kitty preset with the comma-separated accuracy levers of issue 30 that only
-the float32 simulation implements (kitty_vllm.tools.levers: ``value-lag``, ``hadamard-v``), labelled e.g.
-``kitty2 (value-lag + hadamard-v)``; it needs ``--reference``, since the kernels do not implement them.
+the float32 simulation implements (kitty_vllm.tools.levers: ``value-lag``, ``hadamard-v``,
+``layer-boost=PROFILE.yaml``, the per-layer boost ratios of a profile that ``python -m
+kitty_vllm.tools.calibrate`` makes for the model), labelled e.g. ``kitty2 (value-lag + hadamard-v)`` or
+``kitty2 (hadamard-v + layer-boost=PROFILE)``; it needs ``--reference``, since the kernels do not implement
+them.
 ``--ablations`` adds the GSM8K ablations of the boost: policy (magnitude = kitty2, variance, random;
 25% of channels) and ratio (0 = kivi2, 12.5% = kitty2-lite, 25% = kitty2, 50%), from
 kitty_vllm/tools/ablations/.
@@ -144,7 +147,9 @@ class CacheSpec:
     @property
     def label(self) -> str:
         if self.levers:
-            return f"{self.kv_cache_dtype} ({' + '.join(self.levers)})"
+            from kitty_vllm.tools import levers
+
+            return f"{self.kv_cache_dtype} ({' + '.join(map(levers.label, self.levers))})"
         if self.skip_layers:
             layers = ("layers " if len(self.skip_layers) > 1 else "layer ") + ",".join(map(str, self.skip_layers))
             return f"{self.kv_cache_dtype} ({layers} unquantized)"
@@ -237,20 +242,21 @@ def reference_window_nlls(model_dir: Path, windows: Sequence[Sequence[int]], spe
     if spec.kv_cache_dtype != "auto" and spec.kv_cache_dtype not in PRESETS:
         raise ValueError(f"the float32 simulation covers auto and the kitty dtypes, not {spec.kv_cache_dtype}")
     from kitty_vllm.tools import oracle
-    from kitty_vllm.tools.levers import lever_attention
+    from kitty_vllm.tools.levers import layer_indices, lever_attention
 
     config = spec.kitty_config()
     if config is not None:
         config = config.replace(exact_prefill=True)   # decode-time, as the perplexity engine runs it
     attention = lever_attention(spec.levers)
     nlls = []
-    for i, window in enumerate(windows):
-        start = time.perf_counter()
-        logits = oracle.kitty_logits(model_dir, list(window), config, attention=attention)
-        logprobs = torch.log_softmax(logits[:-1], dim=-1).gather(1, torch.tensor(window[1:])[:, None])
-        nlls.append(-float(logprobs.double().mean()))
-        logger.info("  simulation window %d/%d: nll %.4f (%.0f s)", i + 1, len(windows), nlls[-1],
-                    time.perf_counter() - start)
+    with layer_indices(oracle.load_model(model_dir)):   # the layer-boost lever's layer
+        for i, window in enumerate(windows):
+            start = time.perf_counter()
+            logits = oracle.kitty_logits(model_dir, list(window), config, attention=attention)
+            logprobs = torch.log_softmax(logits[:-1], dim=-1).gather(1, torch.tensor(window[1:])[:, None])
+            nlls.append(-float(logprobs.double().mean()))
+            logger.info("  simulation window %d/%d: nll %.4f (%.0f s)", i + 1, len(windows), nlls[-1],
+                        time.perf_counter() - start)
     return nlls
 
 
@@ -421,6 +427,20 @@ def reference_tasks(model_dir: Path, windows, spec: CacheSpec, ppl_task: str) ->
     yield ppl_task, perplexity(reference_window_nlls(model_dir, windows, spec))
 
 
+def check_layer_profile(spec: CacheSpec, model: str, model_config: Any) -> None:
+    """Exit unless the layer-boost profile of ``spec`` (if any) fits ``model`` and ``spec``'s preset."""
+    from kitty_vllm.tools.levers import layer_profile
+
+    found = layer_profile(spec.levers)
+    if found is None:
+        return
+    head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads
+    try:
+        found[0].check(spec.kitty_config(), model, model_config.num_hidden_layers, head_dim, found[1])
+    except ValueError as e:
+        raise SystemExit(f"{spec.label}: {e}") from None
+
+
 def evaluate(args: argparse.Namespace) -> list[dict[str, Any]]:
     from transformers import AutoConfig, AutoTokenizer
 
@@ -431,6 +451,7 @@ def evaluate(args: argparse.Namespace) -> list[dict[str, Any]]:
     for spec in args.specs:
         if spec.skip_layers and spec.skip_layers[-1] >= model_config.num_hidden_layers:
             raise SystemExit(f"{spec.label}: {args.model} has layers 0 to {model_config.num_hidden_layers - 1}")
+        check_layer_profile(spec, args.model, model_config)
     label = _model_label(args)
     ppl_task = f"perplexity-{_tokens(args.ppl_window)}" + ("-sim" if args.reference else "")
 
@@ -496,7 +517,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--kv-cache-dtypes", nargs="+", default=list(KV_CACHE_DTYPES), metavar="DTYPE[:CONFIG]",
                         help="CONFIG: a kitty config (FILE.yaml or an ablation's name), skip=LAYERS "
                              "(these layers unquantized, e.g. fp8:skip=0, kitty2:skip=0,1) or lever=NAMES "
-                             "(--reference only, e.g. kitty2:lever=value-lag,hadamard-v)")
+                             "(--reference only, e.g. kitty2:lever=value-lag,hadamard-v or "
+                             "kitty2:lever=layer-boost=PROFILE.yaml)")
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
     parser.add_argument("--ablations", action="store_true", help="add the GSM8K boost ablations")
     parser.add_argument("--limit", type=int, default=None, help="first N GSM8K problems (default: all 1,319)")

@@ -14,33 +14,176 @@ simulation only (kitty_vllm.tools.oracle over kitty_vllm.reference): ``kitty2:le
   ``H^T`` after (``V_hat = Q(V H) H^T``, what undoing the rotation on the attention output gives). The
   full-precision Values and the Keys are not rotated; the per-channel Key boost picks outlier channels,
   which a rotation would spread. It costs no bits.
+* ``layer-boost=PROFILE``: each layer's Keys get the boost ratio that the profile file ``PROFILE`` gives
+  that layer (:class:`LayerBoostProfile`, made by ``python -m kitty_vllm.tools.calibrate``) instead of the
+  preset's one ratio for all; the ratios average to the preset's, so the bits do too (up to the page's
+  16-byte alignment of the boosted channels' index). The layer is the attention module's ``layer_idx``,
+  which :func:`layer_indices` records as the model runs. Values and the schedule unchanged.
 
 The quantization, the schedule and the attention are kitty_vllm.reference's own: a lever only changes
-which Values a query reads quantized, or what it reads there.
+which Values a query reads quantized, or what it reads there, or how many Key channels a layer boosts.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Callable, Collection
+import math
+import threading
+from collections.abc import Callable, Collection, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
+import yaml
 
-from kitty_vllm.config import KittyConfig
+from kitty_vllm.config import KittyConfig, KittyConfigError
+from kitty_vllm.layout import page_layout
 from kitty_vllm.reference import hadamard, quantized_sequence, rotate, schedule_attention
 
-LEVERS = ("value-lag", "hadamard-v")
+LAYER_BOOST = "layer-boost"
+LEVERS = ("value-lag", "hadamard-v", LAYER_BOOST)
+CALIBRATE_COMMAND = "python -m kitty_vllm.tools.calibrate --model MODEL --out {path}"
+
+_current = threading.local()
 
 
 def parse(names: str) -> tuple[str, ...]:
-    """The levers of ``NAMES`` (comma-separated), in LEVERS' order; raises ValueError for an unknown or
-    repeated one."""
+    """The levers of ``NAMES`` (comma-separated), in LEVERS' order, ``layer-boost=PROFILE`` with its file
+    (loaded now, so that a bad one is refused before a run); raises ValueError for an unknown or repeated
+    one, or a bad profile."""
     given = names.split(",")
-    unknown = [name for name in given if name not in LEVERS]
-    if unknown or len(set(given)) != len(given):
-        raise ValueError(f"levers {names!r}: the levers are {', '.join(LEVERS)}, comma-separated, each once"
+    bases = [LAYER_BOOST if name.partition("=")[0] == LAYER_BOOST else name for name in given]
+    unknown = [name for name, base in zip(given, bases, strict=True) if base not in LEVERS]
+    if unknown or len(set(bases)) != len(bases):
+        raise ValueError(f"levers {names!r}: the levers are {', '.join(LEVERS)} ({LAYER_BOOST}=PROFILE.yaml), "
+                         "comma-separated, each once"
                          + (f" (unknown: {', '.join(map(repr, unknown))})" if unknown else ""))
-    return tuple(name for name in LEVERS if name in given)
+    for name in given:
+        if name.partition("=")[0] == LAYER_BOOST:
+            path = profile_path(name)
+            if path is None:
+                raise ValueError(f"levers {names!r}: {LAYER_BOOST} takes a profile file, {LAYER_BOOST}=PROFILE.yaml "
+                                 f"(make one with {CALIBRATE_COMMAND.format(path='PROFILE.yaml')})")
+            LayerBoostProfile.load(path)
+    return tuple(name for lever in LEVERS for name, base in zip(given, bases, strict=True) if base == lever)
+
+
+def label(lever: str) -> str:
+    """How a result names ``lever``: itself, or ``layer-boost=STEM`` for its profile file (as the eval
+    labels ``DTYPE:FILE.yaml`` by the file's stem)."""
+    path = profile_path(lever)
+    return lever if path is None else f"{LAYER_BOOST}={path.stem}"
+
+
+def profile_path(lever: str) -> Path | None:
+    """The profile file of a ``layer-boost=PROFILE`` lever; None for the others."""
+    name, _, file = lever.partition("=")
+    return Path(file) if name == LAYER_BOOST and file else None
+
+
+@dataclass(frozen=True)
+class LayerBoostProfile:
+    """Per-layer boost ratios for one model (the ``layer-boost`` lever): ``ratios[i]`` for layer ``i``,
+    averaging to ``boost_ratio``, the preset's, so that the cache keeps the preset's bits. The file is YAML
+    with these keys, and ``calibration`` (free-form: how it was made)."""
+
+    model: str
+    boost_ratio: float
+    ratios: tuple[float, ...]
+    calibration: dict[str, Any]
+
+    @classmethod
+    def load(cls, path: str | Path) -> LayerBoostProfile:
+        """The profile at ``path``; raises ValueError naming the fix for a file that is missing, is no
+        mapping with ``model``, ``boost_ratio`` and ``ratios``, or whose ratios do not average to
+        ``boost_ratio``."""
+        fix = f"make it with {CALIBRATE_COMMAND.format(path=path)}"
+        try:
+            data = yaml.safe_load(Path(path).read_text())
+        except FileNotFoundError:
+            raise ValueError(f"{path}: no such layer-boost profile: {fix}") from None
+        except yaml.YAMLError as e:
+            raise ValueError(f"{path}: not YAML ({e}): {fix}") from None
+        if not isinstance(data, dict) or not {"model", "boost_ratio", "ratios"} <= data.keys():
+            raise ValueError(f"{path}: a layer-boost profile is a mapping with model, boost_ratio and ratios "
+                             f"(one per layer): {fix}")
+        ratios, base = data["ratios"], data["boost_ratio"]
+        if not (isinstance(ratios, list) and ratios and all(map(_fraction, [base, *ratios]))):
+            raise ValueError(f"{path}: boost_ratio and ratios must be numbers in [0, 1], ratios a non-empty list: "
+                             f"{fix}")
+        mean = math.fsum(ratios) / len(ratios)
+        if not math.isclose(mean, base, abs_tol=1e-9):
+            raise ValueError(f"{path}: the ratios average {mean:g}, not boost_ratio {base}, so the cache would not "
+                             f"keep the preset's bits: {fix}")
+        return cls(model=str(data["model"]), boost_ratio=float(base), ratios=tuple(float(r) for r in ratios),
+                   calibration=data.get("calibration") or {})
+
+    def to_yaml(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.write_text(yaml.safe_dump({"model": self.model, "boost_ratio": self.boost_ratio,
+                                        "ratios": list(self.ratios), "calibration": self.calibration},
+                                       sort_keys=False, width=120))
+        return path
+
+    def layer_config(self, config: KittyConfig, layer: int) -> KittyConfig:
+        """``config`` with layer ``layer``'s boost ratio."""
+        return config.replace(boost_ratio=self.ratios[layer])
+
+    def bits_per_element(self, config: KittyConfig, head_dim: int) -> float:
+        """Bits per K or V element of the pages averaged over the layers, metadata included: the preset's
+        (``config``'s) up to the 16-byte alignment of each page's index of boosted channels."""
+        return math.fsum(page_layout(self.layer_config(config, layer), head_dim).effective_bits
+                         for layer in range(len(self.ratios))) / len(self.ratios)
+
+    def check(self, config: KittyConfig, model: str, num_layers: int, head_dim: int, path: str | Path) -> None:
+        """Raise ValueError unless this profile (from ``path``) fits ``model`` (its layers and head_dim) and
+        the preset ``config`` it is applied to (the same base ratio)."""
+        fix = f"make one with {CALIBRATE_COMMAND.format(path=path).replace('MODEL', model)}"
+        if self.model != model:
+            raise ValueError(f"{path}: a profile of {self.model}, not {model}: {fix}")
+        if len(self.ratios) != num_layers:
+            raise ValueError(f"{path}: {len(self.ratios)} ratios for {model}'s {num_layers} layers: {fix}")
+        if not math.isclose(self.boost_ratio, config.boost_ratio):
+            raise ValueError(f"{path}: ratios averaging {self.boost_ratio}, for a preset of boost_ratio "
+                             f"{config.boost_ratio}: {fix} --preset PRESET")
+        for layer in range(num_layers):
+            try:
+                self.layer_config(config, layer).num_boost_channels(head_dim)
+            except KittyConfigError as e:
+                raise ValueError(f"{path}: layer {layer}: {e}: {fix}") from None
+
+
+def _fraction(x: Any) -> bool:
+    """Whether ``x`` is a number in [0, 1] (YAML's true and false are no ratios)."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and 0 <= x <= 1
+
+
+@contextlib.contextmanager
+def layer_indices(model: torch.nn.Module) -> Iterator[None]:
+    """Within this block, each module of ``model`` with a ``layer_idx`` (transformers' attention modules and
+    decoder layers) records its index before it runs, for the ``layer-boost`` lever (:func:`current_layer`):
+    kitty_vllm.tools.oracle hands the attention function no layer."""
+    def enter(module: torch.nn.Module, args: Any) -> None:
+        _current.layer = module.layer_idx
+
+    handles = [module.register_forward_pre_hook(enter) for module in model.modules()
+               if isinstance(getattr(module, "layer_idx", None), int)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        _current.layer = None
+
+
+def current_layer() -> int:
+    """The layer running now, inside :func:`layer_indices`."""
+    layer = getattr(_current, "layer", None)
+    if layer is None:
+        raise RuntimeError(f"{LAYER_BOOST} needs the layer: run the model inside levers.layer_indices(model)")
+    return layer
 
 
 def packed_value_pages(query_positions: torch.Tensor, config: KittyConfig) -> torch.Tensor:
@@ -62,18 +205,29 @@ def lagged_values(levers: Collection[str], config: KittyConfig) -> int:
 
 def lever_attention(levers: Collection[str]) -> Callable[..., torch.Tensor] | None:
     """:func:`attention` under ``levers``, with kitty_vllm.reference.reference_attention's arguments, for
-    kitty_vllm.tools.oracle; None without levers (the oracle's own ``reference_attention``)."""
+    kitty_vllm.tools.oracle (inside :func:`layer_indices` for ``layer-boost``); None without levers (the
+    oracle's own ``reference_attention``)."""
     return functools.partial(attention, levers=parse(",".join(levers))) if levers else None
+
+
+def layer_profile(levers: Sequence[str]) -> tuple[LayerBoostProfile, Path] | None:
+    """The profile of the ``layer-boost`` lever among ``levers`` and its file; None without one."""
+    paths = [path for path in map(profile_path, levers) if path is not None]
+    return (LayerBoostProfile.load(paths[0]), paths[0]) if paths else None
 
 
 def attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, config: KittyConfig,
               query_positions: torch.Tensor | None = None, scale: float | None = None, soft_cap: float = 0.0,
               sinks: torch.Tensor | None = None, *, levers: Collection[str]) -> torch.Tensor:
     """kitty_vllm.reference.reference_attention (same arguments and result) with ``levers`` applied: the
-    Values' quantization of ``hadamard-v``, and with ``value-lag`` the queries grouped by how many pages'
-    Values they read packed (:func:`packed_value_pages`), each group reading the Values of later pages in
-    full precision."""
+    Keys' boost ratio of the layer running (:func:`current_layer`) with ``layer-boost``, the Values'
+    quantization of ``hadamard-v``, and with ``value-lag`` the queries grouped by how many pages' Values
+    they read packed (:func:`packed_value_pages`), each group reading the Values of later pages in full
+    precision."""
     num_keys, _, head_dim = keys.shape
+    profile = layer_profile(tuple(levers))
+    if profile is not None:
+        config = profile[0].layer_config(config, current_layer())
     if query_positions is None:
         query_positions = torch.arange(num_keys - query.shape[0], num_keys)
     if "hadamard-v" in levers:
