@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import report
@@ -40,7 +41,7 @@ STEP_TOKENS = capacity.STEP_TOKENS
 KV_CACHE_GIB = 8.0
 # The body, shrunk: none of it is in the KV cache.
 BODY = {"hidden_size": 256, "intermediate_size": 256, "vocab_size": 2048}
-GPT_OSS_EXPERTS = 4
+EXPERTS = 4      # gpt-oss and Qwen3-Next, shrunk
 # The architecture and transformers config class of each family that vLLM serves from a config.json.
 FAMILIES = {
     "Llama 3": ("LlamaForCausalLM", "LlamaConfig"),
@@ -49,15 +50,18 @@ FAMILIES = {
     "Gemma 2": ("Gemma2ForCausalLM", "Gemma2Config"),
     "gpt-oss": ("GptOssForCausalLM", "GptOssConfig"),
     "Phi-3": ("Phi3ForCausalLM", "Phi3Config"),
+    "Qwen3-Next": ("Qwen3NextForCausalLM", "Qwen3NextConfig"),
 }
 
 
 def layer_types(shape: capacity.ModelShape) -> list[str]:
     """Every layer's attention in transformers' words, the full-attention layers spread evenly (Gemma 3's
-    five sliding layers before each full one; Gemma 2's and gpt-oss's alternation)."""
-    period = (shape.full + shape.sliding) // shape.full if shape.full else 0
-    return ["full_attention" if period and (i + 1) % period == 0 else "sliding_attention"
-            for i in range(shape.full + shape.sliding)]
+    five sliding layers before each full one; Gemma 2's and gpt-oss's alternation; Qwen3-Next's three
+    linear-attention layers before each full one)."""
+    other = shape.sliding + shape.state_layers
+    period = (shape.full + other) // shape.full if shape.full else 0
+    kind = "linear_attention" if shape.state_layers else "sliding_attention"
+    return ["full_attention" if period and (i + 1) % period == 0 else kind for i in range(shape.full + other)]
 
 
 def model_config(shape: capacity.ModelShape, max_model_len: int) -> dict:
@@ -68,18 +72,24 @@ def model_config(shape: capacity.ModelShape, max_model_len: int) -> dict:
         raise ValueError(f"{shape.model}: no config for the {shape.family} family here "
                          f"(the families: {', '.join(FAMILIES)})")
     architecture, config_class = FAMILIES[shape.family]
-    fields = dict(BODY, num_hidden_layers=shape.full + shape.sliding, num_attention_heads=2 * shape.kv_heads,
+    fields = dict(BODY, num_hidden_layers=shape.full + shape.sliding + shape.state_layers,
+                  num_attention_heads=2 * shape.kv_heads,
                   num_key_value_heads=shape.kv_heads, head_dim=shape.head_dim,
                   max_position_embeddings=max(max_model_len, 4096), tie_word_embeddings=False)
     if shape.family == "Phi-3":
         # Its window spans max_model_len: every layer is full attention to vLLM (tools.capacity.MODELS' note).
         fields.update(sliding_window=2 * max(max_model_len, 4096))
+    elif shape.state_layers:
+        # Qwen3-Next's linear-attention heads are its config class's defaults (tools.capacity's state bytes).
+        fields.update(layer_types=layer_types(shape), num_experts=EXPERTS, num_experts_per_tok=2,
+                      moe_intermediate_size=BODY["intermediate_size"],
+                      shared_expert_intermediate_size=BODY["intermediate_size"])
     elif not shape.sliding:
         fields.update(sliding_window=None)    # Mistral's config class has a 4096-token window by default
     else:
         fields.update(sliding_window=shape.window, layer_types=layer_types(shape))
         if shape.family == "gpt-oss":
-            fields.update(num_local_experts=GPT_OSS_EXPERTS, num_experts_per_tok=2)
+            fields.update(num_local_experts=EXPERTS, num_experts_per_tok=2)
         if shape.family.startswith("Gemma"):
             fields.update(query_pre_attn_scalar=shape.head_dim)
     config = getattr(transformers, config_class)(**fields).to_dict()
@@ -109,10 +119,17 @@ def computed_bytes(shape: capacity.ModelShape, dtype: str, tokens: int, step_tok
 
 def engine_process(model: str, dtype: str, tokens: int, step_tokens: int, budget: int) -> Iterator[dict]:
     """The record of (``model``, ``dtype``), measured on one engine."""
+    from vllm.v1.kv_cache_interface import MambaSpec
+
     shape = next(s for s in capacity.MODELS if s.model == model)
     llm = serving.start_engine(dtype, model_dir(shape, tokens), max_model_len=tokens,
                                max_num_batched_tokens=step_tokens, kv_cache_memory_bytes=budget, enforce_eager=True)
     kv_cache_config = llm.llm_engine.engine_core.engine_core.scheduler.kv_cache_config
+    states = [g.kv_cache_spec.real_page_size_bytes for g in kv_cache_config.kv_cache_groups
+              if isinstance(g.kv_cache_spec, MambaSpec)]
+    if states:
+        # The recurrent state as this platform keeps it (vLLM's CPU build keeps Qwen3-Next's in float32).
+        shape = replace(shape, state_bytes=max(states))
     computed = computed_bytes(shape, dtype, tokens, step_tokens)
     yield {"benchmark": "model_capacity", "model": model, "kv_cache_dtype": dtype, "max_model_len": tokens,
            "step_tokens": step_tokens, "kv_cache_bytes": budget, **serving.kv_cache_capacity(llm, tokens),

@@ -28,7 +28,7 @@ from kitty_vllm import reference
 from kitty_vllm.block_manager.spec import KV_CACHE_LAYOUTS
 from kitty_vllm.kernels import decode_attention
 from kitty_vllm.kernels.common import SUPPORTED_HEAD_DIMS
-from kitty_vllm.layout import StageLayout, stage_layout
+from kitty_vllm.layout import StageLayout, page_layout, stage_layout
 from kitty_vllm.paged import PagedKittyCache, Span, StorePlan
 from kitty_vllm.config import PRESETS, KittyConfig, KittyConfigError, load_config_for
 
@@ -84,13 +84,33 @@ class KittyMetadataBuilder(AttentionMetadataBuilder[KittyMetadata]):
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self.draft_tokens = load_config_for(vllm_config.cache_config.cache_dtype, vllm_config).draft_tokens
+        self.pages_per_block = kv_cache_spec.pages_per_block
+        # With several pages per block (hybrid models), the page table: a persistent buffer, so that
+        # captured graphs read this step's pages (page_table).
+        self.pages: torch.Tensor | None = None
+        self.offsets: torch.Tensor | None = None
+
+    def page_table(self, block_table: torch.Tensor) -> torch.Tensor:
+        """int32 [num_reqs, max_pages]: the packed page of each page index. A block of P pages holds pages
+        ``block * P`` to ``block * P + P - 1`` of the cache viewed as pages (KittyPackedSpec)."""
+        p = self.pages_per_block
+        if p == 1:
+            return block_table
+        rows, blocks = block_table.shape
+        if self.pages is None or self.pages.shape[0] < rows or self.pages.shape[1] != blocks * p:
+            self.pages = torch.empty(max(rows, self.vllm_config.scheduler_config.max_num_seqs), blocks * p,
+                                     dtype=block_table.dtype, device=block_table.device)
+            self.offsets = torch.arange(p, dtype=block_table.dtype, device=block_table.device)
+        pages = self.pages[:rows]
+        torch.add(block_table[:, :, None] * p, self.offsets, out=pages.view(rows, blocks, p))
+        return pages
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> KittyMetadata:
         cm = common_attn_metadata
         return KittyMetadata(num_reqs=cm.num_reqs, decode_only=cm.max_query_len <= 1 + self.draft_tokens,
                              max_query_len=cm.max_query_len, seq_lens=cm.seq_lens[: cm.num_reqs],
-                             block_table=cm.block_table_tensor[: cm.num_reqs],
+                             block_table=self.page_table(cm.block_table_tensor[: cm.num_reqs]),
                              query_start=cm.query_start_loc[: cm.num_reqs + 1],
                              query_start_host=cm.query_start_loc_cpu[: cm.num_reqs + 1])
 
@@ -218,8 +238,11 @@ class KittyAttentionImpl(AttentionImpl):
         stage_metadata = get_forward_context().attn_metadata
         if isinstance(stage_metadata, list):
             stage_metadata = stage_metadata[0]
+        # A block's bytes (padding aside) are its pages: one, or several on hybrid models (KittyPackedSpec).
+        pages_per_block = kv_cache[0].numel() // (self.num_kv_heads * page_layout(self.config, self.head_size).page_bytes)
         cache = PagedKittyCache.from_raw(
-            self.config, stage_layout(self.config, self.head_size, self.num_kv_heads, query.element_size()),
+            self.config, stage_layout(self.config, self.head_size, self.num_kv_heads, query.element_size(),
+                                      pages_per_block),
             kv_cache, stage.kv_cache, query.dtype, soft_cap=self.logits_soft_cap, sinks=self.sinks)
         stage_table = stage_metadata[stage.prefix].block_table
         if attn_metadata.decode_only and cache.kernels:

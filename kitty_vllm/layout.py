@@ -152,8 +152,9 @@ if __name__ == "__main__":
 class StageLayout:
     """Where a request's full-precision tokens live: blocks of the staging KV-cache group.
 
-    A staging block has the byte size of one layer's packed page (``num_kv_heads * page_bytes``), so the
-    two vLLM groups share one block pool without padding. It holds ``tokens_per_block`` tokens as
+    A staging block has the byte size of one layer's packed block (``pages_per_block * num_kv_heads *
+    page_bytes``: a packed block holds ``pages_per_block`` consecutive pages, one but on hybrid models,
+    kitty_vllm.block_manager.mixed), so the two vLLM groups share one block pool without padding. It holds ``tokens_per_block`` tokens as
     ``[2 (K, V), tokens_per_block, num_kv_heads, head_dim]`` in the model's dtype. A request's staging
     row is, in this order: ``sink_blocks`` blocks of ``block_tokens`` sink tokens each (``block_tokens``
     is the group's vLLM block size, so these blocks are prefix-cached under the request's own block
@@ -171,10 +172,11 @@ class StageLayout:
     num_kv_heads: int
     element_bytes: int
     ring_slots: int
+    pages_per_block: int = 1
 
     @cached_property
     def block_bytes(self) -> int:
-        return self.num_kv_heads * self.page.page_bytes
+        return self.pages_per_block * self.num_kv_heads * self.page.page_bytes
 
     @cached_property
     def tokens_per_block(self) -> int:
@@ -206,5 +208,6 @@ class StageLayout:
 MAX_STAGE_BLOCK_TOKENS = 16
 
 
-def stage_layout(config: KittyConfig, head_dim: int, num_kv_heads: int, element_bytes: int) -> StageLayout:
-    return StageLayout(page_layout(config, head_dim), num_kv_heads, element_bytes, config.ring_slots)
+def stage_layout(config: KittyConfig, head_dim: int, num_kv_heads: int, element_bytes: int,
+                 pages_per_block: int = 1) -> StageLayout:
+    return StageLayout(page_layout(config, head_dim), num_kv_heads, element_bytes, config.ring_slots, pages_per_block)

@@ -103,16 +103,21 @@ class KittyKVStats:
     def gauges(self, kv_cache_groups: Sequence[KVCacheGroupSpec]) -> dict[str, int]:
         """The value of every gauge in GAUGES, bytes weighed by the engine's ``kv_cache_groups``."""
 
-        def nbytes(held: dict[int, int]) -> int:
-            # A block id of a group holds one page of every layer of the group.
-            return sum(count * kv_cache_groups[group_id].kv_cache_spec.page_size_bytes
-                       * len(kv_cache_groups[group_id].layer_names) for group_id, count in held.items())
+        def nbytes(held: dict[int, int], pages: bool = False) -> int:
+            # A block id of a group holds one block of every layer of the group; a packed block holds
+            # pages_per_block pages (KittyPackedSpec).
+            total = 0
+            for group_id, count in held.items():
+                spec = kv_cache_groups[group_id].kv_cache_spec
+                per_block = spec.pages_per_block if pages else 1
+                total += count * spec.page_size_bytes // per_block * len(kv_cache_groups[group_id].layer_names)
+            return total
 
         return {
             "staging_blocks_held": self.staging_blocks_held,
             "pages_packed": self.pages_packed,
             "full_precision_bytes": nbytes(self.staging_blocks),
-            "packed_bytes": nbytes(self.pages_held),
+            "packed_bytes": nbytes(self.pages_held, pages=True),
         }
 
     def log(self) -> None:

@@ -97,15 +97,18 @@ class PagedKittyCache:
                  stage_cache: torch.Tensor, dtype: torch.dtype, kernels: bool | None = None,
                  soft_cap: float = 0.0, sinks: torch.Tensor | None = None) -> PagedKittyCache:
         """Views over vLLM's tensors, each one layer's contiguous blocks: the packed group's
-        [num_blocks, H, (1,) page_bytes] uint8 and the staging group's blocks of the same byte size, as
-        uint8 or already viewed as ``dtype``. ``kernels`` defaults to whether the cache is on a GPU (tests
+        [num_blocks, H, (1,) page_bytes] uint8, or [num_blocks, 1, P, H * page_bytes] with P pages per block
+        (``stage_layout.pages_per_block``, KittyPackedSpec), either viewed as pages [num_pages, H, page_bytes],
+        and the staging group's blocks of the same byte size, as uint8 or already viewed as ``dtype``. ``kernels`` defaults to whether the cache is on a GPU (tests
         run them on the CPU in Triton's interpreter); ``soft_cap`` and ``sinks``: the layer's softmax
         options."""
         s = stage_layout
         tokens, heads, dim = s.tokens_per_block, s.num_kv_heads, s.page.head_dim
         num_blocks = stage_cache.shape[0]
         stage = stage_cache.view(num_blocks, -1).view(dtype)[:, : 2 * tokens * heads * dim]
-        return cls(config, s, packed.view(packed.shape[0], heads, -1),
+        pages = (packed.reshape(-1, heads, s.page.page_bytes) if s.pages_per_block > 1
+                 else packed.view(packed.shape[0], heads, -1))
+        return cls(config, s, pages,
                    stage.view(num_blocks, 2, tokens, heads, dim), packed.is_cuda if kernels is None else kernels,
                    soft_cap, sinks)
 

@@ -224,6 +224,8 @@ def _wrap_attention_layer() -> None:
             from kitty_vllm.stage import KittyStageCache
 
             self.kitty_stage = KittyStageCache(self)
+            # Pages per packed block: more on hybrid models (kitty_vllm.block_manager.mixed.fit_blocks_to_state).
+            self.kitty_pages_per_block = 1
 
     @functools.wraps(original_spec)
     def get_kv_cache_spec(self, vllm_config):
@@ -232,8 +234,8 @@ def _wrap_attention_layer() -> None:
         from kitty_vllm.block_manager import kitty_specs
 
         return kitty_specs(load_config_for(self.kv_cache_dtype, vllm_config), self.num_kv_heads,
-                           self.head_size, self.dtype,
-                           shared_page_bytes=vllm_config.cache_config.skip_page_size_padded)[0]
+                           self.head_size, self.dtype, shared_page_bytes=vllm_config.cache_config.skip_page_size_padded,
+                           pages_per_block=self.kitty_pages_per_block)[0]
 
     Attention.__init__ = __init__
     Attention.get_kv_cache_spec = get_kv_cache_spec

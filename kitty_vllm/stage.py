@@ -48,6 +48,7 @@ class KittyStageCache(torch.nn.Module, AttentionLayerBase):
         self.head_size = layer.head_size
         self.dtype = layer.dtype
         self.kv_cache_dtype = layer.kv_cache_dtype
+        self.kitty_pages_per_block = 1     # the layer's (kitty_vllm.block_manager.mixed.fit_blocks_to_state)
         self.kv_cache = torch.tensor([])
         context = get_current_vllm_config().compilation_config.static_forward_context
         if self.prefix in context:
@@ -63,7 +64,8 @@ class KittyStageCache(torch.nn.Module, AttentionLayerBase):
             step_tokens = min(step_tokens, scheduler.long_prefill_token_threshold)
         return kitty_specs(load_config_for(self.kv_cache_dtype, vllm_config), self.num_kv_heads,
                            self.head_size, self.dtype, step_tokens,
-                           shared_page_bytes=vllm_config.cache_config.skip_page_size_padded)[1]
+                           shared_page_bytes=vllm_config.cache_config.skip_page_size_padded,
+                           pages_per_block=self.kitty_pages_per_block)[1]
 
     def get_attn_backend(self) -> type[AttentionBackend]:
         return KittyStageBackend

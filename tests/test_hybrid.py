@@ -12,9 +12,8 @@ a margin. That bounds kitty's error on the hybrid by bfloat16's own noise (about
 rules out a gross error (a wrong page, layer or state), not the quantization's own small effect, which is
 below that noise here (the two oracles differ by about 0.02). Token-exact checks of hybrids need float32,
 which vLLM's CPU kernel for the linear attention does not run. The linear-attention layers' state is
-vLLM's, untouched (MambaSpec), and vLLM's maximum
-concurrency counts kitty's pages and staging blocks, padded to the state's page (docs/models.md says what
-that costs: hybrids hold less with kitty2 than with auto until a kitty block holds several pages).
+vLLM's, untouched (MambaSpec); a kitty block holds the pages that cover the state's block, and vLLM's
+maximum concurrency counts them (docs/models.md).
 """
 
 from __future__ import annotations
@@ -24,7 +23,7 @@ import torch
 
 from engine import prompt_inputs, vllm_engine
 from kitty_vllm.config import KittyConfig
-from kitty_vllm.layout import stage_layout
+from kitty_vllm.layout import page_layout, stage_layout
 from kitty_vllm.tools.assets import token_windows
 from kitty_vllm.tools.oracle import kitty_logits
 from tiny_model import build_tiny_model, layer_types
@@ -123,21 +122,32 @@ def test_linear_attention_untouched_and_full_attention_in_kitty_pages(served):
     assert [(s.shapes, s.dtypes) for s in kitty_state] == [(s.shapes, s.dtypes) for s in auto_state]
 
 
-def test_maximum_concurrency_counts_kittys_blocks_padded_to_the_state_page(served):
-    """Every block of the pool has the state's page; a request of MAX_MODEL_LEN tokens holds one state block
-    per linear-attention layer and, in the full-attention layer, its pages and staging blocks."""
+def test_kitty_blocks_hold_the_pages_that_cover_the_state_page(served):
+    """Every block of the pool has one size: a kitty block of the fewest whole pages that cover a linear-
+    attention layer's state (kitty_vllm.block_manager.mixed.fit_blocks_to_state), the state padded to it. A
+    request of MAX_MODEL_LEN tokens holds one state block per linear-attention layer and, in the
+    full-attention layer, its packed blocks and its staging blocks, and vLLM's maximum concurrency says so."""
     from vllm.v1.kv_cache_interface import MambaSpec
 
+    from kitty_vllm.block_manager import KittyPackedSpec
+
     config = served["kitty2"]["kv_cache_config"]
-    pages = {g.kv_cache_spec.page_size_bytes for g in config.kv_cache_groups}
-    state_page = next(g.kv_cache_spec.page_size_bytes for g in config.kv_cache_groups
-                      if isinstance(g.kv_cache_spec, MambaSpec))
-    assert pages == {state_page}
+    specs = [group.kv_cache_spec for group in config.kv_cache_groups]
+    packed = next(spec for spec in specs if isinstance(spec, KittyPackedSpec))
+    state = next(spec for spec in specs if isinstance(spec, MambaSpec))
     kitty = KittyConfig.from_preset("kitty2")
+    page = MODEL["num_kv_heads"] * page_layout(kitty, MODEL["head_dim"]).page_bytes
+    pages = packed.pages_per_block
+    assert 1 < pages and state.real_page_size_bytes <= pages * page
+    assert {spec.page_size_bytes for spec in specs} == {pages * page}
+    assert packed.block_size == pages * kitty.page_size
     linear = layer_types(MODEL["family"], MODEL["num_layers"]).count("linear_attention")
     full = MODEL["num_layers"] - linear
-    staging = stage_layout(kitty, MODEL["head_dim"], MODEL["num_kv_heads"], BF16_BYTES).blocks_needed(MAX_MODEL_LEN)
-    blocks_per_request = linear + full * (-(-MAX_MODEL_LEN // kitty.page_size) + staging)
+    staging = stage_layout(kitty, MODEL["head_dim"], MODEL["num_kv_heads"], BF16_BYTES, pages)
+    blocks_per_request = linear + full * (-(-MAX_MODEL_LEN // packed.block_size) + staging.blocks_needed(MAX_MODEL_LEN))
+    print(f"\n{pages} pages per kitty block ({pages * page} bytes; state {state.real_page_size_bytes}), "
+          f"{blocks_per_request} blocks per request; vLLM's maximum concurrency: kitty2 "
+          f"{served['kitty2']['concurrency']:.2f}, auto {served['auto']['concurrency']:.2f}")
     assert served["kitty2"]["concurrency"] == pytest.approx(config.num_blocks / blocks_per_request)
 
 

@@ -65,6 +65,7 @@ class KittyPackedManager(FullAttentionManager):
     def __init__(self, kv_cache_spec: KittyPackedSpec, **kwargs) -> None:
         super().__init__(kv_cache_spec, **kwargs)
         self.stats = kv_stats(self.block_pool)
+        self.page_size = kv_cache_spec.tokens_per_state    # block_size on hybrid models holds several pages
         self._full_pages: dict[str, int] = {}
 
     def add_local_computed_blocks(self, request_id: str, new_computed_blocks: Sequence[KVCacheBlock],
@@ -74,14 +75,14 @@ class KittyPackedManager(FullAttentionManager):
         # prefix-cache hit; the hit ends on a page boundary.
         super().add_local_computed_blocks(request_id, new_computed_blocks, num_local_computed_tokens,
                                           num_external_computed_tokens)
-        self._full_pages[request_id] = num_local_computed_tokens // self.block_size
+        self._full_pages[request_id] = num_local_computed_tokens // self.page_size
         self.stats.add_pages_held(self.kv_cache_group_id, self._full_pages[request_id])
 
     def allocate_new_blocks(self, request_id: str, num_tokens: int,
                             num_tokens_main_model: int) -> list[KVCacheBlock]:
         new_blocks = super().allocate_new_blocks(request_id, num_tokens, num_tokens_main_model)
         # num_tokens_main_model: the request's tokens once this step has stored them.
-        full_pages = num_tokens_main_model // self.block_size
+        full_pages = num_tokens_main_model // self.page_size
         packed = full_pages - self._full_pages.get(request_id, 0)
         if packed > 0:
             self._full_pages[request_id] = full_pages

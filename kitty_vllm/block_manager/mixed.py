@@ -25,8 +25,9 @@ Prefix caching: a sliding-window layer beside kitty's pages gets kitty's subclas
 (KittySlidingWindowSpec), the same bytes, whose manager also keeps the window where a kitty hit on a
 repeated prompt ends, a page before vLLM's own (kitty_vllm.block_manager.manager).
 
-Mamba and linear-attention layers are not attention layers here: vLLM keeps their state as it is and
-pads every page to its block, kitty's too (a warning says so).
+Mamba and linear-attention layers are not attention layers here: vLLM keeps their state as it is, one
+block per request, and gives every block the size of the largest page: a kitty block then holds several
+pages (fit_blocks_to_state), rather than one page padded to the state's block.
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ def share_block_pool(vllm_config) -> None:
               and layer.kv_sharing_target_layer_name is None]
     kitty = [layer for layer in layers if is_kitty_dtype(layer.kv_cache_dtype)]
     plain = [layer for layer in layers if not is_kitty_dtype(layer.kv_cache_dtype)]
-    _warn_of_state_pages(vllm_config, kitty)
+    fit_blocks_to_state(vllm_config, kitty)
     if not plain:
         return
     sliding = sum(layer.sliding_window is not None for layer in plain)
@@ -120,21 +121,27 @@ def share_block_pool(vllm_config) -> None:
         "/".join(str(token_bytes) for token_bytes, _ in sorted(plain_blocks)))
 
 
-def _warn_of_state_pages(vllm_config, kitty) -> None:
+def fit_blocks_to_state(vllm_config, kitty) -> None:
     """Mamba and linear-attention layers keep their recurrent state untouched, one block per request, and
-    vLLM pads every page of the pool to that block: a kitty page, 128 tokens, is padded too."""
+    vLLM gives every block of the pool one size, at least that state's: a kitty block of one 128-token
+    page would be padded to it (25x on Qwen3-Next). So on such a model a kitty block holds the fewest whole
+    pages that cover the state's block (KittyPackedSpec), and vLLM pads the state's block to it, by less
+    than a page."""
     from vllm.model_executor.layers.mamba.abstract import MambaBase
 
     states = [layer.get_kv_cache_spec(vllm_config) for layer in
               vllm_config.compilation_config.static_forward_context.values() if isinstance(layer, MambaBase)]
     state_page = max((spec.page_size_bytes for spec in states if spec is not None), default=0)
-    kitty_page = max((layer.get_kv_cache_spec(vllm_config).page_size_bytes for layer in kitty), default=0)
-    if kitty and state_page > kitty_page:
-        logger.warning(
-            "--kv-cache-dtype %s: this model's Mamba or linear-attention state takes a %d-byte block per layer "
-            "and request, and vLLM pads every block of the pool to it, kitty's %d-byte pages too (%.1fx): kitty "
-            "saves memory on hybrid models only once a kitty block holds several pages (docs/models.md)",
-            vllm_config.cache_config.cache_dtype, state_page, kitty_page, state_page / kitty_page)
+    for layer in kitty:
+        layer.kitty_pages_per_block = layer.kitty_stage.kitty_pages_per_block = 1
+        page = layer.get_kv_cache_spec(vllm_config).page_size_bytes
+        layer.kitty_pages_per_block = layer.kitty_stage.kitty_pages_per_block = max(1, -(-state_page // page))
+    if kitty and state_page:
+        spec = kitty[0].get_kv_cache_spec(vllm_config)
+        logger.info("--kv-cache-dtype %s: this model's Mamba or linear-attention state takes a %d-byte block per "
+                    "layer and request; a kitty block holds %d pages (%d tokens, %d bytes), so that blocks of one "
+                    "size serve both", vllm_config.cache_config.cache_dtype, state_page, spec.pages_per_block,
+                    spec.block_size, spec.page_size_bytes)
 
 
 def spec_beside_kitty_pages(layer, spec, vllm_config):

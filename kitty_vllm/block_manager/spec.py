@@ -38,16 +38,26 @@ KV_CACHE_LAYOUTS = (KVCacheLayout.LBNHC, KVCacheLayout.LBHNC)
 
 @dataclass(frozen=True, kw_only=True)
 class KittyPackedSpec(FullAttentionSpec):
-    """Full attention over quantized pages: block ``i`` of a request is its page ``i``.
+    """Full attention over quantized pages: block ``i`` of a request holds its pages ``i * P`` to
+    ``i * P + P - 1``, ``P = pages_per_block``.
 
-    ``block_size`` is the kitty page size; a block holds one page per KV head. In vLLM's page geometry
-    ``[H, N, C]`` that is ``H = num_kv_heads`` slots of ``N = 1`` state (``tokens_per_state`` =
-    ``block_size``) of ``C = state_content_bytes`` = the page's bytes, as uint8.
+    A block holds one page per KV head (``P = 1``; ``block_size`` is the kitty page size): in vLLM's page
+    geometry ``[H, N, C]``, ``H = num_kv_heads`` slots of ``N = 1`` state (``tokens_per_state`` =
+    ``block_size``) of ``C = state_content_bytes`` = the page's bytes, as uint8. On hybrid models a block
+    holds ``P`` pages (kitty_vllm.block_manager.mixed): one slot (``num_head_slots``) of ``N = P`` states,
+    each one page of every KV head (``C = num_kv_heads`` pages), so that the block is ``P`` whole pages
+    ``[P, H, page_bytes]`` in any of vLLM's layouts: page ``p`` of block ``b`` is page ``b * P + p`` of the
+    layer's cache viewed as pages (kitty_vllm.paged).
     """
 
     @property
+    def pages_per_block(self) -> int:
+        return self.block_size // self.tokens_per_state
+
+    @property
     def packed_page_bytes(self) -> int:
-        return self.state_content_bytes
+        """Bytes of one page of one KV head."""
+        return self.state_content_bytes if self.num_head_slots is None else self.state_content_bytes // self.num_kv_heads
 
     @classmethod
     def merge(cls, specs: list[Self]) -> Self:
@@ -79,6 +89,8 @@ class KittyStageSpec(AttentionSpec):
     model_dtype: torch.dtype
     # Whether KittyStageManager may grant prefix-cache hits (kitty_specs' ``step_tokens``).
     prefix_hits: bool = True
+    # The packed group's pages per block, whose bytes a staging block has (StageLayout).
+    pages_per_block: int = 1
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -89,7 +101,7 @@ class KittyStageSpec(AttentionSpec):
     @property
     def layout(self) -> StageLayout:
         return stage_layout(self.kitty_config, self.head_size, self.num_kv_heads,
-                            get_dtype_size(self.model_dtype))
+                            get_dtype_size(self.model_dtype), self.pages_per_block)
 
     def max_memory_usage_bytes(self, vllm_config: VllmConfig) -> int:
         # What a request of max_model_len holds: this is what vLLM's capacity report and admission
@@ -106,8 +118,8 @@ class KittySlidingWindowSpec(SlidingWindowSpec):
 
 
 def kitty_specs(config: KittyConfig, num_kv_heads: int, head_dim: int, model_dtype: torch.dtype,
-                step_tokens: int | None = None,
-                shared_page_bytes: int | None = None) -> tuple[KittyPackedSpec, KittyStageSpec]:
+                step_tokens: int | None = None, shared_page_bytes: int | None = None,
+                pages_per_block: int = 1) -> tuple[KittyPackedSpec, KittyStageSpec]:
     """The packed and staging specs of one kitty attention layer (per-rank ``num_kv_heads``).
 
     ``step_tokens``: the most tokens the scheduler gives one request in a step (None: no limit).
@@ -116,20 +128,24 @@ def kitty_specs(config: KittyConfig, num_kv_heads: int, head_dim: int, model_dty
 
     ``shared_page_bytes``: the block pool's page where layers in the model's dtype share it
     (kitty_vllm.block_manager.mixed); a larger one pads both specs' blocks to it, so that vLLM counts
-    the padding in its memory budget."""
+    the padding in its memory budget.
+
+    ``pages_per_block``: consecutive pages per packed block (KittyPackedSpec), and a staging block as large."""
     if not model_dtype.is_floating_point:
         raise ValueError(f"model_dtype={model_dtype}: staged Keys and Values need a floating dtype")
     page_bytes = page_layout(config, head_dim).page_bytes
+    geometry = (dict(num_head_slots=1, state_content_bytes=num_kv_heads * page_bytes) if pages_per_block > 1
+                else dict(state_content_bytes=page_bytes))
     packed = KittyPackedSpec(
-        block_size=config.page_size,
+        block_size=pages_per_block * config.page_size,
         num_kv_heads=num_kv_heads,
         head_size=head_dim,
         dtype=torch.uint8,
         tokens_per_state=config.page_size,
-        state_content_bytes=page_bytes,
+        **geometry,
     )
-    layout = stage_layout(config, head_dim, num_kv_heads, get_dtype_size(model_dtype))
-    # The same geometry as a packed block, [num_kv_heads, 1, page_bytes] uint8: kitty's kernels address
+    layout = stage_layout(config, head_dim, num_kv_heads, get_dtype_size(model_dtype), pages_per_block)
+    # The bytes of a packed block, [num_kv_heads, 1, pages_per_block * page_bytes] uint8: kitty's kernels address
     # the staged tokens inside it themselves (kitty_vllm.layout.StageLayout).
     stage = KittyStageSpec(
         block_size=layout.block_tokens,
@@ -137,9 +153,10 @@ def kitty_specs(config: KittyConfig, num_kv_heads: int, head_dim: int, model_dty
         head_size=head_dim,
         dtype=torch.uint8,
         tokens_per_state=layout.block_tokens,
-        state_content_bytes=page_bytes,
+        state_content_bytes=pages_per_block * page_bytes,
         model_dtype=model_dtype,
         kitty_config=config,
+        pages_per_block=pages_per_block,
         prefix_hits=not config.exact_prefill and (step_tokens is None or step_tokens >= config.page_size),
     )
     # Equal pages are what lets vLLM put both groups in one pool without padding.

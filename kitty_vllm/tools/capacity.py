@@ -14,9 +14,10 @@ published config.json. What a request of ``--tokens`` tokens holds, in blocks of
 * the kitty dtype: full-attention layers in kitty pages (a 128-token page per KV head) plus their
   staging blocks (kitty_vllm.layout.StageLayout); sliding-window layers, and the full-attention layers
   that ``kv_cache_dtype_skip_layers`` names (``skipped``), in bf16, every token in the blocks of most
-  tokens that fit the shared page; every block padded to one shared page, at least a kitty page, a
+  tokens that fit the shared page; every block padded to one shared page, at least a kitty block, a
   16-token bf16 block and the recurrent state, chosen as kitty_vllm.block_manager.mixed chooses it
-  (vLLM pads Mamba pages itself). ``lagged_values`` (issue 30's value lag, kitty_vllm.tools.levers): that
+  (vLLM pads Mamba pages itself). A kitty block is one page, or on a model with Mamba or linear-attention
+  layers the fewest whole pages that cover the recurrent state's block (pages_per_block). ``lagged_values`` (issue 30's value lag, kitty_vllm.tools.levers): that
   many more of a request's newest Values per full-attention layer in full precision beside the ring, in
   staging blocks, which hold twice as many Values alone as they hold tokens.
 
@@ -85,8 +86,7 @@ MODELS = (
     ModelShape("Mistral-7B-v0.3", "Mistral", full=32, kv_heads=8, head_dim=128),
     ModelShape("gpt-oss-20b", "gpt-oss", full=12, sliding=12, window=128, kv_heads=8, head_dim=64),
     ModelShape("Qwen3-Next-80B-A3B", "Qwen3-Next", full=12, kv_heads=2, head_dim=256, state_layers=36,
-               state_bytes=gated_delta_net_state(16, 32, 128, 128, 4),
-               note="every block padded to the state page"),
+               state_bytes=gated_delta_net_state(16, 32, 128, 128, 4)),
     ModelShape("Phi-3-mini-128k", "Phi-3", full=32, kv_heads=32, head_dim=96,
                note="its 262144-token window spans the context: full attention"),
 )
@@ -129,19 +129,29 @@ def auto_bytes(shape: ModelShape, tokens: int, step_tokens: int = STEP_TOKENS, k
     return blocks * block * token_bytes
 
 
+def state_page(shape: ModelShape, kernel_block: int = KERNEL_BLOCK) -> int:
+    """A Mamba or linear-attention layer's block: its state, padded by vLLM to its uint8 attention block."""
+    uint8_token = 2 * shape.kv_heads * shape.head_dim
+    return kernel_block * _cdiv(shape.state_bytes, kernel_block * uint8_token) * uint8_token
+
+
+def pages_per_block(shape: ModelShape, config: KittyConfig, kernel_block: int = KERNEL_BLOCK) -> int:
+    """Kitty pages per packed block: on a hybrid model the fewest that cover the state's block
+    (kitty_vllm.block_manager.mixed.fit_blocks_to_state), else one."""
+    page = shape.kv_heads * page_layout(config, shape.head_dim).page_bytes
+    return max(1, _cdiv(state_page(shape, kernel_block), page)) if shape.state_bytes else 1
+
+
 def shared_pages(shape: ModelShape, config: KittyConfig, skipped: int = 0, kernel_block: int = KERNEL_BLOCK) -> list[int]:
     """The pages kitty_vllm.block_manager.mixed tries for the pool: the smallest that holds a kitty
     page, a ``kernel_block``-token bf16 block of a layer in bf16 (sliding-window or ``skipped``) and the
     recurrent state (padded by vLLM to its uint8 attention block), and whole bf16 blocks up to
     MAX_PAGE_GROWTH x that."""
-    pages = [shape.kv_heads * page_layout(config, shape.head_dim).page_bytes]
+    pages = [pages_per_block(shape, config, kernel_block) * shape.kv_heads * page_layout(config, shape.head_dim).page_bytes]
     sliding_block = kernel_block * 2 * shape.kv_heads * shape.head_dim * BF16_BYTES
     bf16_layers = bool(shape.sliding or skipped)
     if bf16_layers:
         pages.append(sliding_block)
-    if shape.state_bytes:
-        uint8_token = 2 * shape.kv_heads * shape.head_dim
-        pages.append(kernel_block * _cdiv(shape.state_bytes, kernel_block * uint8_token) * uint8_token)
     smallest = max(pages)
     larger = range(_cdiv(smallest + 1, sliding_block) * sliding_block, MAX_PAGE_GROWTH * smallest + 1, sliding_block)
     return [smallest, *(larger if bf16_layers else ())]
@@ -153,7 +163,8 @@ def kitty_bytes(shape: ModelShape, config: KittyConfig, tokens: int, step_tokens
     ``skipped`` of the full-attention layers in bf16 (``kv_cache_dtype_skip_layers``), in the shared
     page that makes it smallest; ``lagged_values``: full-precision Values beyond the ring (module
     docstring); ``kernel_block`` as for auto_bytes."""
-    stage = stage_layout(config, shape.head_dim, shape.kv_heads, BF16_BYTES)
+    per_block = pages_per_block(shape, config, kernel_block)
+    stage = stage_layout(config, shape.head_dim, shape.kv_heads, BF16_BYTES, per_block)
     lagged = min(tokens, config.ring_slots + lagged_values) - min(tokens, config.ring_slots)
     staging = stage.blocks_needed(tokens) + _cdiv(lagged, 2 * stage.tokens_per_block)
     token_bytes = 2 * shape.kv_heads * shape.head_dim * BF16_BYTES
@@ -164,7 +175,8 @@ def kitty_bytes(shape: ModelShape, config: KittyConfig, tokens: int, step_tokens
     def at(page: int, layers: list[int]) -> int:
         packed, staged, bf16_full, sliding, state = layers
         block = max(kernel_block, page // token_bytes // kernel_block * kernel_block)
-        blocks = packed * _cdiv(tokens, config.page_size) + staged * staging + bf16_full * _cdiv(tokens, block) + state
+        blocks = (packed * _cdiv(tokens, per_block * config.page_size) + staged * staging
+                  + bf16_full * _cdiv(tokens, block) + state)
         if shape.sliding:
             blocks += sliding * _sliding_blocks(shape, block, tokens, step_tokens)
         return blocks * page
@@ -186,10 +198,14 @@ def table(preset: str = "kitty2", tokens: int = 32768, step_tokens: int = STEP_T
             stores.append("sliding in bf16")
         if shape.state_layers:
             stores.append("linear-attention state untouched")
+        note = shape.note
+        if shape.state_bytes:
+            pages = pages_per_block(shape, config)
+            note = f"a kitty block holds {pages} pages ({pages * config.page_size:,} tokens), a state's block"
         auto = auto_bytes(shape, tokens, step_tokens)
         kitty = kitty_bytes(shape, config, tokens, step_tokens) if shape.full else auto
         rows.append(f"| {shape.model} | {shape.family} | {shape.layers} | {', '.join(stores)} | {auto / 2**20:,.0f} | "
-                    f"{kitty / 2**20:,.0f} | {auto / kitty:.2f}x | {shape.note} |")
+                    f"{kitty / 2**20:,.0f} | {auto / kitty:.2f}x | {note} |")
     return "\n".join(rows)
 
 
