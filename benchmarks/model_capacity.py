@@ -167,21 +167,14 @@ def main(argv: list[str] | None = None) -> None:
     path, environment = serving.results_file(args.out)
     environment.pop("model")
     budget = int(args.kv_cache_gib * 2**30)
-
-    def save(record: dict) -> None:
-        record = {**record, **environment}
-        report.write_records(path, [record])
-        serving.progress(summary(record))
-
+    save = serving.record_saver(path, environment, summary)
     for model in args.models:
         for dtype in args.kv_cache_dtypes:
             serving.progress(f"{model} {dtype}: {args.tokens:,} tokens, step {args.step_tokens:,}, "
                              f"{args.kv_cache_gib:g} GiB")
-            records, error = serving.run_in_process(
-                engine_process, (model, dtype, args.tokens, args.step_tokens, budget), save)
-            if not records:
-                save({"benchmark": "model_capacity", "model": model, "kv_cache_dtype": dtype,
-                      "max_model_len": args.tokens, "error": error})
+            serving.run_or_record_error(engine_process, (model, dtype, args.tokens, args.step_tokens, budget), save,
+                                        {"benchmark": "model_capacity", "model": model, "kv_cache_dtype": dtype,
+                                         "max_model_len": args.tokens})
     print(f"\n{report.model_capacity_table(report.load_records(path))}\n", flush=True)
 
 

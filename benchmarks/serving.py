@@ -291,6 +291,25 @@ def run_in_process(measure, args: tuple, save) -> tuple[list[dict], str | None]:
     return records, error
 
 
+def record_saver(path: Path, environment: dict, summary):
+    """A ``save`` for run_in_process: merges each record, with the run's ``environment``, into ``path`` and
+    prints ``summary(record)``."""
+
+    def save(record: dict) -> None:
+        record = {**record, **environment}
+        report.write_records(path, [record])
+        progress(summary(record))
+
+    return save
+
+
+def run_or_record_error(measure, args: tuple, save, failed: dict) -> None:
+    """run_in_process; if ``measure`` yields nothing, ``save`` the record ``failed`` with the error."""
+    records, error = run_in_process(measure, args, save)
+    if not records:
+        save({**failed, "error": error})
+
+
 def run_dtype(dtype: str, args: argparse.Namespace, model: Path, workloads: dict[str, Workload], save) -> None:
     """Run one dtype's engine in a fresh process; ``save`` every record, and an error record for each
     benchmark it could not measure."""

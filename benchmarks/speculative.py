@@ -145,19 +145,13 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     workload = QUICK_WORKLOAD if args.quick else WORKLOAD
     path, environment = serving.results_file(args.out, args.quick, draft_model=EAGLE3_HEAD_NAME, quick=args.quick)
-
-    def save(record: dict) -> None:
-        record = {**record, **environment}
-        report.write_records(path, [record])
-        serving.progress(summary(record))
-
+    save = serving.record_saver(path, environment, summary)
     for dtype in args.kv_cache_dtypes:
         for method in args.methods:
             serving.progress(f"{dtype} + {method}: {asdict(workload)}")
-            records, error = serving.run_in_process(engine_process, (dtype, method, workload), save)
-            if not records:
-                save({"benchmark": "speculative", "kv_cache_dtype": dtype, "speculative": method,
-                      "max_model_len": serving.ENGINE_MAX_MODEL_LEN, "error": error})
+            serving.run_or_record_error(engine_process, (dtype, method, workload), save,
+                                        {"benchmark": "speculative", "kv_cache_dtype": dtype, "speculative": method,
+                                         "max_model_len": serving.ENGINE_MAX_MODEL_LEN})
 
 
 if __name__ == "__main__":
