@@ -74,6 +74,15 @@ class KittyMetadata:
         return self.mixed[kernels]
 
 
+def page_table_of_blocks(block_table: torch.Tensor, pages_per_block: int, out: torch.Tensor) -> torch.Tensor:
+    """``out`` (int32 [R, B * P]) set to the pages of ``block_table`` (int32 [R, B]): block ``b`` of ``P`` pages
+    holds pages ``b * P`` to ``b * P + P - 1`` of the cache viewed as pages (KittyPackedSpec)."""
+    rows, blocks = block_table.shape
+    offsets = torch.arange(pages_per_block, dtype=block_table.dtype, device=block_table.device)
+    torch.add(block_table[:, :, None] * pages_per_block, offsets, out=out.view(rows, blocks, pages_per_block))
+    return out
+
+
 class KittyMetadataBuilder(AttentionMetadataBuilder[KittyMetadata]):
     """Views of vLLM's persistent device buffers, and nothing read on the host, so vLLM can capture
     decode-only batches in full CUDA graphs; mixed batches read their lengths on the host when the first
@@ -88,22 +97,16 @@ class KittyMetadataBuilder(AttentionMetadataBuilder[KittyMetadata]):
         # With several pages per block (hybrid models), the page table: a persistent buffer, so that
         # captured graphs read this step's pages (page_table).
         self.pages: torch.Tensor | None = None
-        self.offsets: torch.Tensor | None = None
 
     def page_table(self, block_table: torch.Tensor) -> torch.Tensor:
-        """int32 [num_reqs, max_pages]: the packed page of each page index. A block of P pages holds pages
-        ``block * P`` to ``block * P + P - 1`` of the cache viewed as pages (KittyPackedSpec)."""
-        p = self.pages_per_block
-        if p == 1:
+        """int32 [num_reqs, max_pages]: the packed page of each page index (page_table_of_blocks)."""
+        if self.pages_per_block == 1:
             return block_table
         rows, blocks = block_table.shape
-        if self.pages is None or self.pages.shape[0] < rows or self.pages.shape[1] != blocks * p:
-            self.pages = torch.empty(max(rows, self.vllm_config.scheduler_config.max_num_seqs), blocks * p,
-                                     dtype=block_table.dtype, device=block_table.device)
-            self.offsets = torch.arange(p, dtype=block_table.dtype, device=block_table.device)
-        pages = self.pages[:rows]
-        torch.add(block_table[:, :, None] * p, self.offsets, out=pages.view(rows, blocks, p))
-        return pages
+        if self.pages is None or self.pages.shape[0] < rows or self.pages.shape[1] != blocks * self.pages_per_block:
+            self.pages = torch.empty(max(rows, self.vllm_config.scheduler_config.max_num_seqs),
+                                     blocks * self.pages_per_block, dtype=block_table.dtype, device=block_table.device)
+        return page_table_of_blocks(block_table, self.pages_per_block, self.pages[:rows])
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> KittyMetadata:

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from kitty_vllm import reference
+from kitty_vllm.backend import page_table_of_blocks
 from kitty_vllm.config import KittyConfig
 from kitty_vllm.layout import stage_layout
 from kitty_vllm.paged import PagedKittyCache, Span
@@ -15,9 +16,14 @@ HEADS, KV_HEADS, DIM = 4, 2, 64
 NUM_BLOCKS = 64
 
 
-def make_cache(dtype=torch.float32, device="cpu", kernels=None, config=CONFIG, soft_cap=0.0, sinks=None, dim=DIM):
-    layout = stage_layout(config, dim, KV_HEADS, torch.empty((), dtype=dtype).element_size())
-    packed = torch.zeros(NUM_BLOCKS, KV_HEADS, layout.page.page_bytes, dtype=torch.uint8, device=device)
+def make_cache(dtype=torch.float32, device="cpu", kernels=None, config=CONFIG, soft_cap=0.0, sinks=None, dim=DIM,
+               pages_per_block=1):
+    """The cache of one layer, its tensors as vLLM views them: [NUM_BLOCKS, H, 1, page_bytes] packed blocks of one
+    page, or [NUM_BLOCKS, 1, P, H * page_bytes] of P pages (KittyPackedSpec), and staging blocks as large."""
+    layout = stage_layout(config, dim, KV_HEADS, torch.empty((), dtype=dtype).element_size(), pages_per_block)
+    shape = ((NUM_BLOCKS, KV_HEADS, 1, layout.page.page_bytes) if pages_per_block == 1
+             else (NUM_BLOCKS, 1, pages_per_block, KV_HEADS * layout.page.page_bytes))
+    packed = torch.zeros(shape, dtype=torch.uint8, device=device)
     stage = torch.zeros(NUM_BLOCKS, layout.block_bytes, dtype=torch.uint8, device=device)
     return PagedKittyCache.from_raw(config, layout, packed, stage, dtype, kernels, soft_cap, sinks), layout
 
@@ -49,6 +55,36 @@ def test_chunked_steps_equal_the_reference(chunks, kernels, config, kernel_devic
                          DIM ** -0.5)
         torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-5)
         start += n
+
+
+@pytest.mark.parametrize("kernels", [False, True], ids=["reference", "kernels"])
+def test_blocks_of_several_pages(kernels, kernel_device):
+    """Blocks of 3 pages (hybrid models: kitty_vllm.block_manager.mixed.fit_blocks_to_state): the page table
+    lists each block's pages (KittyMetadataBuilder.page_table); chunked steps attend as the reference does,
+    and every page is packed in its block's slot."""
+    device = kernel_device if kernels else "cpu"
+    cache, layout = make_cache(device=device, kernels=kernels, pages_per_block=3)
+    one_page = stage_layout(CONFIG, DIM, KV_HEADS, 4)
+    assert layout.block_bytes == 3 * one_page.block_bytes and layout.blocks_per_request < one_page.blocks_per_request
+    blocks, stage_row = rows(layout, 1)
+    page_row = page_table_of_blocks(blocks[None, :7], 3, torch.empty(1, 21, dtype=blocks.dtype))[0].to(device)
+    assert page_row[:6].tolist() == [int(blocks[0]) * 3, int(blocks[0]) * 3 + 1, int(blocks[0]) * 3 + 2,
+                                     int(blocks[1]) * 3, int(blocks[1]) * 3 + 1, int(blocks[1]) * 3 + 2]
+    q, k, v = torch.randn(100, HEADS, DIM), torch.randn(100, KV_HEADS, DIM), torch.randn(100, KV_HEADS, DIM)
+    start = 0
+    for n in (37, 1, 1, 45, 16):
+        span = slice(start, start + n)
+        want = reference.reference_attention(q[span], k[:start + n], v[:start + n], CONFIG,
+                                             query_positions=torch.arange(start, start + n))
+        got = cache.step(q[span].to(device), k[span].to(device), v[span].to(device), start, page_row,
+                         stage_row.to(device), DIM ** -0.5)
+        torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-5)
+        start += n
+    # Pages 0-5 are complete: block blocks[1] holds pages 3, 4, 5, each in its own slot.
+    packed = cache.packed.view(NUM_BLOCKS, 3, KV_HEADS, -1).cpu()
+    for page in range(6):
+        stored = packed[int(blocks[page // 3]), page % 3]
+        assert stored.any() and torch.equal(stored, cache.packed[int(page_row[page])].cpu()), page
 
 
 @SCHEDULES
