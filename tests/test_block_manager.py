@@ -114,6 +114,20 @@ def test_spec_sizes_come_from_the_layout():
     assert (layout.tokens_per_block, layout.sink_blocks, layout.ring_blocks) == (20, 2, 7)
 
 
+def test_blocks_of_several_pages():
+    """On hybrid models a packed block holds P whole pages (kitty_vllm.block_manager.mixed.fit_blocks_to_state):
+    one head slot of P page states of every KV head, so the block is [P, H, page_bytes] in any layout; a
+    staging block has its bytes and holds more tokens."""
+    packed, stage = kitty_specs(KITTY2, NUM_KV_HEADS, HEAD_DIM, MODEL_DTYPE, pages_per_block=3)
+    one_page = stage_layout(KITTY2, HEAD_DIM, NUM_KV_HEADS, 2)
+    assert (packed.block_size, packed.pages_per_block, packed.num_heads, packed.num_states) == (384, 3, 1, 3)
+    assert packed.packed_page_bytes == page_layout(KITTY2, HEAD_DIM).page_bytes
+    assert packed.page_size_bytes == stage.page_size_bytes == stage.layout.block_bytes == 3 * 82_176
+    assert stage.layout.tokens_per_block == 3 * one_page.tokens_per_block
+    assert stage.layout.ring_blocks < one_page.ring_blocks
+    assert kitty_specs(KITTY2, NUM_KV_HEADS, HEAD_DIM, MODEL_DTYPE)[0].pages_per_block == 1
+
+
 def test_shared_page_pads_both_specs():
     """Beside layers in the model's dtype, both groups' blocks are padded to the pool's shared page
     (kitty_vllm.block_manager.mixed); the staging layout keeps its unpadded tokens."""
