@@ -91,9 +91,15 @@ def oracle_logprobs(model_dir, prompts, config: KittyConfig | None) -> torch.Ten
     return torch.cat(rows)
 
 
-def test_kitty2_log_probabilities_are_the_oracles_within_bfloat16_noise(served, model_dir, prompts):
-    kitty = oracle_logprobs(model_dir, prompts, KittyConfig.from_preset("kitty2").replace(exact_prefill=True))
-    plain = oracle_logprobs(model_dir, prompts, None)
+@pytest.fixture(scope="module")
+def oracles(model_dir, prompts):
+    """The oracle's prompt log-probabilities with kitty2 (exact_prefill) and with plain attention."""
+    return {"kitty2": oracle_logprobs(model_dir, prompts, KittyConfig.from_preset("kitty2").replace(exact_prefill=True)),
+            "plain": oracle_logprobs(model_dir, prompts, None)}
+
+
+def test_kitty2_log_probabilities_are_the_oracles_within_bfloat16_noise(served, oracles):
+    kitty, plain = oracles["kitty2"], oracles["plain"]
     kitty_error = float((served["kitty2"]["logprobs"] - kitty).abs().mean())
     auto_error = float((served["auto"]["logprobs"] - plain).abs().mean())
     print(f"\nmean |log p| difference: kitty2 vs its oracle {kitty_error:.4f}, auto vs plain {auto_error:.4f}, "
@@ -161,3 +167,29 @@ def test_served_with_vllms_default_prefix_caching(model_dir, prompts):
         outputs = llm.generate(prompt_inputs(prompts[:1]), SamplingParams(temperature=0.0, max_tokens=4),
                                use_tqdm=False)
     assert len(outputs[0].outputs[0].token_ids) == 4
+
+
+def test_under_vllm_serve(model_dir, prompts, served, oracles, tmp_path):
+    """``vllm serve`` (engine and worker processes) with kitty2 as users start it, prefix caching left to
+    vLLM's default (kitty turns it off): its prompt log-probabilities match the oracle as the LLM's do."""
+    from server import VllmServer
+
+    exact = KittyConfig.from_preset("kitty2").replace(exact_prefill=True).to_yaml(tmp_path / "kitty2-exact.yaml")
+    args = ["--kv-cache-dtype", "kitty2", "--dtype", "bfloat16", "--max-model-len", str(MAX_MODEL_LEN),
+            "--enforce-eager", "--kv-cache-memory-bytes", str(KV_CACHE_BYTES)]
+    server = VllmServer(model_dir, args, tmp_path / "serve.log", env={"KITTY_CONFIG": str(exact),
+                                                                       "VLLM_CPU_KVCACHE_SPACE": None})
+    try:
+        server.wait_healthy(300)
+        logprobs = []
+        for prompt in prompts:
+            entries = server.post("/v1/completions", {"model": str(model_dir), "prompt": prompt, "max_tokens": 1,
+                                                      "temperature": 0, "prompt_logprobs": 0},
+                                  timeout=120)["choices"][0]["prompt_logprobs"][1:]
+            logprobs += [entry[str(token)]["logprob"] for entry, token in zip(entries, prompt[1:])]
+        assert "prefix caching is off for Qwen3NextForCausalLM" in server.log()
+    finally:
+        server.stop()
+    error = float((torch.tensor(logprobs) - oracles["kitty2"]).abs().mean())
+    auto_error = float((served["auto"]["logprobs"] - oracles["plain"]).abs().mean())
+    assert error <= NOISE_MARGIN * auto_error
