@@ -86,8 +86,8 @@ from kitty_vllm.config import (ADDITIONAL_CONFIG_EXAMPLE, ADDITIONAL_CONFIG_KEY,
 # Under vLLM's logger, so that vLLM's handler and VLLM_LOGGING_LEVEL apply.
 logger = logging.getLogger(f"vllm.{__name__}")
 
-# The releases this version is tested on; pyproject.toml requires the same range.
-SUPPORTED_VLLM = (">=0.32.0,<0.33", (0, 32))
+# The releases this version is tested on, a PEP 440 specifier; pyproject.toml requires the same range.
+SUPPORTED_VLLM = ">=0.32.0,<0.33"
 BACKEND_PATH = "kitty_vllm.backend.KittyAttentionBackend"
 _applied = False
 
@@ -119,10 +119,10 @@ def apply() -> None:
 
 def check_vllm_version(version: str) -> None:
     """Refuse a vLLM release outside the tested range, naming the range and how to install it."""
-    from packaging.version import Version
+    from packaging.specifiers import SpecifierSet
 
-    spec, (major, minor) = SUPPORTED_VLLM
-    if Version(version).release[:2] != (major, minor):
+    spec = SUPPORTED_VLLM
+    if not SpecifierSet(spec).contains(version, prereleases=True):
         raise RuntimeError(
             f"kitty_vllm patches vLLM internals and is tested with vllm{spec}, but vLLM {version} is "
             f"installed: pip install 'vllm{spec}', or a kitty_vllm release for your vLLM")

@@ -152,9 +152,19 @@ def test_the_engine_hands_every_field_to_its_workers(tmp_path, monkeypatch):
     assert args.additional_config == {"kitty": {"boost_ratio": 0.5}, "other_plugin": 1}   # the caller's
 
 
+def test_pyproject_requires_the_supported_vllm():
+    import tomllib
+    from pathlib import Path
+
+    from kitty_vllm.patches import SUPPORTED_VLLM
+
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    assert f"vllm{SUPPORTED_VLLM}" in pyproject["project"]["dependencies"]
+
+
 @pytest.mark.parametrize("version, supported", [
     ("0.32.0", True), ("0.32.0+cpu", True), ("0.32.1", True), ("0.26.0", False), ("0.33.0", False),
-    ("0.34.0", False)])
+    ("0.33.0rc1", False), ("0.34.0", False)])
 def test_vllm_version_check_names_the_range(version, supported):
     from kitty_vllm.patches import check_vllm_version
 
