@@ -77,7 +77,7 @@ def share_block_pool(vllm_config) -> None:
               and layer.kv_sharing_target_layer_name is None]
     kitty = [layer for layer in layers if is_kitty_dtype(layer.kv_cache_dtype)]
     plain = [layer for layer in layers if not is_kitty_dtype(layer.kv_cache_dtype)]
-    fit_blocks_to_state(vllm_config, kitty)
+    fit_blocks_to_state(vllm_config, kitty, plain)
     if not plain:
         return
     sliding = sum(layer.sliding_window is not None for layer in plain)
@@ -121,12 +121,14 @@ def share_block_pool(vllm_config) -> None:
         "/".join(str(token_bytes) for token_bytes, _ in sorted(plain_blocks)))
 
 
-def fit_blocks_to_state(vllm_config, kitty) -> None:
+def fit_blocks_to_state(vllm_config, kitty, plain) -> None:
     """Mamba and linear-attention layers keep their recurrent state untouched, one block per request, and
     vLLM gives every block of the pool one size, at least that state's: a kitty block of one 128-token
     page would be padded to it (25x on Qwen3-Next). So on such a model a kitty block holds the fewest whole
     pages that cover the state's block (KittyPackedSpec), and vLLM pads the state's block to it, by less
-    than a page."""
+    than a page. Not beside layers in the model's dtype (``plain``), whose shared page may pad kitty's
+    blocks: a padded block of several pages is not a run of whole pages (kitty_vllm.paged), so there each
+    kitty page is padded to the state's block, with a warning."""
     from vllm.model_executor.layers.mamba.abstract import MambaBase
 
     states = [layer.get_kv_cache_spec(vllm_config) for layer in
@@ -134,9 +136,14 @@ def fit_blocks_to_state(vllm_config, kitty) -> None:
     state_page = max((spec.page_size_bytes for spec in states if spec is not None), default=0)
     for layer in kitty:
         layer.kitty_pages_per_block = layer.kitty_stage.kitty_pages_per_block = 1
-        page = layer.get_kv_cache_spec(vllm_config).page_size_bytes
-        layer.kitty_pages_per_block = layer.kitty_stage.kitty_pages_per_block = max(1, -(-state_page // page))
-    if kitty and state_page:
+        page = layer.get_kv_cache_spec(vllm_config).real_page_size_bytes
+        if not plain:
+            layer.kitty_pages_per_block = layer.kitty_stage.kitty_pages_per_block = max(1, -(-state_page // page))
+    if kitty and state_page and plain:
+        logger.warning("--kv-cache-dtype %s: this model's Mamba or linear-attention state takes a %d-byte block per "
+                       "layer and request, and beside its layers in the model's dtype every kitty page is padded to "
+                       "it", vllm_config.cache_config.cache_dtype, state_page)
+    elif kitty and state_page:
         spec = kitty[0].get_kv_cache_spec(vllm_config)
         logger.info("--kv-cache-dtype %s: this model's Mamba or linear-attention state takes a %d-byte block per "
                     "layer and request; a kitty block holds %d pages (%d tokens, %d bytes), so that blocks of one "
