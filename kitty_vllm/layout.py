@@ -184,8 +184,14 @@ class StageLayout:
 
     @cached_property
     def block_tokens(self) -> int:
-        """The staging group's vLLM block size: a power of two (so it divides the page), at most 16."""
-        return min(MAX_STAGE_BLOCK_TOKENS, 1 << (self.tokens_per_block.bit_length() - 1))
+        """The staging group's vLLM block size: a power of two (so it divides the page), at most 16, the
+        granularity of the sinks' prefix-cache hashes. With blocks of several pages (hybrid models, which
+        kitty serves without prefix caching: kitty_vllm.patches, 9) as many as the sinks, so that they take
+        one of those large blocks, not two."""
+        cap = MAX_STAGE_BLOCK_TOKENS
+        if self.pages_per_block > 1:
+            cap = max(cap, 1 << (max(self.page.sink_tokens, 1) - 1).bit_length())
+        return min(cap, 1 << (self.tokens_per_block.bit_length() - 1))
 
     @cached_property
     def sink_blocks(self) -> int:
