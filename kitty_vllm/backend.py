@@ -29,7 +29,7 @@ from kitty_vllm.block_manager.spec import KV_CACHE_LAYOUTS
 from kitty_vllm.kernels import decode_attention
 from kitty_vllm.kernels.common import SUPPORTED_HEAD_DIMS
 from kitty_vllm.layout import StageLayout, page_layout, stage_layout
-from kitty_vllm.paged import PagedKittyCache, Span, StorePlan
+from kitty_vllm.paged import PagedKittyCache, Span, StorePlan, page_table_of_blocks
 from kitty_vllm.config import PRESETS, KittyConfig, KittyConfigError, load_config_for
 
 
@@ -72,15 +72,6 @@ class KittyMetadata:
                     if decodes else (None, None))
             self.mixed[kernels] = MixedBatch(rows[0], rows[1], spans)
         return self.mixed[kernels]
-
-
-def page_table_of_blocks(block_table: torch.Tensor, pages_per_block: int, out: torch.Tensor) -> torch.Tensor:
-    """``out`` (int32 [R, B * P]) set to the pages of ``block_table`` (int32 [R, B]): block ``b`` of ``P`` pages
-    holds pages ``b * P`` to ``b * P + P - 1`` of the cache viewed as pages (KittyPackedSpec)."""
-    rows, blocks = block_table.shape
-    offsets = torch.arange(pages_per_block, dtype=block_table.dtype, device=block_table.device)
-    torch.add(block_table[:, :, None] * pages_per_block, offsets, out=out.view(rows, blocks, pages_per_block))
-    return out
 
 
 class KittyMetadataBuilder(AttentionMetadataBuilder[KittyMetadata]):

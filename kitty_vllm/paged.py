@@ -35,6 +35,15 @@ from kitty_vllm.config import KittyConfig
 from kitty_vllm.layout import StageLayout
 
 
+def page_table_of_blocks(block_table: torch.Tensor, pages_per_block: int, out: torch.Tensor) -> torch.Tensor:
+    """``out`` (int32 [R, B * P]) set to the pages of ``block_table`` (int32 [R, B]): block ``b`` of ``P`` pages
+    holds pages ``b * P`` to ``b * P + P - 1`` of the cache viewed as pages (KittyPackedSpec)."""
+    rows, blocks = block_table.shape
+    offsets = torch.arange(pages_per_block, dtype=block_table.dtype, device=block_table.device)
+    torch.add(block_table[:, :, None] * pages_per_block, offsets, out=out.view(rows, blocks, pages_per_block))
+    return out
+
+
 @dataclass(frozen=True)
 class Span:
     """This step's tokens of one request: ``first:end`` of the batch's tokens, at positions from

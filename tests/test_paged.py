@@ -4,10 +4,9 @@ import pytest
 import torch
 
 from kitty_vllm import reference
-from kitty_vllm.backend import page_table_of_blocks
 from kitty_vllm.config import KittyConfig
 from kitty_vllm.layout import stage_layout
-from kitty_vllm.paged import PagedKittyCache, Span
+from kitty_vllm.paged import PagedKittyCache, Span, page_table_of_blocks
 
 CONFIG = KittyConfig(page_size=16, value_window=16, sink_tokens=4)
 # Both prefill schedules (kitty_vllm.reference): the step's own tokens in full precision, and exact.
