@@ -81,6 +81,14 @@ class KittyMetadataBuilder(AttentionMetadataBuilder[KittyMetadata]):
 
     _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
 
+    @classmethod
+    def get_cudagraph_support(cls, vllm_config, kv_cache_spec) -> AttentionCGSupport:
+        """With speculative decoding, verification steps (1 + k tokens per request) read as decodes do
+        (KittyConfig.draft_tokens), so uniform batches of them are captured in full graphs too."""
+        if load_config_for(vllm_config.cache_config.cache_dtype, vllm_config).draft_tokens:
+            return AttentionCGSupport.UNIFORM_BATCH
+        return cls._cudagraph_support
+
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self.draft_tokens = load_config_for(vllm_config.cache_config.cache_dtype, vllm_config).draft_tokens

@@ -52,7 +52,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import ClassVar
 
@@ -548,3 +548,21 @@ def test_a_batch_of_verification_steps_through_the_decode_path(kernel_device):
         first = int(query_start[r])
         torch.testing.assert_close(out[first:first + n], want, rtol=1e-4, atol=1e-5, msg=lambda m: f"request {r}: {m}")
     assert torch.all(out[-padding:] == 0) or torch.all(out[-padding:] == 7.0)
+
+
+@pytest.mark.parametrize("draft_tokens", [0, 3])
+def test_graph_support_covers_verification_steps(draft_tokens):
+    """vLLM captures in full graphs the uniform batches the builder declares: single-token decodes, and with
+    drafts (KittyConfig.draft_tokens, set from the speculative config) uniform verification steps too."""
+    from types import SimpleNamespace
+
+    from vllm.v1.attention.backend import AttentionCGSupport
+
+    from kitty_vllm.backend import KittyMetadataBuilder
+
+    config = KittyConfig.from_preset("kitty2").replace(draft_tokens=draft_tokens)
+    vllm_config = SimpleNamespace(cache_config=SimpleNamespace(cache_dtype="kitty2"),
+                                  additional_config={"kitty": asdict(config)})
+    support = KittyMetadataBuilder.get_cudagraph_support(vllm_config, None)
+    assert support == (AttentionCGSupport.UNIFORM_BATCH if draft_tokens
+                       else AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE)
