@@ -21,14 +21,13 @@ from vllm.forward_context import get_forward_context
 from vllm.v1.attention.backend import (AttentionBackend, AttentionCGSupport, AttentionImpl,
                                        AttentionMetadataBuilder, AttentionType, CommonAttentionMetadata,
                                        MultipleOf)
-
 from vllm.v1.kv_cache_layout import KVCacheLayout
 
 from kitty_vllm import reference
 from kitty_vllm.block_manager.spec import KV_CACHE_LAYOUTS
 from kitty_vllm.kernels import decode_attention
 from kitty_vllm.kernels.common import SUPPORTED_HEAD_DIMS
-from kitty_vllm.layout import StageLayout, page_layout, stage_layout
+from kitty_vllm.layout import StageLayout
 from kitty_vllm.paged import PagedKittyCache, Span, StorePlan, page_table_of_blocks
 from kitty_vllm.config import PRESETS, KittyConfig, KittyConfigError, load_config_for
 
@@ -219,7 +218,6 @@ class KittyAttentionImpl(AttentionImpl):
         self.sinks = sinks
         # KittyConfig.value_rotation: the matrix, moved to the device of the first forward that stores.
         self.rotation = reference.value_rotation(self.config, head_size)
-
     def forward(self, layer, query, key, value, kv_cache, attn_metadata: KittyMetadata | None,
                 output=None, output_scale=None, output_block_scale=None):
         assert output is not None
@@ -240,12 +238,8 @@ class KittyAttentionImpl(AttentionImpl):
         stage_metadata = get_forward_context().attn_metadata
         if isinstance(stage_metadata, list):
             stage_metadata = stage_metadata[0]
-        # A block's bytes (padding aside) are its pages: one, or several on hybrid models (KittyPackedSpec).
-        pages_per_block = kv_cache[0].numel() // (self.num_kv_heads * page_layout(self.config, self.head_size).page_bytes)
-        cache = PagedKittyCache.from_raw(
-            self.config, stage_layout(self.config, self.head_size, self.num_kv_heads, query.element_size(),
-                                      pages_per_block),
-            kv_cache, stage.kv_cache, query.dtype, soft_cap=self.logits_soft_cap, sinks=self.sinks)
+        cache = PagedKittyCache.of_layer(self.config, self.head_size, self.num_kv_heads, kv_cache, stage.kv_cache,
+                                         query.dtype, self.logits_soft_cap, self.sinks)
         stage_table = stage_metadata[stage.prefix].block_table
         if attn_metadata.decode_only and cache.kernels:
             n = attn_metadata.num_reqs

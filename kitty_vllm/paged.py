@@ -32,7 +32,7 @@ import torch
 
 from kitty_vllm import reference
 from kitty_vllm.config import KittyConfig
-from kitty_vllm.layout import StageLayout
+from kitty_vllm.layout import StageLayout, page_layout, stage_layout
 
 
 def page_table_of_blocks(block_table: torch.Tensor, pages_per_block: int, out: torch.Tensor) -> torch.Tensor:
@@ -121,6 +121,16 @@ class PagedKittyCache:
                    stage.view(num_blocks, 2, tokens, heads, dim), packed.is_cuda if kernels is None else kernels,
                    soft_cap, sinks)
 
+    @classmethod
+    def of_layer(cls, config: KittyConfig, head_dim: int, num_kv_heads: int, packed: torch.Tensor,
+                 stage_cache: torch.Tensor, dtype: torch.dtype, soft_cap: float = 0.0,
+                 sinks: torch.Tensor | None = None, kernels: bool | None = None) -> PagedKittyCache:
+        """:meth:`from_raw` over an attention layer's two caches as vLLM binds them, its stage layout from their
+        blocks: one page per block, or several (a block's bytes, padding aside, are its pages)."""
+        pages_per_block = packed[0].numel() // (num_kv_heads * page_layout(config, head_dim).page_bytes)
+        layout = stage_layout(config, head_dim, num_kv_heads, dtype.itemsize, pages_per_block)
+        return cls.from_raw(config, layout, packed, stage_cache, dtype, kernels, soft_cap, sinks)
+
     def _ring_columns(self, row: int, positions: torch.Tensor) -> list[torch.Tensor]:
         """(row, staging-table column, slot) of window positions: ring slot ``p % ring_slots``."""
         s = self.stage_layout
@@ -168,7 +178,11 @@ class PagedKittyCache:
         host_tokens = (sequences[0].first, sequences[-1].end) if sequences and follow else None
         parts = [_columns(sink_writes, 4), _columns(ring_reads, 3), _columns(pages, 3), source,
                  _columns(ring_writes, 4), blocks, *context, torch.tensor(seqlens, dtype=torch.int64).view(2, -1)]
-        moved = torch.cat([p.flatten() for p in parts]).to(device).split([p.numel() for p in parts])
+        # Each part on a 16-byte boundary (an even number of int64s before it): kernels take parts as pointers,
+        # and Triton compiles a kernel once per pointer alignment.
+        sizes = [p.numel() for p in parts]
+        flat = torch.cat([torch.cat([p.flatten(), p.new_zeros(n % 2)]) for p, n in zip(parts, sizes)]).to(device)
+        moved = [m[:n] for m, n in zip(flat.split([n + n % 2 for n in sizes]), sizes)]
         *stores, cu_seqlens = (m.view(p.shape) for m, p in zip(moved, parts))
         return StorePlan(*stores, cu_seqlens.to(torch.int32), seqlens, host_tokens)
 

@@ -34,6 +34,7 @@ from vllm.v1.kv_cache_layout import KVCacheLayout
 
 from kitty_vllm.block_manager.spec import KV_CACHE_LAYOUTS
 from kitty_vllm.config import load_config_for
+from kitty_vllm.warmup import warmup_kernel
 
 STAGE_SUFFIX = "kitty_stage"
 
@@ -54,6 +55,8 @@ class KittyStageCache(torch.nn.Module, AttentionLayerBase):
         if self.prefix in context:
             raise ValueError(f"Duplicate layer name: {self.prefix}")
         context[self.prefix] = self
+        # The layer's kernels compile in vLLM's start-up warm-up (the model is built in its registry's scope).
+        warmup_kernel().register_warmup(layer)
 
     def get_kv_cache_spec(self, vllm_config: VllmConfig) -> KVCacheSpec:
         from kitty_vllm.block_manager import kitty_specs

@@ -44,3 +44,27 @@ def test_verification_steps_in_full_graphs(tmp_path):
     assert mode.decode_mode() == CUDAGraphMode.FULL, mode
     assert graphed == greedy(model, enforce_eager=True, speculative_config=speculative)[0]
     assert graphed == greedy(model, enforce_eager=True)[0]
+
+
+KITTY_KERNELS = ("_attention_kernel", "_merge_splits_kernel", "_store_decode_kernel", "_quantize_page_kernel",
+                 "_dequantize_page_kernel", "page_decode_kernel")
+
+
+@pytest.mark.cuda
+def test_no_kitty_kernel_compiles_after_start_up():
+    """vLLM's JIT monitor, active once start-up ends, sees no kitty kernel compile while prompts of several
+    lengths prefill in chunks beside decodes: kitty_vllm.warmup compiled them all at start-up."""
+    from unittest import mock
+
+    from vllm import SamplingParams
+    from vllm.utils import jit_monitor
+
+    prompts = [list(range(3, 3 + n)) for n in (40, 300, 700, 129, 1000)]
+    with mock.patch.object(jit_monitor, "_handle_jit_event", wraps=jit_monitor._handle_jit_event) as events, \
+            vllm_engine(build_tiny_model(), kv_cache_dtype="kitty2", dtype="bfloat16", max_model_len=2048,
+                        enforce_eager=False, max_num_batched_tokens=256) as llm:
+        assert jit_monitor.is_active()
+        llm.generate(prompt_inputs(prompts), SamplingParams(temperature=0, max_tokens=40, ignore_eos=True),
+                     use_tqdm=False)
+    compiled = [call.kwargs.get("fn_name", "") for call in events.call_args_list]
+    assert not [name for name in compiled if any(kernel in name for kernel in KITTY_KERNELS)], compiled

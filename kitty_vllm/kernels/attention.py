@@ -61,8 +61,8 @@ import triton.language as tl
 
 from kitty_vllm.config import KittyConfig
 from kitty_vllm.kernels import decode_gluon
-from kitty_vllm.kernels.common import (LOG2E, PLANE_PTX, SCORE_FLOOR, check_cache, kernel_layout, num_splits,
-                                      padded_sizes, section_offsets)
+from kitty_vllm.kernels.common import (LOG2E, PLANE_PTX, SCORE_FLOOR, TABLE_STRIDES, check_cache, kernel_layout,
+                                      num_splits, padded_sizes, section_offsets)
 from kitty_vllm.layout import PageLayout, StageLayout
 
 # tl.dot needs at least 16 rows and 16 columns: the query rows are padded to this many.
@@ -323,7 +323,7 @@ def _attend_full_precision(
     return running_max, running_sum, acc
 
 
-@triton.jit
+@triton.jit(do_not_specialize=(*TABLE_STRIDES, "split_base", "partial_splits"))
 def _attention_kernel(
     query_ptr,         # [N, Hq, D] float16 / bfloat16 / float32, D contiguous
     new_key_ptr,       # [N, H, D] this step's Keys (read for positions >= the block's context), D contiguous
@@ -536,7 +536,7 @@ def _attention_kernel(
         tl.store(partial_ptr + base + HEAD_DIM + 1, running_sum, mask=row_valid)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("num_splits",))
 def _merge_splits_kernel(
     partial_ptr,       # [B, Hq, num_splits, D + 2] float32: accumulator, running max, running sum
     out_ptr,           # [B, Hq, D] D contiguous

@@ -16,6 +16,12 @@ LOG2E = 1.4426950408889634
 # Scores start here instead of -inf, so a tile whose tokens are all masked yields exp2(-inf) = 0, not NaN.
 SCORE_FLOOR = tl.constexpr(-1.0e30)
 BOOST_POLICY_IDS = {"magnitude": 0, "variance": 1, "random": 2}
+# Integer arguments whose value changes from launch to launch (block-table widths differ between vLLM's
+# tables and the gathered rows of a mixed batch; split counts follow the batch): never specialized, so that
+# Triton compiles a kernel once, not once for 1, once for multiples of 16 and once for the rest. Every other
+# integer argument is fixed for a layer, so the kernels a layer runs are those kitty_vllm.warmup compiles at
+# start-up.
+TABLE_STRIDES = ("stride_page_table", "stride_stage_table")
 # PTX that turns four packed bytes ($2) into the bfloat16 values 1 + code / 4 of one 2-bit plane ($0, $1:
 # two bfloat16 pairs), exact and with no integer-to-float conversion: move the plane's bits to bits 5-6
 # of each byte and set bit 7 (a shift and a LOP3), then interleave the bytes with 0x3F (two PRMT).

@@ -267,7 +267,7 @@ def _halves(byte_ptr):
     return byte_ptr.to(gl.pointer_type(gl.float16))
 
 
-@gluon.jit
+@gluon.jit(do_not_specialize=("stride_page_table",))
 def page_decode_kernel(
     query_ptr,        # [B, Hq, D] any float dtype, D contiguous
     packed_ptr,       # [num_blocks, H, PAGE_BYTES] uint8

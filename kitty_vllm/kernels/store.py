@@ -20,12 +20,13 @@ import triton
 import triton.language as tl
 
 from kitty_vllm.config import KittyConfig
-from kitty_vllm.kernels.common import BOOST_POLICY_IDS, check_cache, kernel_layout, padded_sizes, section_offsets
+from kitty_vllm.kernels.common import (BOOST_POLICY_IDS, TABLE_STRIDES, check_cache, kernel_layout, padded_sizes,
+                                       section_offsets)
 from kitty_vllm.kernels.quantize import pack_page, padded_channels
 from kitty_vllm.layout import StageLayout
 
 
-@triton.jit
+@triton.jit(do_not_specialize=TABLE_STRIDES)
 def _store_decode_kernel(
     key_ptr, value_ptr,  # [B, H, D] the new token of each request, model dtype, D contiguous
     seq_lens_ptr,        # [B] int32: tokens of each request, the new one included
