@@ -25,21 +25,10 @@ from vllm.v1.kv_cache_layout import KVCacheLayout
 
 from kitty_vllm import reference
 from kitty_vllm.block_manager.spec import KV_CACHE_LAYOUTS
-from kitty_vllm.kernels import decode_attention
 from kitty_vllm.kernels.common import SUPPORTED_HEAD_DIMS
 from kitty_vllm.layout import StageLayout
-from kitty_vllm.paged import PagedKittyCache, Span, StorePlan, page_table_of_blocks
+from kitty_vllm.paged import MixedBatch, PagedKittyCache, StorePlan, page_table_of_blocks
 from kitty_vllm.config import PRESETS, KittyConfig, KittyConfigError, load_config_for
-
-
-@dataclass(frozen=True)
-class MixedBatch:
-    """How ``Impl.forward`` splits a mixed batch: the requests with one new token (batch rows and their
-    token, on the device; none without the kernels), then the spans of every other request."""
-
-    decode_rows: torch.Tensor | None     # int64 [D]
-    decode_tokens: torch.Tensor | None   # int64 [D]
-    spans: list[Span]
 
 
 @dataclass
@@ -53,30 +42,30 @@ class KittyMetadata:
     block_table: torch.Tensor        # int32 [num_reqs, max_pages], device: packed page of each page index
     query_start: torch.Tensor        # int32 [num_reqs + 1], device: each request's first token
     query_start_host: torch.Tensor   # the same on the host (vLLM's copy)
+    # vLLM's host copy of seq_lens, exact for the rows not read as decodes (None: none given)
+    seq_lens_host: torch.Tensor | None = None
+    draft_tokens: int = 0            # KittyConfig.draft_tokens: verification steps read as decodes
     # Mixed batches, built by the first layer and reused by the rest: the split (per whether the cache
     # runs the kernels) and the prefill StorePlan per cache format.
     mixed: dict[bool, MixedBatch] = field(default_factory=dict)
     store_plans: dict[tuple[KittyConfig, StageLayout], StorePlan] = field(default_factory=dict)
 
     def split(self, kernels: bool, device: torch.device) -> MixedBatch:
-        """The MixedBatch of this step: with the kernels, one-token requests are stored and attended
-        together through the decode kernels; without them (CPU), every request is a span."""
+        """The MixedBatch of this step: with the kernels, the requests read as decodes (one token, or a
+        verification step) go through the decode kernels together, the others are spans, whose lengths come
+        from vLLM's host copy (exact for them), so that no step waits on the GPU; without the kernels (CPU),
+        every request is a span."""
         if kernels not in self.mixed:
-            starts, seq_lens = self.query_start_host.tolist(), self.seq_lens.tolist()
-            decodes = [r for r in range(len(seq_lens)) if starts[r + 1] - starts[r] == 1] if kernels else []
-            batched = set(decodes)
-            spans = [Span(r, starts[r], starts[r + 1], seq_len - (starts[r + 1] - starts[r]))
-                     for r, seq_len in enumerate(seq_lens) if r not in batched and starts[r + 1] > starts[r]]
-            rows = (torch.tensor([decodes, [starts[r] for r in decodes]], device=device)
-                    if decodes else (None, None))
-            self.mixed[kernels] = MixedBatch(rows[0], rows[1], spans)
+            host = self.seq_lens_host if kernels and self.seq_lens_host is not None else self.seq_lens
+            self.mixed[kernels] = MixedBatch.split(self.query_start_host.tolist(), host,
+                                                   1 + self.draft_tokens if kernels else 0, device)
         return self.mixed[kernels]
 
 
 class KittyMetadataBuilder(AttentionMetadataBuilder[KittyMetadata]):
     """Views of vLLM's persistent device buffers, and nothing read on the host, so vLLM can capture
-    decode-only batches in full CUDA graphs; mixed batches read their lengths on the host when the first
-    layer splits them (KittyMetadata.split; the prefill path runs outside graphs)."""
+    decode-only batches in full CUDA graphs; mixed batches are split by the first layer, on the host, from
+    vLLM's host copies (KittyMetadata.split; the prefill path runs outside graphs)."""
 
     _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
 
@@ -113,7 +102,10 @@ class KittyMetadataBuilder(AttentionMetadataBuilder[KittyMetadata]):
                              max_query_len=cm.max_query_len, seq_lens=cm.seq_lens[: cm.num_reqs],
                              block_table=self.page_table(cm.block_table_tensor[: cm.num_reqs]),
                              query_start=cm.query_start_loc[: cm.num_reqs + 1],
-                             query_start_host=cm.query_start_loc_cpu[: cm.num_reqs + 1])
+                             query_start_host=cm.query_start_loc_cpu[: cm.num_reqs + 1],
+                             seq_lens_host=(None if cm.seq_lens_cpu_upper_bound is None
+                                            else cm.seq_lens_cpu_upper_bound[: cm.num_reqs]),
+                             draft_tokens=self.draft_tokens)
 
 
 SERVE_OTHERWISE = "serve it with --kv-cache-dtype auto or fp8"
@@ -233,7 +225,7 @@ class KittyAttentionImpl(AttentionImpl):
 
     def _attend(self, layer, query, key, value, kv_cache, attn_metadata: KittyMetadata, output) -> torch.Tensor:
         """Store this step's Keys and Values and write its attention into ``output`` (forward's orchestration:
-        decode-only batches on the decode path, else the split into one-token requests and spans)."""
+        decode-only batches on the decode path, else the split into requests read as decodes and spans)."""
         stage = layer.kitty_stage
         stage_metadata = get_forward_context().attn_metadata
         if isinstance(stage_metadata, list):
@@ -247,23 +239,9 @@ class KittyAttentionImpl(AttentionImpl):
                          attn_metadata.max_query_len, attn_metadata.block_table, stage_table[:n], self.scale, output)
             return output
         batch = attn_metadata.split(cache.kernels, query.device)
-        if batch.decode_rows is not None:
-            self._decode(cache, query, key, value, output, attn_metadata, stage_table, batch)
-        if batch.spans:
-            plans, form = attn_metadata.store_plans, (cache.config, cache.stage_layout)
-            if form not in plans:
-                plans[form] = cache.plan(batch.spans, query.device, self.num_heads)
-            cache.prefill(query, key, value, batch.spans, attn_metadata.block_table, stage_table, self.scale,
-                          output, plans[form])
+        plans, form = attn_metadata.store_plans, (cache.config, cache.stage_layout)
+        if batch.spans and form not in plans:
+            plans[form] = cache.plan(batch.spans, query.device, self.num_heads)
+        cache.mixed_step(query, key, value, batch, attn_metadata.seq_lens, attn_metadata.block_table, stage_table,
+                         self.scale, output, plans.get(form))
         return output
-
-    def _decode(self, cache: PagedKittyCache, query, key, value, output, attn_metadata: KittyMetadata,
-                stage_table: torch.Tensor, batch: MixedBatch) -> None:
-        """The requests of a mixed batch with one new token: store, then paged decode attention."""
-        rows, tokens = batch.decode_rows, batch.decode_tokens
-        seq_lens, page_table, stage_rows = (attn_metadata.seq_lens[rows], attn_metadata.block_table[rows],
-                                            stage_table[rows])
-        cache.store_decode(key[tokens], value[tokens], seq_lens, page_table, stage_rows)
-        output[tokens] = decode_attention(query[tokens], cache.packed, cache.stage, page_table, stage_rows,
-                                          seq_lens, self.config, cache.stage_layout, self.scale,
-                                          soft_cap=cache.soft_cap, sinks=cache.sinks).to(output.dtype)

@@ -55,6 +55,40 @@ class Span:
     context: int
 
 
+@dataclass(frozen=True)
+class MixedBatch:
+    """A step's requests as :meth:`PagedKittyCache.mixed_step` runs them: those of at most ``decode_tokens``
+    tokens (with the kernels, one token or a verification step of speculative decoding, which read as decodes)
+    through the decode kernels together, on the device; every other request as a span."""
+
+    decode_rows: torch.Tensor | None          # int64 [D]: their rows of the batch (None: no such request)
+    decode_tokens: torch.Tensor | None        # int64 [T]: their tokens of the batch, row after row
+    decode_query_start: torch.Tensor | None   # int32 [D + 1]: each one's first token among decode_tokens
+    decode_max_query_len: int
+    spans: list[Span]
+
+    @classmethod
+    def split(cls, query_start: list[int], seq_lens: torch.Tensor, decode_tokens: int,
+              device: torch.device) -> MixedBatch:
+        """The split of a step whose request r has tokens ``query_start[r]:query_start[r + 1]`` and
+        ``seq_lens[r]`` tokens with them; ``seq_lens`` is read (on the host) only for the spans' rows, so it
+        may be a host copy exact only there. 0 ``decode_tokens``: every request is a span."""
+        lengths = [b - a for a, b in zip(query_start, query_start[1:])]
+        decodes = [r for r, n in enumerate(lengths) if 0 < n <= decode_tokens]
+        others = [r for r, n in enumerate(lengths) if n > decode_tokens]
+        totals = seq_lens.tolist() if others else []
+        spans = [Span(r, query_start[r], query_start[r + 1], totals[r] - lengths[r]) for r in others]
+        if not decodes:
+            return cls(None, None, None, 0, spans)
+        tokens = [t for r in decodes for t in range(query_start[r], query_start[r + 1])]
+        bounds = [0]
+        for r in decodes:
+            bounds.append(bounds[-1] + lengths[r])
+        rows, tokens, bounds = torch.tensor(decodes + tokens + bounds, device=device).split(
+            [len(decodes), len(tokens), len(bounds)])
+        return cls(rows, tokens, bounds.to(torch.int32), max(lengths[r] for r in decodes), spans)
+
+
 @dataclass
 class StorePlan:
     """Where step 1, 2 and 4 read and write, for all requests (built on the host, moved in one copy).
@@ -255,6 +289,22 @@ class PagedKittyCache:
         token_lens = torch.where(real & (seq_lens[request] > 0), seq_lens[request] - ends[request] + tokens + 1, 0)
         self._decode_attention(query, token_lens.to(torch.int32), page_table[request], stage_table[request], scale,
                                out)
+
+    def mixed_step(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, batch: MixedBatch,
+                   seq_lens: torch.Tensor, page_table: torch.Tensor, stage_table: torch.Tensor, scale: float,
+                   out: torch.Tensor, plan: StorePlan | None = None) -> None:
+        """Store and attend a step of several kinds of request, split as ``batch`` says: first the requests
+        read as decodes, through :meth:`decode` (a span may read, in the same step, a page one of them packs:
+        a prefix-cache hit on a page completed in this step), then the spans, through :meth:`prefill` (with
+        ``plan``, :meth:`plan` of the spans, if given). Tensors as in :meth:`decode`, for the whole batch."""
+        if batch.decode_rows is not None:
+            rows, tokens = batch.decode_rows, batch.decode_tokens
+            step = torch.empty_like(query[tokens])
+            self.decode(query[tokens], key[tokens], value[tokens], batch.decode_query_start, seq_lens[rows],
+                        batch.decode_max_query_len, page_table[rows], stage_table[rows], scale, step)
+            out[tokens] = step.to(out.dtype)
+        if batch.spans:
+            self.prefill(query, key, value, batch.spans, page_table, stage_table, scale, out, plan)
 
     def _decode_attention(self, query: torch.Tensor, seq_lens: torch.Tensor, page_table: torch.Tensor,
                           stage_table: torch.Tensor, scale: float, out: torch.Tensor) -> None:

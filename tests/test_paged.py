@@ -6,7 +6,7 @@ import torch
 from kitty_vllm import reference
 from kitty_vllm.config import KittyConfig
 from kitty_vllm.layout import stage_layout
-from kitty_vllm.paged import PagedKittyCache, Span, page_table_of_blocks
+from kitty_vllm.paged import MixedBatch, PagedKittyCache, Span, page_table_of_blocks
 
 CONFIG = KittyConfig(page_size=16, value_window=16, sink_tokens=4)
 # Both prefill schedules (kitty_vllm.reference): the step's own tokens in full precision, and exact.
@@ -16,14 +16,14 @@ NUM_BLOCKS = 64
 
 
 def make_cache(dtype=torch.float32, device="cpu", kernels=None, config=CONFIG, soft_cap=0.0, sinks=None, dim=DIM,
-               pages_per_block=1):
+               pages_per_block=1, num_blocks=NUM_BLOCKS):
     """The cache of one layer, its tensors as vLLM views them: [NUM_BLOCKS, H, 1, page_bytes] packed blocks of one
     page, or [NUM_BLOCKS, 1, P, H * page_bytes] of P pages (KittyPackedSpec), and staging blocks as large."""
     layout = stage_layout(config, dim, KV_HEADS, torch.empty((), dtype=dtype).element_size(), pages_per_block)
-    shape = ((NUM_BLOCKS, KV_HEADS, 1, layout.page.page_bytes) if pages_per_block == 1
-             else (NUM_BLOCKS, 1, pages_per_block, KV_HEADS * layout.page.page_bytes))
+    shape = ((num_blocks, KV_HEADS, 1, layout.page.page_bytes) if pages_per_block == 1
+             else (num_blocks, 1, pages_per_block, KV_HEADS * layout.page.page_bytes))
     packed = torch.zeros(shape, dtype=torch.uint8, device=device)
-    stage = torch.zeros(NUM_BLOCKS, layout.block_bytes, dtype=torch.uint8, device=device)
+    stage = torch.zeros(num_blocks, layout.block_bytes, dtype=torch.uint8, device=device)
     return PagedKittyCache.from_raw(config, layout, packed, stage, dtype, kernels, soft_cap, sinks), layout
 
 
@@ -170,8 +170,8 @@ def test_one_prefill_for_several_requests(kernels, config, kernel_device):
     """One prefill of several requests, scattered in the batch and in every state (sinks, a page filling,
     pages filling from a ring), attends and stores exactly as one step per request."""
     device = kernel_device if kernels else "cpu"
-    batched, layout = make_cache(device=device, kernels=kernels, config=config)
-    alone, _ = make_cache(device=device, kernels=kernels, config=config)
+    batched, layout = make_cache(device=device, kernels=kernels, config=config, num_blocks=4 * NUM_BLOCKS)
+    alone, _ = make_cache(device=device, kernels=kernels, config=config, num_blocks=4 * NUM_BLOCKS)
     g = torch.Generator().manual_seed(7)
     page_table = torch.randperm(NUM_BLOCKS, generator=g)[:60].view(3, 20).to(device)
     stage_table = torch.randperm(NUM_BLOCKS, generator=g)[: 3 * layout.blocks_per_request].view(3, -1).to(device)
@@ -208,22 +208,64 @@ def test_one_prefill_for_several_requests(kernels, config, kernel_device):
 
 
 def test_mixed_batch_split():
-    """The backend splits a mixed batch once per step: with the kernels, one-token requests go to the
-    decode path (their batch row and token) and the rest are spans; without them, all are spans."""
-    from kitty_vllm.backend import KittyMetadata
-
-    # Rows: a 3-token prefill chunk at context 5, a decode at position 9, an empty row, a decode.
-    starts, seq_lens = [0, 3, 4, 4, 5], [8, 10, 0, 200]
-    metadata = KittyMetadata(num_reqs=4, decode_only=False, max_query_len=3,
-                             seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
-                             block_table=torch.zeros(4, 1, dtype=torch.int32), query_start=torch.tensor(starts),
-                             query_start_host=torch.tensor(starts))
-    batch = metadata.split(True, torch.device("cpu"))
-    assert batch.decode_rows.tolist() == [1, 3] and batch.decode_tokens.tolist() == [3, 4]
+    """A mixed batch is split once per step: the requests of at most ``decode_tokens`` tokens go to the decode
+    path (their rows, tokens and bounds), the rest are spans, whose lengths alone are read on the host; with 0,
+    all are spans."""
+    # Rows: a 3-token prefill chunk at context 5, a decode at position 9, an empty row, a 2-token verification
+    # step, a decode. Only the spans' lengths are exact (a host copy that guesses the others).
+    starts, seq_lens = [0, 3, 4, 4, 6, 7], [8, -1, 0, -1, -1]
+    batch = MixedBatch.split(starts, torch.tensor(seq_lens), 2, torch.device("cpu"))
+    assert batch.decode_rows.tolist() == [1, 3, 4] and batch.decode_tokens.tolist() == [3, 4, 5, 6]
+    assert batch.decode_query_start.tolist() == [0, 1, 3, 4] and batch.decode_max_query_len == 2
     assert batch.spans == [Span(0, 0, 3, 5)]
-    assert metadata.split(True, torch.device("cpu")) is batch
-    every = metadata.split(False, torch.device("cpu"))
-    assert every.decode_rows is None and every.spans == [Span(0, 0, 3, 5), Span(1, 3, 4, 9), Span(3, 4, 5, 199)]
+    exact = [8, 10, 0, 20, 200]
+    every = MixedBatch.split(starts, torch.tensor(exact), 0, torch.device("cpu"))
+    assert every.decode_rows is None
+    assert every.spans == [Span(0, 0, 3, 5), Span(1, 3, 4, 9), Span(3, 4, 6, 18), Span(4, 6, 7, 199)]
+
+
+@pytest.mark.parametrize("kernels", [False, True], ids=["reference", "kernels"])
+def test_mixed_step_equals_the_reference(kernels, kernel_device):
+    """A step of every kind of request at once (a prefill chunk, one-token decodes, a verification step
+    completing a page, an empty row, padding), split as the backend splits it: every token attends as the
+    reference does at its position, the padding is left alone, and the cache then holds what steps of one
+    request each leave."""
+    config = CONFIG.replace(draft_tokens=3)
+    device = kernel_device if kernels else "cpu"
+    batched, layout = make_cache(device=device, kernels=kernels, config=config, num_blocks=4 * NUM_BLOCKS)
+    alone, _ = make_cache(device=device, kernels=kernels, config=config, num_blocks=4 * NUM_BLOCKS)
+    contexts, lengths = [0, 30, 13, 0, 40], [37, 1, 3, 0, 1]    # request 2 fills page 0 at position 15
+    g = torch.Generator().manual_seed(5)
+    per_request = 4 + layout.blocks_per_request
+    ids = torch.randperm(4 * NUM_BLOCKS, generator=g)[:len(contexts) * per_request].view(len(contexts), per_request).int()
+    page_table, stage_table = ids[:, :4].contiguous(), ids[:, 4:].contiguous()
+    sequences = [[torch.randn(c + n, h, DIM, generator=g) for h in (HEADS, KV_HEADS, KV_HEADS)]
+                 for c, n in zip(contexts, lengths, strict=True)]
+    page_table, stage_table = page_table.to(device), stage_table.to(device)
+    for cache in (batched, alone):
+        for r, (context, (q, k, v)) in enumerate(zip(contexts, sequences, strict=True)):
+            if context:
+                cache.step(*(x[:context].to(device) for x in (q, k, v)), 0, page_table[r], stage_table[r], 1.0)
+    padding = 2
+    step = [torch.cat([x[c:] for c, x in zip(contexts, part, strict=True)] + [torch.zeros(padding, *part[0].shape[1:])])
+            for part in zip(*sequences, strict=True)]
+    starts = [0, *torch.tensor(lengths).cumsum(0).tolist()]
+    seq_lens = torch.tensor([c + n for c, n in zip(contexts, lengths, strict=True)], dtype=torch.int32)
+    batch = MixedBatch.split(starts, seq_lens, 1 + config.draft_tokens if kernels else 0, torch.device(device))
+    assert (batch.decode_rows is not None) == kernels
+    out = torch.full_like(step[0], 7.0).to(device)
+    batched.mixed_step(*(x.to(device) for x in step), batch, seq_lens.to(device), page_table, stage_table,
+                       DIM ** -0.5, out)
+    out = out.cpu()
+    for r, (context, n, (q, k, v)) in enumerate(zip(contexts, lengths, sequences, strict=True)):
+        if not n:
+            continue
+        want = reference.reference_attention(q[context:], k, v, config, query_positions=torch.arange(context, context + n))
+        first = starts[r]
+        torch.testing.assert_close(out[first:first + n], want, rtol=1e-4, atol=1e-5, msg=lambda m: f"request {r}: {m}")
+        alone.step(*(x[context:].to(device) for x in (q, k, v)), context, page_table[r], stage_table[r], 1.0)
+    assert torch.equal(out[-padding:], torch.full((padding, HEADS, DIM), 7.0))
+    assert torch.equal(batched.packed, alone.packed)
 
 
 def test_prefill_blocks_cover_every_token_once():
