@@ -10,9 +10,9 @@ captured, turns each layer into its :class:`WarmupKey` (the layers of one format
 one) and :func:`warm_up` runs each key through the paths of a step, on a scratch cache of a few blocks laid
 out as the layer's own:
 
-* a prefill (PagedKittyCache.prefill): a first chunk that writes sinks and packs pages, a later chunk that
-  reads packed pages (dequantized, or through the prefill kernel with ``exact_prefill``), and with speculative
-  decoding a verification step of a mixed batch (the prefill kernel, as decodes read);
+* a mixed batch (PagedKittyCache.mixed_step): a first chunk that writes sinks and packs pages, a later chunk
+  that reads packed pages (dequantized, or through the prefill kernel with ``exact_prefill``), a one-token
+  decode and with speculative decoding a verification step (through the decode kernels);
 * decode-only batches (PagedKittyCache.decode, as a mixed batch's one-token requests are attended too), at
   every split count class of this GPU: the merge kernel's constexpr follows the next power of two of the
   splits, so one request at page-table widths 1, 2, 4, ... 64 gives every class that any batch can;
@@ -33,7 +33,7 @@ import torch
 
 from kitty_vllm.config import KittyConfig
 from kitty_vllm.layout import page_layout, stage_layout
-from kitty_vllm.paged import PagedKittyCache, Span
+from kitty_vllm.paged import MixedBatch, PagedKittyCache
 
 # Page-table widths of the decode sweep: up to twice the merge kernel's largest block of splits.
 DECODE_WIDTHS = (1, 2, 4, 8, 16, 32, 64)
@@ -95,7 +95,7 @@ def warm_up(key: WarmupKey, device: torch.device | str) -> None:
     """Run the kitty kernels of ``key``'s layers on ``device`` (module docstring): on a GPU, this compiles them;
     on the CPU, Triton's interpreter runs them (tests)."""
     config, page = key.config, key.config.page_size
-    rows, width = 3, max(DECODE_WIDTHS)
+    rows, width = 4, max(DECODE_WIDTHS)
     cache = scratch_cache(key, device, rows * width)   # as many staging blocks: more than a row needs
     page_table = torch.arange(rows * width, dtype=torch.int32, device=device).view(rows, width)
     stage_table = torch.arange(rows * cache.stage_layout.blocks_per_request, dtype=torch.int32,
@@ -108,14 +108,16 @@ def warm_up(key: WarmupKey, device: torch.device | str) -> None:
         new = torch.randn(2, n, key.num_kv_heads, key.head_dim, dtype=key.dtype, device=device)
         return query, new[0], new[1], torch.empty_like(query)
 
-    # A first chunk (sinks, pages packed), a later one (pages read), and a verification step.
-    lengths = [2 * page + 3, page] + ([1 + config.draft_tokens] if config.draft_tokens else [])
-    contexts = [0, page + 5, 2 * page + 7]
-    starts = [sum(lengths[:i]) for i in range(len(lengths))]
-    spans = [Span(row, first, first + n, context)
-             for row, (first, n, context) in enumerate(zip(starts, lengths, contexts))]
-    query, new_key, new_value, out = tokens(sum(lengths))
-    cache.prefill(query, new_key, new_value, spans, page_table, stage_table, scale, out)
+    # A mixed batch: a first chunk (sinks, pages packed), a later one (pages read), a one-token decode and,
+    # with speculative decoding, a verification step (both through the decode kernels).
+    lengths = [2 * page + 3, page, 1] + ([1 + config.draft_tokens] if config.draft_tokens else [])
+    seq_lens = torch.tensor([2 * page + 3, 2 * page + 5, 2 * page + 9, 3 * page + 4][:len(lengths)], dtype=torch.int32)
+    starts = [0]
+    for n in lengths:
+        starts.append(starts[-1] + n)
+    batch = MixedBatch.split(starts, seq_lens, 1 + config.draft_tokens, torch.device(device))
+    query, new_key, new_value, out = tokens(starts[-1])
+    cache.mixed_step(query, new_key, new_value, batch, seq_lens.to(device), page_table, stage_table, scale, out)
     # Decode-only batches at every split class (module docstring), then verification steps.
     query, new_key, new_value, out = tokens(1 + config.draft_tokens + 1)
     for pages_read in DECODE_WIDTHS:

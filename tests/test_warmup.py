@@ -12,7 +12,7 @@ import torch
 from kitty_vllm import kernels
 from kitty_vllm.config import KittyConfig
 from kitty_vllm.layout import page_layout
-from kitty_vllm.paged import Span
+from kitty_vllm.paged import MixedBatch
 from kitty_vllm.warmup import DECODE_WIDTHS, CacheGeometry, WarmupKey, scratch_cache, warm_up
 
 SMALL = KittyConfig(page_size=16, value_window=16, sink_tokens=4)
@@ -40,11 +40,12 @@ PATHS = ("store_decode", "quantize_pages", "dequantize_pages", "prefill_attentio
     (key_of(SMALL), {"store_decode", "quantize_pages", "dequantize_pages", "decode_attention"}),
     (key_of(SMALL.replace(exact_prefill=True), padding=48, soft_cap=True),
      {"store_decode", "quantize_pages", "prefill_attention", "decode_attention"}),
-    (key_of(SMALL.replace(draft_tokens=3), pages_per_block=2, sinks=True), set(PATHS)),
+    (key_of(SMALL.replace(draft_tokens=3), pages_per_block=2, sinks=True),
+     {"store_decode", "quantize_pages", "dequantize_pages", "decode_attention"}),
 ], ids=["kitty", "exact-prefill-padded-soft-cap", "drafts-blocks-of-pages-sinks"])
 def test_warm_up_runs_every_path_of_a_step(key, paths, kernel_device):
     """The warm-up's launches: the page store, packing, the reads of packed pages (dequantized, or through the
-    prefill kernel where spans read as decodes), and decode attention at every page-table width."""
+    prefill kernel with exact_prefill), and decode attention at every page-table width."""
     calls = {}
     real = {name: getattr(kernels, name) for name in PATHS}
 
@@ -106,14 +107,22 @@ def random_steps(key: WarmupKey, rng: random.Random) -> None:
         return q, k, v, torch.empty_like(q)
 
     for _ in range(12):
-        spans, first = [], 0
-        for row in rng.sample(range(rows), rng.randint(1, 6)):
-            # One-token requests are decodes in a mixed batch; verification steps and chunks are spans.
-            n = rng.choice([1 + config.draft_tokens or 2, rng.randint(2, 5 * page), rng.randint(2, 40 * page)])
-            context = rng.choice([0, rng.randint(0, 100 * page)])
-            spans.append(Span(row, first, first + n, context))
-            first += n
-        cache.prefill(*tokens(first)[:3], spans, page_table, stage_table, scale, tokens(first)[3])
+        # A mixed batch (prefill chunks, one-token decodes, verification steps), split as the backend splits it.
+        chosen = rng.sample(range(rows), rng.randint(1, 8))
+        lengths = [rng.choice([1, 1 + config.draft_tokens, rng.randint(2, 5 * page), rng.randint(2, 40 * page)])
+                   for _ in chosen]
+        starts = [0]
+        for n in lengths:
+            starts.append(starts[-1] + n)
+        seq_lens = torch.zeros(rows, dtype=torch.int32)
+        for row, n in zip(chosen, lengths):
+            seq_lens[row] = n + rng.choice([0, rng.randint(0, 100 * page)])
+        seq_lens = seq_lens[chosen]
+        batch = MixedBatch.split(starts, seq_lens, 1 + config.draft_tokens, torch.device("cuda"))
+        query, new_key, new_value, out = tokens(starts[-1])
+        cache.mixed_step(query, new_key, new_value, batch, seq_lens.cuda(), page_table[chosen], stage_table[chosen],
+                         scale, out)
+        # A decode-only batch, and one of verification steps.
         batch = rng.choice([1, 3, 17, 64, 255])
         requests = torch.randint(0, rows, (batch,), device="cuda")
         q, k, v, out = tokens(batch * (1 + config.draft_tokens))
