@@ -189,12 +189,14 @@ def step_profile_table(records: list[dict]) -> str:
     if not rows:
         return ""
     lines = ["| kv_cache_dtype | requests | context | step ms | output tok/s | "
-             + " | ".join(f"{c} ms" for c in STEP_CATEGORIES) + " | GPU idle ms | roofline ms | x roofline | note |",
-             "|---" * (9 + len(STEP_CATEGORIES)) + "|"]
+             + " | ".join(f"{c} ms" for c in STEP_CATEGORIES)
+             + " | GPU idle ms | scheduler ms | roofline ms | x roofline | note |",
+             "|---" * (10 + len(STEP_CATEGORIES)) + "|"]
     for r in rows:
         cells = " | ".join(_number(r.get(f"{c}_ms"), 2) for c in STEP_CATEGORIES)
         lines.append(f"| {r['kv_cache_dtype']} | {r['requests']:,} | {r['context']:,} | {_number(r.get('step_ms'), 2)} "
                      f"| {_number(r.get('tok_s'))} | {cells} | {_number(r.get('idle_ms'), 2)} "
+                     f"| {_number(r.get('scheduler_ms'), 2)} "
                      f"| {_number(r.get('roofline_ms'), 2)} | {_number(r.get('roofline_ratio'), 2)} | {_note(r)} |")
     return "\n".join(lines)
 

@@ -11,7 +11,9 @@ later step is a decode-only batch, as in most of W2), then times ``--steps`` dec
 as many more with torch.profiler (GPU activity only). Recorded per step: wall time (unprofiled), GPU
 kernel time, and kernel time by category (PATTERNS, by kernel name); ``idle_ms`` is wall time in which
 no kernel ran (the host's share of the step: scheduling, input preparation, sampling, output
-processing). ``tok_s`` is REQUESTS output tokens per step.
+processing), and ``scheduler_ms`` the part of the step in vLLM's scheduler (``schedule`` and
+``update_from_output``, which kitty's two KV-cache groups make longer: vLLM's coordinator walks each group for
+each request). ``tok_s`` is REQUESTS output tokens per step.
 
 The roofline of a step is the time to read what it must read at the GPU's copy bandwidth
 (decode_kernel.copy_bandwidth): the weights but the token embedding (a step reads only its batch's rows
@@ -27,6 +29,7 @@ Records {"benchmark": "step_profile", "kv_cache_dtype", "requests", "context", "
 from __future__ import annotations
 
 import argparse
+import contextlib
 import re
 import time
 from collections.abc import Iterator
@@ -103,11 +106,12 @@ def profile_run(llm, requests: int, context: int, steps: int) -> dict:
     cuda = torch.cuda.is_available()    # without CUDA (the tests) every step is host time
     synchronize = torch.cuda.synchronize if cuda else lambda: None
     synchronize()
-    start = time.perf_counter()      # wall time, unprofiled
-    for _ in range(steps):
-        engine.step()
-    synchronize()
-    seconds = time.perf_counter() - start
+    with scheduler_time(engine) as scheduler_seconds:
+        start = time.perf_counter()      # wall time, unprofiled
+        for _ in range(steps):
+            engine.step()
+        synchronize()
+        seconds = time.perf_counter() - start
     activity = torch.profiler.ProfilerActivity.CUDA if cuda else torch.profiler.ProfilerActivity.CPU
     with torch.profiler.profile(activities=[activity]) as profile:
         for _ in range(steps):
@@ -124,7 +128,34 @@ def profile_run(llm, requests: int, context: int, steps: int) -> dict:
     gpu_ms = sum(per_step.values())
     return {"requests": requests, "context": context, "steps": steps, "prefill_steps": prefill_steps,
             "step_ms": step_ms, "gpu_ms": gpu_ms, "idle_ms": max(0.0, step_ms - gpu_ms),
+            "scheduler_ms": 1e3 * scheduler_seconds[0] / steps,
             "tok_s": requests / seconds * steps, **per_step, "top_kernels_ms": top}
+
+
+@contextlib.contextmanager
+def scheduler_time(engine) -> Iterator[list[float]]:
+    """Seconds spent in the engine's scheduler (``schedule`` and ``update_from_output``) inside this block, as
+    the list's one item. The engine core runs in this process (serving.start_engine)."""
+    scheduler = engine.engine_core.engine_core.scheduler
+    spent = [0.0]
+
+    def timed(method):
+        def call(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return method(*args, **kwargs)
+            finally:
+                spent[0] += time.perf_counter() - start
+        return call
+
+    methods = {name: getattr(scheduler, name) for name in ("schedule", "update_from_output")}
+    for name, method in methods.items():
+        setattr(scheduler, name, timed(method))
+    try:
+        yield spent
+    finally:
+        for name in methods:
+            delattr(scheduler, name)
 
 
 def weight_bytes_read(model) -> int:

@@ -144,6 +144,7 @@ def test_step_profile_steps_a_decode_batch():
     assert (record["requests"], record["context"], record["steps"]) == (4, 200, 3)
     assert record["prefill_steps"] == 2      # 800 prompt tokens in steps of 512
     assert record["step_ms"] > 0 and record["gpu_ms"] == 0 and record["idle_ms"] == record["step_ms"]
+    assert 0 < record["scheduler_ms"] < record["step_ms"]
     assert record["tok_s"] == pytest.approx(4e3 / record["step_ms"])
     assert record["top_kernels_ms"] == {}
 
