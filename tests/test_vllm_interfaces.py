@@ -19,10 +19,11 @@ import pytest
 from kitty_vllm.backend import KittyAttentionBackend, KittyAttentionImpl, KittyMetadataBuilder
 from kitty_vllm.block_manager import KittyPackedManager, KittySlidingWindowManager, KittyStageManager
 from kitty_vllm.stage import KittyStageBackend, KittyStageCache, KittyStageMetadataBuilder
+from kitty_vllm.warmup import warmup_kernel
 
 KITTY_CLASSES = (KittyPackedManager, KittyStageManager, KittySlidingWindowManager, KittyAttentionBackend,
                  KittyAttentionImpl, KittyMetadataBuilder, KittyStageBackend, KittyStageCache,
-                 KittyStageMetadataBuilder)
+                 KittyStageMetadataBuilder, type(warmup_kernel()))
 
 
 def _overrides():
@@ -67,6 +68,7 @@ WRAPPED = {
     "vllm.model_executor.layers.attention.attention:Attention.__init__":
         ["self", "cache_config", "per_layer_sliding_window"],
     "vllm.model_executor.layers.attention.attention:Attention.get_kv_cache_spec": ["self", "vllm_config"],
+    "vllm.model_executor.warmup.jit_warmup:VllmJitKernel.register_warmup": ["self"],
     "vllm.model_executor.layers.attention.attention:_largest_kernel_block_within":
         ["attn_backend", "per_token_bytes", "page_budget", "fallback", "kv_cache_spec"],
     "vllm.platforms.interface:Platform.get_attn_backend_cls":
@@ -74,6 +76,7 @@ WRAPPED = {
     "vllm.platforms.interface:Platform.check_and_update_config": ["vllm_config"],
     "vllm.platforms.interface:Platform.update_block_size_for_backend": ["vllm_config"],
     "vllm.platforms.interface:Platform._align_heterogeneous_kv_block_size": ["vllm_config", "backend_cls"],
+    "vllm.v1.attention.backend:CommonAttentionMetadata": ["query_start_loc_cpu", "seq_lens_cpu_upper_bound"],
     "vllm.v1.core.block_pool:BlockPool.cache_full_blocks":
         ["self", "request", "blocks", "num_cached_blocks", "num_full_blocks", "block_size", "kv_cache_group_id"],
     "vllm.v1.core.kv_cache_utils:resolve_block_hashes": ["block_hashes", "hash_block_size", "block_size"],
