@@ -210,6 +210,7 @@ class KittyAttentionImpl(AttentionImpl):
         self.sinks = sinks
         # KittyConfig.value_rotation: the matrix, moved to the device of the first forward that stores.
         self.rotation = reference.value_rotation(self.config, head_size)
+
     def forward(self, layer, query, key, value, kv_cache, attn_metadata: KittyMetadata | None,
                 output=None, output_scale=None, output_block_scale=None):
         assert output is not None
