@@ -44,6 +44,14 @@ def page_table_of_blocks(block_table: torch.Tensor, pages_per_block: int, out: t
     return out
 
 
+def layer_stage_layout(config: KittyConfig, head_dim: int, num_kv_heads: int, dtype: torch.dtype,
+                       packed_block_bytes: int) -> StageLayout:
+    """The stage layout of a layer whose packed blocks hold ``packed_block_bytes`` (padding aside): one page
+    per KV head, or several pages on hybrid models (KittyPackedSpec)."""
+    pages_per_block = packed_block_bytes // (num_kv_heads * page_layout(config, head_dim).page_bytes)
+    return stage_layout(config, head_dim, num_kv_heads, dtype.itemsize, pages_per_block)
+
+
 @dataclass(frozen=True)
 class Span:
     """This step's tokens of one request: ``first:end`` of the batch's tokens, at positions from
@@ -159,10 +167,8 @@ class PagedKittyCache:
     def of_layer(cls, config: KittyConfig, head_dim: int, num_kv_heads: int, packed: torch.Tensor,
                  stage_cache: torch.Tensor, dtype: torch.dtype, soft_cap: float = 0.0,
                  sinks: torch.Tensor | None = None, kernels: bool | None = None) -> PagedKittyCache:
-        """:meth:`from_raw` over an attention layer's two caches as vLLM binds them, its stage layout from their
-        blocks: one page per block, or several (a block's bytes, padding aside, are its pages)."""
-        pages_per_block = packed[0].numel() // (num_kv_heads * page_layout(config, head_dim).page_bytes)
-        layout = stage_layout(config, head_dim, num_kv_heads, dtype.itemsize, pages_per_block)
+        """:meth:`from_raw` over an attention layer's two caches as vLLM binds them (:func:`layer_stage_layout`)."""
+        layout = layer_stage_layout(config, head_dim, num_kv_heads, dtype, packed[0].numel())
         return cls.from_raw(config, layout, packed, stage_cache, dtype, kernels, soft_cap, sinks)
 
     def _ring_columns(self, row: int, positions: torch.Tensor) -> list[torch.Tensor]:

@@ -26,14 +26,15 @@ the layer runs. The data are zeros and random: only the launches matter.
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from kitty_vllm.config import KittyConfig
-from kitty_vllm.layout import page_layout, stage_layout
-from kitty_vllm.paged import MixedBatch, PagedKittyCache
+from kitty_vllm.layout import StageLayout
+from kitty_vllm.paged import MixedBatch, PagedKittyCache, layer_stage_layout
 
 # Page-table widths of the decode sweep: up to twice the merge kernel's largest block of splits.
 DECODE_WIDTHS = (1, 2, 4, 8, 16, 32, 64)
@@ -74,6 +75,11 @@ class WarmupKey:
     packed: CacheGeometry
     stage: CacheGeometry
 
+    @property
+    def stage_layout(self) -> StageLayout:
+        return layer_stage_layout(self.config, self.head_dim, self.num_kv_heads, self.dtype,
+                                  math.prod(self.packed.block_shape))
+
     @classmethod
     def of_layer(cls, layer: Any) -> WarmupKey:
         """The key of a vLLM attention layer served by kitty (KittyAttentionImpl), whose caches are bound."""
@@ -83,12 +89,14 @@ class WarmupKey:
                    CacheGeometry.of(layer.kv_cache), CacheGeometry.of(layer.kitty_stage.kv_cache))
 
 
-def scratch_cache(key: WarmupKey, device: torch.device | str, num_blocks: int) -> PagedKittyCache:
-    """A zeroed PagedKittyCache of ``key``'s format and geometry, ``num_blocks`` blocks in each cache."""
+def scratch_cache(key: WarmupKey, device: torch.device | str, num_pages: int, num_stage_blocks: int) -> PagedKittyCache:
+    """A zeroed PagedKittyCache of ``key``'s format and geometry: blocks for ``num_pages`` pages, and
+    ``num_stage_blocks`` staging blocks."""
     sinks = None if key.sinks_dtype is None else torch.zeros(key.num_heads, dtype=key.sinks_dtype, device=device)
-    return PagedKittyCache.of_layer(key.config, key.head_dim, key.num_kv_heads, key.packed.zeros(num_blocks, device),
-                                    key.stage.zeros(num_blocks, device), key.dtype, 30.0 if key.soft_cap else 0.0,
-                                    sinks, kernels=True)
+    return PagedKittyCache.of_layer(key.config, key.head_dim, key.num_kv_heads,
+                                    key.packed.zeros(-(-num_pages // key.stage_layout.pages_per_block), device),
+                                    key.stage.zeros(num_stage_blocks, device), key.dtype,
+                                    30.0 if key.soft_cap else 0.0, sinks, kernels=True)
 
 
 def warm_up(key: WarmupKey, device: torch.device | str) -> None:
@@ -96,10 +104,10 @@ def warm_up(key: WarmupKey, device: torch.device | str) -> None:
     on the CPU, Triton's interpreter runs them (tests)."""
     config, page = key.config, key.config.page_size
     rows, width = 4, max(DECODE_WIDTHS)
-    cache = scratch_cache(key, device, rows * width)   # as many staging blocks: more than a row needs
+    stage_blocks = key.stage_layout.blocks_per_request
+    cache = scratch_cache(key, device, rows * width, rows * stage_blocks)
     page_table = torch.arange(rows * width, dtype=torch.int32, device=device).view(rows, width)
-    stage_table = torch.arange(rows * cache.stage_layout.blocks_per_request, dtype=torch.int32,
-                               device=device).view(rows, -1)
+    stage_table = torch.arange(rows * stage_blocks, dtype=torch.int32, device=device).view(rows, -1)
     scale = key.head_dim ** -0.5
 
     def tokens(n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -95,8 +95,8 @@ def random_steps(key: WarmupKey, rng: random.Random) -> None:
     """Prefills and decodes of random shapes through PagedKittyCache, as the backend runs them."""
     config, page = key.config, key.config.page_size
     rows, width = 40, 300
-    cache = scratch_cache(key, "cuda", rows * width + 7)
-    blocks_per_request = cache.stage_layout.blocks_per_request
+    blocks_per_request = key.stage_layout.blocks_per_request
+    cache = scratch_cache(key, "cuda", rows * width + 7, rows * blocks_per_request + 3)
     page_table = torch.randperm(rows * width, device="cuda").view(rows, width).int()
     stage_table = torch.randperm(rows * blocks_per_request, device="cuda").view(rows, -1).int()
     scale = key.head_dim ** -0.5
