@@ -18,6 +18,7 @@ import torch
 
 from vllm.config import get_current_vllm_config
 from vllm.forward_context import get_forward_context
+from vllm.platforms import current_platform
 from vllm.v1.attention.backend import (AttentionBackend, AttentionCGSupport, AttentionImpl,
                                        AttentionMetadataBuilder, AttentionType, CommonAttentionMetadata,
                                        MultipleOf)
@@ -109,6 +110,8 @@ class KittyMetadataBuilder(AttentionMetadataBuilder[KittyMetadata]):
 
 
 SERVE_OTHERWISE = "serve it with --kv-cache-dtype auto or fp8"
+# The oldest GPUs the kernels compile for (compute capability 8.0: cp.async, bfloat16 tensor cores).
+MIN_CAPABILITY = 80
 # The attention kinds kitty does not cache, in the words a user knows their model by.
 NOT_DECODER = {
     AttentionType.ENCODER: "encoder self-attention of an encoder-decoder model",
@@ -184,6 +187,11 @@ class KittyAttentionBackend(AttentionBackend):
                                f"rotation needs a power-of-two head size; set value_rotation: none)")
         if selector_config.dtype not in cls.supported_dtypes:
             reasons.append(f"model dtype {selector_config.dtype}")
+        capability = current_platform.get_device_capability() if current_platform.is_cuda() else None
+        if capability is not None and capability.to_int() < MIN_CAPABILITY:
+            reasons.append(f"a GPU of compute capability {capability.major}.{capability.minor} (kitty's kernels need "
+                           f"{MIN_CAPABILITY // 10}.{MIN_CAPABILITY % 10} or newer, Ampere on: they copy pages with "
+                           f"cp.async and multiply in bfloat16 on tensor cores; {SERVE_OTHERWISE})")
         return reasons
 
 

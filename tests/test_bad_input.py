@@ -286,3 +286,26 @@ def test_bad_request_gets_http_400_and_the_server_goes_on(case, kitty_server):
     print(f"{case}: {status} {error}")
     assert status == 400 and message in error
     assert completion(kitty_server, prompt="The essay", max_tokens=4)[0] == 200
+
+
+def test_gpus_before_ampere_are_refused_with_the_reason(monkeypatch):
+    """On a GPU older than compute capability 8.0 (a T4 is 7.5) kitty names why it cannot serve and what to serve
+    with instead, among the reasons that stop the engine at start (the CPU build stands in for the GPU here)."""
+    from types import SimpleNamespace
+
+    import torch
+    from vllm.platforms import current_platform
+    from vllm.platforms.interface import DeviceCapability
+
+    from kitty_vllm.backend import KittyAttentionBackend
+    from kitty_vllm.config import KittyConfig
+
+    selector = SimpleNamespace(use_mla=False, use_sparse=False, attn_type=None, head_size=128, dtype=torch.bfloat16)
+    config = KittyConfig.from_preset("kitty2")
+    monkeypatch.setattr(current_platform, "is_cuda", lambda: True)
+    for capability, reasons in [((8, 0), []), ((9, 0), []), ((7, 5), [
+            "a GPU of compute capability 7.5 (kitty's kernels need 8.0 or newer, Ampere on: they copy pages with "
+            "cp.async and multiply in bfloat16 on tensor cores; serve it with --kv-cache-dtype auto or fp8)"])]:
+        monkeypatch.setattr(current_platform, "get_device_capability",
+                            lambda device_id=0, capability=capability: DeviceCapability(*capability))
+        assert KittyAttentionBackend.unsupported_reasons(selector, config) == reasons
