@@ -50,7 +50,7 @@ RECORDS = [
     {"benchmark": "prefill_kernel", "kv_cache_dtype": "kitty2", "requests": 1, "new_tokens": 2048, "context": 4096,
      "error": "RuntimeError: boom", **ENVIRONMENT},
     {"benchmark": "step_profile", "kv_cache_dtype": "kitty2", "requests": 512, "context": 2304, "step_ms": 40.0,
-     "gpu_ms": 38.0, "idle_ms": 2.0, "tok_s": 12800.0, "kitty_attention_ms": 24.0, "kitty_store_ms": 1.0,
+     "gpu_ms": 38.0, "idle_ms": 2.0, "scheduler_ms": 1.5, "tok_s": 12800.0, "kitty_attention_ms": 24.0, "kitty_store_ms": 1.0,
      "vllm_attention_ms": 0.0, "cache_write_ms": 0.0, "gemm_ms": 10.0, "other_ms": 3.0,
      "top_kernels_ms": {"page_decode_kernel": 16.0, "nvjet_sm90_gemm": 10.0}, "roofline_ms": 25.0,
      "roofline_ratio": 1.6, **ENVIRONMENT},
@@ -297,8 +297,8 @@ def test_tables():
     assert kitty_prefill[4:9] == ["4.000", "3.000", "75.0", f"{8192 / 4e-3:,.0f}", "0.50x"]
     assert table_row(tables, "2", "4,096", "0", "auto-flash")[5:7] == ["", ""]
     assert table_row(tables, "1", "2,048", "4,096", "kitty2")[-1] == "RuntimeError: boom"
-    assert table_row(tables, "kitty2", "512", "2,304", "40.00")[4:14] == [
-        "12,800", "24.00", "1.00", "0.00", "0.00", "10.00", "3.00", "2.00", "25.00", "1.60"]
+    assert table_row(tables, "kitty2", "512", "2,304", "40.00")[4:15] == [
+        "12,800", "24.00", "1.00", "0.00", "0.00", "10.00", "3.00", "2.00", "1.50", "25.00", "1.60"]
     assert table_row(tables, "kitty2", "512", "2,304", "page_decode_kernel")[4:] == ["16.00", "40.0"]
     # Speculation: adjusted tok/s against auto with the same draft, and against the dtype without one.
     assert table_row(tables, "kitty2", "eagle3")[5:11] == ["4,000", "1.25x", "1.60x", "6,000", "1.25x", "2.40x"]
