@@ -179,7 +179,8 @@ class KittyAttentionBackend(AttentionBackend):
                            f"{', '.join(map(str, SUPPORTED_HEAD_DIMS))})")
         else:
             try:
-                config.num_boost_channels(selector_config.head_size)
+                for ratio in {config.boost_ratio, *config.layer_boost}:
+                    config.replace(boost_ratio=ratio).num_boost_channels(selector_config.head_size)
             except KittyConfigError as e:
                 reasons.append(str(e))
             if config.value_rotation == "hadamard" and selector_config.head_size & (selector_config.head_size - 1):

@@ -76,6 +76,13 @@ class KittyConfig:
         the rotation spreads evenly over the channels, and the attention output by the same matrix after
         (it is its own inverse); Keys are not rotated (their per-channel boost picks outlier channels,
         which a rotation would spread). Needs a power-of-two head size. ``none``: Values as they are.
+    layer_boost: per-layer boost ratios (KVTuner's finding that layers differ in sensitivity): layer ``i``'s
+        Keys boost ``layer_boost[i]`` of their channels instead of ``boost_ratio``; a layer it does not
+        name (a speculative drafter's) keeps ``boost_ratio``. Empty (the presets): ``boost_ratio`` for every
+        layer. In a config file or ``--additional-config`` it is a list, or the path of a profile that
+        ``python -m kitty_vllm.tools.calibrate`` made for the model (kitty_vllm.boost_profile), read once by
+        the engine. Each layer then has a page of its own size (:meth:`for_layer`), which vLLM packs side by
+        side in each block (its block-outermost KV-cache layout, kitty_vllm.patches).
     """
 
     page_size: int = 128
@@ -89,11 +96,13 @@ class KittyConfig:
     exact_prefill: bool = False
     draft_tokens: int = 0
     value_rotation: str = "none"
+    layer_boost: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         for f in fields(self):
             _check_type(f.name, getattr(self, f.name), f.type)
         object.__setattr__(self, "boost_ratio", float(self.boost_ratio))
+        object.__setattr__(self, "layer_boost", tuple(map(float, self.layer_boost)))
         if self.page_size <= 0 or self.page_size % 16:
             raise KittyConfigError(
                 f"page_size={self.page_size}: must be a positive multiple of 16 (tokens per page)")
@@ -102,6 +111,8 @@ class KittyConfig:
                 f"sink_tokens={self.sink_tokens}: must be in [0, page_size={self.page_size})")
         if not 0.0 <= self.boost_ratio <= 1.0:
             raise KittyConfigError(f"boost_ratio={self.boost_ratio}: must be in [0, 1]")
+        if not all(0.0 <= ratio <= 1.0 for ratio in self.layer_boost):
+            raise KittyConfigError(f"layer_boost={list(self.layer_boost)}: every ratio must be in [0, 1]")
         if self.value_window != self.page_size:
             raise KittyConfigError(
                 f"value_window={self.value_window}: must equal page_size={self.page_size} (a page is "
@@ -154,6 +165,17 @@ class KittyConfig:
                 "plane packs 4 channels per byte, so this must be a whole multiple of 4")
         return channels
 
+    def for_layer(self, index: int) -> KittyConfig:
+        """The config of the model's layer ``index`` (from 0): ``boost_ratio`` is its ``layer_boost`` ratio."""
+        if index >= len(self.layer_boost):
+            return self
+        return self.replace(boost_ratio=self.layer_boost[index])
+
+    def staging_basis(self) -> KittyConfig:
+        """The config whose page sizes every layer's staging blocks (kitty_vllm.layout.stage_layout): the
+        smallest page of the model, so that a staging block holds as many tokens in every layer."""
+        return self.replace(boost_ratio=min(self.layer_boost)) if self.layer_boost else self
+
     @classmethod
     def from_dict(cls, values: dict[str, Any], source: str = "config") -> KittyConfig:
         if not isinstance(values, dict):
@@ -164,6 +186,13 @@ class KittyConfig:
             raise KittyConfigError(
                 f"{source}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(known))}")
         try:
+            boost = values.get("layer_boost")
+            if isinstance(boost, str):
+                from kitty_vllm.boost_profile import LayerBoostProfile
+
+                values = {**values, "layer_boost": LayerBoostProfile.load(boost).ratios}
+            elif isinstance(boost, list):
+                values = {**values, "layer_boost": tuple(boost)}
             return cls(**values)
         except KittyConfigError as e:
             raise KittyConfigError(f"{source}: {e}") from None
@@ -185,7 +214,8 @@ class KittyConfig:
     def to_yaml(self, path: str | os.PathLike) -> Path:
         """Write every field to ``path`` (a file that from_yaml and $KITTY_CONFIG read back); returns it."""
         path = Path(path)
-        path.write_text(yaml.safe_dump(dataclasses.asdict(self), sort_keys=False))
+        values = {**dataclasses.asdict(self), "layer_boost": list(self.layer_boost)}
+        path.write_text(yaml.safe_dump(values, sort_keys=False))
         return path
 
 
@@ -203,14 +233,16 @@ def load_config(preset: str, fields_set: Mapping[str, Any] | None = None) -> Kit
         raise KittyConfigError(
             f'--additional-config: "{ADDITIONAL_CONFIG_KEY}" must be a mapping of field: value, got '
             f"{type(fields_set).__name__}; for example '{ADDITIONAL_CONFIG_EXAMPLE}'")
-    frozen = None if fields_set is None else tuple(sorted(fields_set.items()))
+    frozen = None if fields_set is None else tuple(sorted(
+        (name, tuple(value) if name == "layer_boost" and isinstance(value, list) else value)
+        for name, value in fields_set.items()))
     file = os.environ.get(CONFIG_FILE_ENV)
     file_text = None
     if file and not (fields_set is not None and set(fields_set) >= _FIELD_NAMES):
         file_text = (file, _read_config_file(Path(file)))
     try:
         hash(frozen)
-    except TypeError:   # a list or mapping as a value: refused by the field's type check, uncached
+    except TypeError:   # a mapping as a value: refused by the field's type check, uncached
         return _resolve.__wrapped__(preset, file_text, frozen)
     return _resolve(preset, file_text, frozen)
 
@@ -250,6 +282,12 @@ def _parse_yaml(text: str, source: str) -> KittyConfig:
 
 
 def _check_type(name: str, value: Any, annotation: str) -> None:
+    if annotation == "tuple[float, ...]":
+        if not isinstance(value, tuple) or not all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                                                   for x in value):
+            raise KittyConfigError(f"{name}={value!r}: must be a list of numbers, one per layer, or the path of a "
+                                   "profile made by python -m kitty_vllm.tools.calibrate")
+        return
     expected = {"int": int, "float": (int, float), "str": str, "bool": bool}[annotation]
     if isinstance(value, bool) != (annotation == "bool") or not isinstance(value, expected):
         allowed = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false"}[annotation]

@@ -216,4 +216,9 @@ MAX_STAGE_BLOCK_TOKENS = 16
 
 def stage_layout(config: KittyConfig, head_dim: int, num_kv_heads: int, element_bytes: int,
                  pages_per_block: int = 1) -> StageLayout:
-    return StageLayout(page_layout(config, head_dim), num_kv_heads, element_bytes, config.ring_slots, pages_per_block)
+    """The staging layout of every layer of a model in ``config``. With per-layer boost ratios
+    (KittyConfig.layer_boost) its blocks have the bytes of the model's smallest page
+    (KittyConfig.staging_basis), so that a block holds as many tokens in every layer; a layer of a larger page
+    pads its staging blocks to its page (kitty_vllm.block_manager.spec)."""
+    return StageLayout(page_layout(config.staging_basis(), head_dim), num_kv_heads, element_bytes, config.ring_slots,
+                       pages_per_block)

@@ -223,6 +223,10 @@ def _wrap_attention_layer() -> None:
         if is_kitty_dtype(self.kv_cache_dtype) and self.kv_sharing_target_layer_name is None:
             from kitty_vllm.stage import KittyStageCache
 
+            from kitty_vllm.block_manager import layer_kitty_config
+
+            # The layer's own format: its boost ratio with per-layer ratios (KittyConfig.layer_boost).
+            self.impl.config = layer_kitty_config(self.impl.config, self.layer_name)
             self.kitty_stage = KittyStageCache(self)
             # Pages per packed block: more on hybrid models (kitty_vllm.block_manager.mixed.fit_blocks_to_state).
             self.kitty_pages_per_block = 1
@@ -231,9 +235,10 @@ def _wrap_attention_layer() -> None:
     def get_kv_cache_spec(self, vllm_config):
         if not is_kitty_dtype(self.kv_cache_dtype):
             return spec_beside_kitty_pages(self, original_spec(self, vllm_config), vllm_config)
-        from kitty_vllm.block_manager import kitty_specs
+        from kitty_vllm.block_manager import kitty_specs, layer_kitty_config
 
-        return kitty_specs(load_config_for(self.kv_cache_dtype, vllm_config), self.num_kv_heads,
+        config = layer_kitty_config(load_config_for(self.kv_cache_dtype, vllm_config), self.layer_name)
+        return kitty_specs(config, self.num_kv_heads,
                            self.head_size, self.dtype, shared_page_bytes=vllm_config.cache_config.skip_page_size_padded,
                            pages_per_block=self.kitty_pages_per_block)[0]
 
@@ -325,11 +330,45 @@ def _resolve_config_in_the_engine() -> None:
                     logger.info("--kv-cache-dtype %s: the draft layers of speculative method %r keep their KV "
                                 "cache in the model's dtype", dtype, speculative.method)
             config = config.replace(draft_tokens=speculative.num_speculative_tokens)
+        if config.layer_boost:
+            _pages_of_each_layers_size(vllm_config, config)
         # A new mapping: the one given may be the caller's (EngineArgs.additional_config).
         vllm_config.additional_config = {**vllm_config.additional_config,
                                          ADDITIONAL_CONFIG_KEY: dataclasses.asdict(config)}
 
     platform_cls.check_and_update_config = classmethod(check_and_update_config)
+
+
+def _pages_of_each_layers_size(vllm_config, config: KittyConfig) -> None:
+    """Per-layer boost ratios (KittyConfig.layer_boost) give each layer a page of its own size. Check that the
+    ratios are the model's, and choose vLLM's block-outermost KV-cache layout, the one in which vLLM packs the
+    pages of different sizes side by side in each block, so that a block costs the sum of the layers' pages
+    (a layer-outermost layout would pad every page to the largest)."""
+    from vllm import envs
+
+    from kitty_vllm.block_manager.spec import PACKED_LAYOUT
+
+    dtype, model_config = vllm_config.cache_config.cache_dtype, vllm_config.model_config
+    num_layers = model_config.get_total_num_hidden_layers()
+    fix = ("calibrate a profile for this model with python -m kitty_vllm.tools.calibrate and set layer_boost to it, "
+           "or leave layer_boost unset")
+    if len(config.layer_boost) != num_layers:
+        raise KittyConfigError(f"--kv-cache-dtype {dtype}: layer_boost has {len(config.layer_boost)} ratios, but "
+                               f"{model_config.model} has {num_layers} layers: {fix}")
+    cache_config = vllm_config.cache_config
+    layer_types = getattr(model_config.hf_text_config, "layer_types", None) or ()
+    if (model_config.is_hybrid or cache_config.kv_cache_dtype_skip_layers or cache_config.sliding_window is not None
+            or "sliding_attention" in layer_types):
+        raise KittyConfigError(f"--kv-cache-dtype {dtype}: layer_boost is not supported yet beside layers that kitty "
+                               "does not store in its pages (Mamba or linear-attention layers, sliding-window "
+                               "layers, kv_cache_dtype_skip_layers), whose blocks would pad every page to the "
+                               f"largest: leave layer_boost unset for {model_config.architecture}")
+    requested = cache_config.kv_cache_layout or envs.VLLM_KV_CACHE_LAYOUT
+    if requested not in (None, PACKED_LAYOUT.name):
+        raise KittyConfigError(f"--kv-cache-dtype {dtype}: layer_boost needs vLLM's KV-cache layout {PACKED_LAYOUT.name} "
+                               f"(pages of each layer's size packed in one block), not {requested}: unset "
+                               "VLLM_KV_CACHE_LAYOUT, or leave layer_boost unset")
+    cache_config.kv_cache_layout = PACKED_LAYOUT.name
 
 
 def _no_prefix_caching_on_hybrid_models() -> None:

@@ -44,6 +44,7 @@ class KittyStageCache(torch.nn.Module, AttentionLayerBase):
 
     def __init__(self, layer: torch.nn.Module):
         super().__init__()
+        self.layer_name = layer.layer_name
         self.prefix = f"{layer.layer_name}.{STAGE_SUFFIX}"
         self.num_kv_heads = layer.num_kv_heads
         self.head_size = layer.head_size
@@ -59,13 +60,14 @@ class KittyStageCache(torch.nn.Module, AttentionLayerBase):
         warmup_kernel().register_warmup(layer)
 
     def get_kv_cache_spec(self, vllm_config: VllmConfig) -> KVCacheSpec:
-        from kitty_vllm.block_manager import kitty_specs
+        from kitty_vllm.block_manager import kitty_specs, layer_kitty_config
 
         scheduler = vllm_config.scheduler_config
         step_tokens = scheduler.max_num_batched_tokens
         if scheduler.long_prefill_token_threshold > 0:
             step_tokens = min(step_tokens, scheduler.long_prefill_token_threshold)
-        return kitty_specs(load_config_for(self.kv_cache_dtype, vllm_config), self.num_kv_heads,
+        config = layer_kitty_config(load_config_for(self.kv_cache_dtype, vllm_config), self.layer_name)
+        return kitty_specs(config, self.num_kv_heads,
                            self.head_size, self.dtype, step_tokens,
                            shared_page_bytes=vllm_config.cache_config.skip_page_size_padded,
                            pages_per_block=self.kitty_pages_per_block)[1]

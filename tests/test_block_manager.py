@@ -524,3 +524,36 @@ def test_registration_is_idempotent_and_keeps_the_builtins(monkeypatch):
     assert KVCacheSpecRegistry.get_uniform_type_base_spec(kitty_window) is SlidingWindowSpec
     assert KVCacheSpecRegistry.get_uniform_type_base_spec(packed) is FullAttentionSpec
     assert KVCacheSpecRegistry.get_uniform_type_base_spec(stage) is KittyStageSpec
+
+
+def test_pages_of_each_layers_size_share_one_block():
+    """Per-layer boost ratios (KittyConfig.layer_boost) give each layer a page of its own size; in vLLM's
+    block-outermost layout, which kitty chooses for them (kitty_vllm.patches), vLLM packs them side by side, so
+    a block costs the sum of the layers' pages, not the largest page times the layers. Staging blocks hold the
+    smallest page's tokens in every layer, padded to the layer's page, and vLLM counts what a request takes."""
+    from kitty_vllm.block_manager import layer_kitty_config
+
+    config = KITTY2.replace(layer_boost=(0.0, 0.25, 0.5) * (NUM_LAYERS // 3))
+    vllm_config = make_vllm_config(MAX_MODEL_LEN)
+    vllm_config.cache_config.kv_cache_layout = "BLHNC"
+    specs = {}
+    for i in range(NUM_LAYERS):
+        name = f"model.layers.{i}.self_attn.attn"
+        specs[name], specs[f"{name}.kitty_stage"] = kitty_specs(layer_kitty_config(config, name), NUM_KV_HEADS,
+                                                                HEAD_DIM, MODEL_DTYPE)
+    memory = 40 * GiB
+    kv_cache_config = plan_kv_cache(vllm_config, specs, memory)
+    pages = [NUM_KV_HEADS * page_layout(config.for_layer(i), HEAD_DIM).page_bytes for i in range(NUM_LAYERS)]
+    assert len(set(pages)) == 3 and sum(pages) == NUM_LAYERS * NUM_KV_HEADS * page_layout(KITTY2, HEAD_DIM).page_bytes
+    assert [len(g.layer_names) for g in kv_cache_config.kv_cache_groups] == [NUM_LAYERS, NUM_LAYERS]
+    assert kv_cache_config.num_blocks == memory // sum(pages)
+    layouts = {specs[f"model.layers.{i}.self_attn.attn.kitty_stage"].layout for i in range(NUM_LAYERS)}
+    assert layouts == {stage_layout(config.replace(boost_ratio=0.0), HEAD_DIM, NUM_KV_HEADS, 2)}
+    layout = layouts.pop()
+    assert [specs[f"model.layers.{i}.self_attn.attn.kitty_stage"].page_size_bytes for i in range(NUM_LAYERS)] == pages
+    per_request = cdiv(MAX_MODEL_LEN, KITTY2.page_size) + layout.blocks_needed(MAX_MODEL_LEN)
+    reported = kv_cache_utils.get_max_concurrency_for_kv_cache_config(vllm_config, kv_cache_config)
+    assert reported == kv_cache_config.num_blocks / per_request
+    # What the smaller staging blocks cost against kitty2's one ratio: a staging block or so per request.
+    uniform = max_concurrency(make_vllm_config(MAX_MODEL_LEN), kitty_layer_specs(), memory)
+    assert 0.95 * uniform < reported <= uniform

@@ -40,6 +40,10 @@ def test_unknown_preset_lists_the_valid_ones():
     ("key_bits: 3\n", "key_bits=3: only 2 is supported"),
     ("boost_policy: largest\n", "boost_policy='largest': must be one of magnitude, variance, random"),
     ("value_rotation: random\n", "value_rotation='random': must be one of none, hadamard"),
+    ("layer_boost: [0.5, fast]\n", "layer_boost=.*must be a list of numbers, one per layer, or the path"),
+    ("layer_boost: [0.5, 1.5]\n", r"layer_boost=\[0.5, 1.5\]: every ratio must be in \[0, 1\]"),
+    ("layer_boost: nowhere.yaml\n", "nowhere.yaml: no such layer-boost profile: make it with python -m "
+                                   "kitty_vllm.tools.calibrate"),
     ("- 1\n- 2\n", "expected a mapping"),
     ("page_size: [1\n", "not valid YAML"),
 ])
@@ -66,6 +70,54 @@ def test_partial_yaml_keeps_defaults(tmp_path):
 def test_to_yaml_reads_back(tmp_path):
     config = KittyConfig.from_preset("kitty2-lite").replace(exact_prefill=True, boost_policy="random")
     assert KittyConfig.from_yaml(config.to_yaml(tmp_path / "copy.yaml")) == config
+    config = config.replace(layer_boost=(0.0, 0.25))
+    assert KittyConfig.from_yaml(config.to_yaml(tmp_path / "copy.yaml")) == config
+
+
+def test_layer_boost_from_a_profile(tmp_path):
+    """A config points to a calibrated profile (kitty_vllm.boost_profile); the config carries its ratios, so
+    that workers need not read the file. Each layer's config has its ratio; a layer the profile does not
+    name (a drafter's) keeps boost_ratio; staging blocks are sized by the smallest page."""
+    from kitty_vllm.boost_profile import LayerBoostProfile
+
+    path = LayerBoostProfile("tiny", 0.25, (0.5, 0.0, 0.25, 0.25), {}).to_yaml(tmp_path / "profile.yaml")
+    config = load_config("kitty2", {"layer_boost": str(path)})
+    assert config == KittyConfig.from_preset("kitty2").replace(layer_boost=(0.5, 0.0, 0.25, 0.25))
+    assert load_config("kitty2", {"layer_boost": [0.5, 0.0, 0.25, 0.25]}) == config
+    assert [config.for_layer(i).boost_ratio for i in range(5)] == [0.5, 0.0, 0.25, 0.25, 0.25]
+    assert config.staging_basis().boost_ratio == 0.0
+    assert KittyConfig().staging_basis() == KittyConfig()
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(path.read_text().replace("boost_ratio: 0.25", "boost_ratio: 0.5"))
+    with pytest.raises(KittyConfigError, match="the ratios average 0.25, not boost_ratio 0.5"):
+        load_config("kitty2", {"layer_boost": str(bad)})
+
+
+def test_the_engine_packs_pages_of_each_layers_size(monkeypatch):
+    """With layer_boost the engine checks the ratios against the model's layers and chooses vLLM's
+    block-outermost KV-cache layout (kitty_vllm.patches); a layout the user forces otherwise is refused."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    from tiny_model import build_tiny_model
+
+    def engine_config(ratios, family="llama", **args):
+        return EngineArgs(model=str(build_tiny_model(family=family)), kv_cache_dtype="kitty2", max_model_len=512,
+                          additional_config={"kitty": {"layer_boost": ratios}}, **args).create_engine_config()
+
+    vllm_config = engine_config([0.5, 0.0])
+    assert vllm_config.cache_config.kv_cache_layout == "BLHNC"
+    assert KittyConfig.from_dict(vllm_config.additional_config["kitty"]).layer_boost == (0.5, 0.0)
+    # vLLM's pydantic config wraps the error (a ValueError) in its own.
+    with pytest.raises(ValueError, match=r"layer_boost has 3 ratios, but .* has 2 layers: calibrate a "
+                                               r"profile for this model"):
+        engine_config([0.5, 0.0, 0.25])
+    for family, args in [("gemma3", {}), ("llama", {"kv_cache_dtype_skip_layers": ["0"]})]:
+        with pytest.raises(ValueError, match="layer_boost is not supported yet beside layers that kitty does not "
+                                             "store in its pages"):
+            engine_config([0.5, 0.0], family, **args)
+    monkeypatch.setenv("VLLM_KV_CACHE_LAYOUT", "LBNHC")
+    with pytest.raises(ValueError, match="layer_boost needs vLLM's KV-cache layout BLHNC .*, not LBNHC"):
+        engine_config([0.5, 0.0])
 
 
 @pytest.mark.parametrize("head_dim, ratio, expected", [(64, 0.25, 16), (128, 0.25, 32), (256, 0.25, 64),

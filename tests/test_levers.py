@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from kitty_vllm import reference as R
+from kitty_vllm.boost_profile import LayerBoostProfile
 from kitty_vllm.config import KittyConfig
 from kitty_vllm.layout import page_layout
 from kitty_vllm.tools import calibrate, levers, oracle
@@ -210,7 +211,7 @@ def tiny_tokens(model_dir: Path, count: int = 300) -> list[int]:
 
 
 def write_profile(path: Path, ratios, model: str = "smollm2", base: float = 0.25) -> Path:
-    return levers.LayerBoostProfile(model, base, tuple(ratios), {}).to_yaml(path)
+    return LayerBoostProfile(model, base, tuple(ratios), {}).to_yaml(path)
 
 
 def test_the_greedy_spends_the_base_channels_on_the_most_sensitive_layers():
@@ -230,7 +231,7 @@ def test_calibrate_writes_a_profile_that_averages_to_the_preset_ratio_and_the_ev
     monkeypatch.setattr(calibrate.assets, "model_path", lambda key: tiny_dir)
     out = tmp_path / "tiny-profile.yaml"
     calibrate.main(["--model", "smollm2", "--out", str(out), "--tokens", "300"])
-    profile = levers.LayerBoostProfile.load(out)
+    profile = LayerBoostProfile.load(out)
     assert profile.model == "smollm2" and len(profile.ratios) == TINY_LAYERS
     assert profile.boost_ratio == KITTY2.boost_ratio
     assert sum(profile.ratios) / TINY_LAYERS == pytest.approx(KITTY2.boost_ratio, abs=1e-12)
@@ -243,6 +244,16 @@ def test_calibrate_writes_a_profile_that_averages_to_the_preset_ratio_and_the_ev
     # Equal average bits, up to the 16-byte alignment of each page's index of boosted channels.
     layout = page_layout(KITTY2, 64)
     assert abs(profile.bits_per_element(KITTY2, 64) - layout.effective_bits) <= 16 * 8 / (2 * PAGE * 64)
+
+
+def test_calibrate_a_model_directory(tiny_dir, tmp_path, capsys):
+    """A user's model: --model takes its directory, and the profile is named after it."""
+    out = tmp_path / "mine.yaml"
+    calibrate.main(["--model", str(tiny_dir), "--out", str(out), "--tokens", "300"])
+    assert LayerBoostProfile.load(out).model == tiny_dir.name
+    with pytest.raises(SystemExit):
+        calibrate.main(["--model", str(tmp_path), "--out", str(out)])
+    assert "neither one of the eval's models" in capsys.readouterr().err
 
 
 def test_layer_boost_changes_exactly_the_layers_whose_ratio_differs(tiny_dir, tmp_path):
@@ -281,7 +292,7 @@ def test_a_bad_profile_file_is_refused_with_the_command_that_makes_one(tmp_path,
     path = tmp_path / "bad.yaml"
     if text is not None:
         path.write_text(text)
-    for attempt in (lambda: levers.LayerBoostProfile.load(path),
+    for attempt in (lambda: LayerBoostProfile.load(path),
                     lambda: CacheSpec.parse(f"kitty2:lever=layer-boost={path}")):
         with pytest.raises(ValueError, match=message) as error:
             attempt()
@@ -318,5 +329,5 @@ def test_docs_layer_boost_tables_are_the_study_json():
     table = markdown_table(json.loads((folder / "study.json").read_text()))
     assert table in (folder / "README.md").read_text()
     assert table.split("\n\n")[0] in (ROOT / "docs" / "accuracy.md").read_text()
-    profile = levers.LayerBoostProfile.load(folder / "smollm2-layer-boost.yaml")
+    profile = LayerBoostProfile.load(folder / "smollm2-layer-boost.yaml")
     assert f"smollm2-layer-boost: {profile.bits_per_element(KITTY2, 64):.4f}" in (folder / "bits.txt").read_text()

@@ -28,6 +28,7 @@ import torch
 
 from engine import prompt_inputs, torch_threads, vllm_engine
 from kitty_vllm.tools.assets import token_windows
+from kitty_vllm.boost_profile import LayerBoostProfile
 from kitty_vllm.config import ADDITIONAL_CONFIG_KEY, KittyConfig
 from kitty_vllm.tools.oracle import kitty_greedy
 from tiny_model import build_tiny_model
@@ -207,6 +208,20 @@ def kitty2_hadamard(model_dir, prompts):
                       additional_config={ADDITIONAL_CONFIG_KEY: {"value_rotation": "hadamard"}})
 
 
+# Per-layer boost ratios for the tiny model's 2 layers, averaging kitty2's 25%: layer 0's Keys boost half
+# of their channels, layer 1's none (pages without a sparse plane), so layer 0's pages are the larger.
+LAYER_BOOST = (0.5, 0.0)
+
+
+@pytest.fixture(scope="module")
+def kitty2_layer_boost(model_dir, prompts, tmp_path_factory):
+    """kitty2 with per-layer boost ratios (KittyConfig.layer_boost) from a profile file, as a user points to
+    one: ``--additional-config '{"kitty": {"layer_boost": "PROFILE.yaml"}}'``."""
+    profile = LayerBoostProfile("tiny", 0.25, LAYER_BOOST, {}).to_yaml(tmp_path_factory.mktemp("boost") / "tiny.yaml")
+    return run_engine(model_dir, [prompts["rotated"]], kv_cache_dtype="kitty2",
+                      additional_config={ADDITIONAL_CONFIG_KEY: {"layer_boost": str(profile)}})
+
+
 # Tests.
 
 def test_oracle_quantization_changes_greedy_output(oracle):
@@ -226,6 +241,7 @@ def test_oracle_choices_are_not_near_ties(oracle):
     for which, step in [("alone", STEP), ("long", HIT_STEP), ("follow_up", HIT_STEP)]:
         gaps["kitty2", which, step] = oracle.gap("kitty2", which, step)
     gaps["kitty2", "rotated"] = oracle.gap("kitty2", "rotated", value_rotation="hadamard")
+    gaps["kitty2", "layer-boost"] = oracle.gap("kitty2", "rotated", layer_boost=LAYER_BOOST)
     assert min(gaps.values()) >= MIN_GAP, gaps
 
 
@@ -287,3 +303,12 @@ def test_kitty2_value_rotation_matches_oracle(kitty2_hadamard, oracle):
     [(tokens, _)] = kitty2_hadamard
     assert tokens == oracle("kitty2", "rotated", value_rotation="hadamard")
     assert tokens != [oracle("kitty2")[i] for i in ROTATED], "the rotation changes no token: nothing is compared"
+
+
+def test_kitty2_layer_boost_matches_oracle(kitty2_layer_boost, oracle):
+    """With per-layer boost ratios each layer quantizes its Keys with its own ratio, in pages of its own size
+    that vLLM packs side by side in each block (its BLHNC layout): vLLM's greedy tokens are the oracle's,
+    whose layers read the reference with the same ratios, and the ratios change them."""
+    [(tokens, _)] = kitty2_layer_boost
+    assert tokens == oracle("kitty2", "rotated", layer_boost=LAYER_BOOST)
+    assert tokens != oracle("kitty2", "rotated")

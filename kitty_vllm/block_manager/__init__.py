@@ -7,7 +7,8 @@ from kitty_vllm.block_manager.manager import (
     KittyStageManager,
     register_kv_cache_managers,
 )
-from kitty_vllm.block_manager.spec import KittyPackedSpec, KittySlidingWindowSpec, KittyStageSpec, kitty_specs
+from kitty_vllm.block_manager.spec import (KittyPackedSpec, KittySlidingWindowSpec, KittyStageSpec, kitty_specs,
+                                         layer_kitty_config)
 
 __all__ = [
     "KittyPackedManager",
@@ -17,5 +18,6 @@ __all__ = [
     "KittyStageManager",
     "KittyStageSpec",
     "kitty_specs",
+    "layer_kitty_config",
     "register_kv_cache_managers",
 ]

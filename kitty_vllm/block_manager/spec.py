@@ -30,10 +30,13 @@ from kitty_vllm.layout import StageLayout, page_layout, stage_layout
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
 
-# The layouts (vLLM's choice for the whole model) in which a layer's cache is one contiguous
-# [num_blocks, H, 1, page_bytes] tensor, layer outermost then block: kitty's kernels address pages and
-# staging blocks by block id within it. With one state per block the two orders are the same bytes.
-KV_CACHE_LAYOUTS = (KVCacheLayout.LBNHC, KVCacheLayout.LBHNC)
+# The layouts (vLLM's choice for the whole model) that kitty's caches can be bound in: a layer's cache is a
+# [num_blocks, H, 1, page_bytes] tensor, whose pages and staging blocks kitty's kernels address by block id
+# through its strides. Layer outermost (each layer's blocks contiguous; with one state per block the two orders
+# are the same bytes), vLLM's choice by default; or block outermost (each block holds a page of every layer,
+# side by side), which kitty chooses for pages of each layer's size (KittyConfig.layer_boost, kitty_vllm.patches).
+PACKED_LAYOUT = KVCacheLayout.BLHNC
+KV_CACHE_LAYOUTS = (KVCacheLayout.LBNHC, KVCacheLayout.LBHNC, PACKED_LAYOUT)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -117,6 +120,16 @@ class KittySlidingWindowSpec(SlidingWindowSpec):
     (kitty_vllm.block_manager.manager)."""
 
 
+def layer_kitty_config(config: KittyConfig, layer_name: str) -> KittyConfig:
+    """The config of the attention layer ``layer_name`` (its module path, e.g. ``model.layers.3.self_attn.attn``):
+    with per-layer boost ratios (KittyConfig.layer_boost), that of the layer index in the name."""
+    if not config.layer_boost:
+        return config
+    from vllm.model_executor.models.utils import extract_layer_index
+
+    return config.for_layer(extract_layer_index(layer_name))
+
+
 def kitty_specs(config: KittyConfig, num_kv_heads: int, head_dim: int, model_dtype: torch.dtype,
                 step_tokens: int | None = None, shared_page_bytes: int | None = None,
                 pages_per_block: int = 1) -> tuple[KittyPackedSpec, KittyStageSpec]:
@@ -153,14 +166,17 @@ def kitty_specs(config: KittyConfig, num_kv_heads: int, head_dim: int, model_dty
         head_size=head_dim,
         dtype=torch.uint8,
         tokens_per_state=layout.block_tokens,
-        state_content_bytes=pages_per_block * page_bytes,
+        state_content_bytes=pages_per_block * layout.page.page_bytes,
         model_dtype=model_dtype,
         kitty_config=config,
         pages_per_block=pages_per_block,
         prefix_hits=not config.exact_prefill and (step_tokens is None or step_tokens >= config.page_size),
     )
-    # Equal pages are what lets vLLM put both groups in one pool without padding.
-    assert packed.page_size_bytes == stage.page_size_bytes == layout.block_bytes
-    if shared_page_bytes is not None and shared_page_bytes > layout.block_bytes:
+    # Equal pages are what lets vLLM put both groups in one pool without padding. With per-layer boost ratios
+    # (KittyConfig.layer_boost) the staging blocks have the smallest page's bytes, padded to this layer's page.
+    assert stage.page_size_bytes == layout.block_bytes <= packed.page_size_bytes
+    if packed.page_size_bytes > layout.block_bytes:
+        stage = replace(stage, page_size_padded=packed.page_size_bytes)
+    if shared_page_bytes is not None and shared_page_bytes > packed.page_size_bytes:
         packed, stage = (replace(spec, page_size_padded=shared_page_bytes) for spec in (packed, stage))
     return packed, stage

@@ -1,12 +1,14 @@
-"""Per-layer boost ratios for the ``layer-boost`` lever (issue 30), calibrated offline on a few hundred
-tokens of text.
+"""Per-layer boost ratios (KittyConfig.layer_boost, issue 30), calibrated offline on a few hundred tokens of
+text.
 
-    python -m kitty_vllm.tools.calibrate --model smollm2 --out PROFILE.yaml [--preset kitty2] [--tokens 512]
+    python -m kitty_vllm.tools.calibrate --model MODEL --out PROFILE.yaml [--preset kitty2] [--tokens 512]
 
-writes a :class:`kitty_vllm.tools.levers.LayerBoostProfile`: one boost ratio per layer, from ``--ratios``
+``MODEL``: one of the eval's models (``smollm2``, ``qwen-0.5b``, ...) or a Hugging Face model directory. It
+writes a :class:`kitty_vllm.boost_profile.LayerBoostProfile`: one boost ratio per layer, from ``--ratios``
 (fractions of head_dim whose channel counts the page can hold, multiples of 4), averaging to the preset's
-``boost_ratio``, so that the cache keeps the preset's bits; ``kitty2:lever=layer-boost=PROFILE.yaml`` runs
-it in ``python -m kitty_vllm.tools.eval --reference``.
+``boost_ratio``, so that the cache keeps the preset's bits. vLLM serves with it through
+``--additional-config '{"kitty": {"layer_boost": "PROFILE.yaml"}}'``; ``kitty2:lever=layer-boost=PROFILE.yaml``
+runs it in ``python -m kitty_vllm.tools.eval --reference``.
 
 The text is the last ``--tokens`` tokens of Paul Graham's essays: the eval's perplexity windows are cut
 from the start of the same text, so the two share no token.
@@ -38,6 +40,7 @@ from pathlib import Path
 
 import torch
 
+from kitty_vllm.boost_profile import LayerBoostProfile
 from kitty_vllm.config import PRESETS, KittyConfig, KittyConfigError
 from kitty_vllm.reference import quantized_sequence, reference_attention, schedule_attention
 from kitty_vllm.tools import assets, levers, oracle
@@ -122,7 +125,7 @@ def assign(errors: Sequence[Sequence[float]], counts: Sequence[int], base: int) 
 
 
 def calibrate(model_dir: str | Path, model: str, token_ids: Sequence[int], preset: str = "kitty2",
-              ratios: Sequence[float] = RATIOS) -> levers.LayerBoostProfile:
+              ratios: Sequence[float] = RATIOS) -> LayerBoostProfile:
     """The profile of ``model`` (its eval key; ``model_dir`` holds it) for ``preset`` from ``token_ids``."""
     from transformers import AutoConfig
 
@@ -137,7 +140,7 @@ def calibrate(model_dir: str | Path, model: str, token_ids: Sequence[int], prese
         raise ValueError(f"--ratios: {e}") from None
     errors = layer_errors(model_dir, token_ids, config, ratios)
     chosen = assign(errors, counts, base)
-    return levers.LayerBoostProfile(
+    return LayerBoostProfile(
         model=model, boost_ratio=config.boost_ratio, ratios=tuple(c / head_dim for c in chosen),
         calibration={
             "command": "python -m kitty_vllm.tools.calibrate",
@@ -156,7 +159,8 @@ def calibrate(model_dir: str | Path, model: str, token_ids: Sequence[int], prese
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m kitty_vllm.tools.calibrate", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--model", required=True, choices=sorted(assets.MODELS))
+    parser.add_argument("--model", required=True,
+                        help=f"one of the eval's models ({', '.join(sorted(assets.MODELS))}) or a model directory")
     parser.add_argument("--out", type=Path, required=True, help="the profile file to write (YAML)")
     parser.add_argument("--preset", default="kitty2", choices=PRESETS, help="whose boost_ratio the layers average")
     parser.add_argument("--tokens", type=int, default=TOKENS, help="calibration tokens, from the end of the essays")
@@ -165,16 +169,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     from transformers import AutoTokenizer
 
-    model_dir = assets.model_path(args.model)
+    if args.model not in assets.MODELS and not (Path(args.model) / "config.json").is_file():
+        parser.error(f"--model {args.model}: neither one of the eval's models ({', '.join(sorted(assets.MODELS))}) "
+                     "nor a directory with a Hugging Face config.json")
+    model_dir = assets.model_path(args.model) if args.model in assets.MODELS else Path(args.model)
+    model = args.model if args.model in assets.MODELS else model_dir.resolve().name
     try:
         tokens = calibration_tokens(AutoTokenizer.from_pretrained(model_dir), args.tokens)
-        profile = calibrate(model_dir, args.model, tokens, args.preset, args.ratios)
+        profile = calibrate(model_dir, model, tokens, args.preset, args.ratios)
     except ValueError as e:
         parser.error(str(e))
     profile.to_yaml(args.out)
-    levers.LayerBoostProfile.load(args.out)   # what the lever will read
+    LayerBoostProfile.load(args.out)   # what a config will read
     mean = math.fsum(profile.ratios) / len(profile.ratios)
-    print(f"{args.out}: {args.model}, {len(profile.ratios)} layers, ratios {list(profile.ratios)} "
+    print(f"{args.out}: {model}, {len(profile.ratios)} layers, ratios {list(profile.ratios)} "
           f"(mean {mean:g} = {args.preset}'s boost_ratio {profile.boost_ratio:g})")
 
 

@@ -94,6 +94,8 @@ def kitty_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: t
     config, attend = getattr(_state, "config", None), getattr(_state, "attention", None) or reference_attention
     if getattr(module, "layer_idx", None) in getattr(_state, "plain_layers", ()):
         config = None
+    elif config is not None and config.layer_boost:
+        config = config.for_layer(module.layer_idx)
     batch, _, num_queries, _ = query.shape
     num_keys = key.shape[2]
     if config is None:
