@@ -171,13 +171,11 @@ class KittyConfig:
             return self
         return self.replace(boost_ratio=self.layer_boost[index])
 
-    def staging_basis(self) -> KittyConfig:
-        """The config whose page sizes every layer's staging blocks (kitty_vllm.layout.stage_layout): the
-        smallest page of the model, so that a staging block holds as many tokens in every layer."""
-        return self.replace(boost_ratio=min(self.layer_boost)) if self.layer_boost else self
-
     @classmethod
-    def from_dict(cls, values: dict[str, Any], source: str = "config") -> KittyConfig:
+    def from_dict(cls, values: dict[str, Any], source: str = "config", base: Path | None = None) -> KittyConfig:
+        """The config of ``values`` (field: value), ``source`` naming them in errors; a relative profile path in
+        ``layer_boost`` is taken from ``base``, the directory of the file that names it (else the working
+        directory)."""
         if not isinstance(values, dict):
             raise KittyConfigError(f"{source}: expected a mapping of field: value, got {type(values).__name__}")
         known = {f.name for f in fields(cls)}
@@ -190,7 +188,7 @@ class KittyConfig:
             if isinstance(boost, str):
                 from kitty_vllm.boost_profile import LayerBoostProfile
 
-                values = {**values, "layer_boost": LayerBoostProfile.load(boost).ratios}
+                values = {**values, "layer_boost": LayerBoostProfile.load((base or Path()) / boost).ratios}
             elif isinstance(boost, list):
                 values = {**values, "layer_boost": tuple(boost)}
             return cls(**values)
@@ -199,7 +197,7 @@ class KittyConfig:
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike) -> KittyConfig:
-        return _parse_yaml(_read_config_file(Path(path)), str(path))
+        return _parse_yaml(_read_config_file(Path(path)), str(path), Path(path).parent)
 
     @classmethod
     def from_preset(cls, name: str) -> KittyConfig:
@@ -259,7 +257,10 @@ def _resolve(preset: str, file_text: tuple[str, str] | None,
              fields_set: tuple[tuple[str, Any], ...] | None) -> KittyConfig:
     if fields_set is not None and {name for name, _ in fields_set} >= _FIELD_NAMES:
         return KittyConfig.from_dict(dict(fields_set), source="--additional-config")
-    base = _parse_yaml(file_text[1], file_text[0]) if file_text else KittyConfig.from_preset(preset)
+    if file_text:
+        base = _parse_yaml(file_text[1], file_text[0], Path(file_text[0]).parent)
+    else:
+        base = KittyConfig.from_preset(preset)
     if not fields_set:
         return base
     return KittyConfig.from_dict({**dataclasses.asdict(base), **dict(fields_set)},
@@ -273,12 +274,12 @@ def _read_config_file(path: Path) -> str:
         raise KittyConfigError(f"cannot read kitty config file {path}: {e.strerror}") from None
 
 
-def _parse_yaml(text: str, source: str) -> KittyConfig:
+def _parse_yaml(text: str, source: str, base: Path | None = None) -> KittyConfig:
     try:
         values = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise KittyConfigError(f"{source}: not valid YAML: {e}") from None
-    return KittyConfig.from_dict(values if values is not None else {}, source=source)
+    return KittyConfig.from_dict(values if values is not None else {}, source=source, base=base)
 
 
 def _check_type(name: str, value: Any, annotation: str) -> None:

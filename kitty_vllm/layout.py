@@ -112,6 +112,14 @@ def page_layout(config: KittyConfig, head_dim: int) -> PageLayout:
                       sink_tokens=config.sink_tokens, sections=tuple(sections), page_bytes=offset)
 
 
+def model_page_layouts(config: KittyConfig, head_dim: int, num_layers: int) -> list[PageLayout]:
+    """The page layout of each of a model's ``num_layers`` layers: one, but with per-layer boost ratios
+    (KittyConfig.layer_boost, whose ratios must be the model's)."""
+    if config.layer_boost and len(config.layer_boost) != num_layers:
+        raise KittyConfigError(f"layer_boost has {len(config.layer_boost)} ratios for a model of {num_layers} layers")
+    return [page_layout(config.for_layer(i), head_dim) for i in range(num_layers)]
+
+
 def _align(n: int) -> int:
     return (n + ALIGNMENT - 1) // ALIGNMENT * ALIGNMENT
 
@@ -173,10 +181,13 @@ class StageLayout:
     element_bytes: int
     ring_slots: int
     pages_per_block: int = 1
+    # Bytes per KV head and page of a staging block: the page's (None), or with per-layer boost ratios the
+    # smallest of the model's pages (stage_layout), the same in every layer.
+    block_page_bytes: int | None = None
 
     @cached_property
     def block_bytes(self) -> int:
-        return self.pages_per_block * self.num_kv_heads * self.page.page_bytes
+        return self.pages_per_block * self.num_kv_heads * (self.block_page_bytes or self.page.page_bytes)
 
     @cached_property
     def tokens_per_block(self) -> int:
@@ -214,11 +225,14 @@ class StageLayout:
 MAX_STAGE_BLOCK_TOKENS = 16
 
 
+@lru_cache(maxsize=None)
 def stage_layout(config: KittyConfig, head_dim: int, num_kv_heads: int, element_bytes: int,
                  pages_per_block: int = 1) -> StageLayout:
-    """The staging layout of every layer of a model in ``config``. With per-layer boost ratios
-    (KittyConfig.layer_boost) its blocks have the bytes of the model's smallest page
-    (KittyConfig.staging_basis), so that a block holds as many tokens in every layer; a layer of a larger page
-    pads its staging blocks to its page (kitty_vllm.block_manager.spec)."""
-    return StageLayout(page_layout(config.staging_basis(), head_dim), num_kv_heads, element_bytes, config.ring_slots,
-                       pages_per_block)
+    """The staging layout of a layer in ``config``. With per-layer boost ratios (KittyConfig.layer_boost) every
+    layer's staging blocks hold what the smallest of the layers' pages holds, so that a request needs as many
+    in every layer, each padded to its layer's page (kitty_vllm.block_manager.spec)."""
+    smallest = None
+    if config.layer_boost:
+        smallest = min(page.page_bytes for page in model_page_layouts(config, head_dim, len(config.layer_boost)))
+    return StageLayout(page_layout(config, head_dim), num_kv_heads, element_bytes, config.ring_slots, pages_per_block,
+                       smallest)

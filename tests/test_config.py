@@ -77,7 +77,7 @@ def test_to_yaml_reads_back(tmp_path):
 def test_layer_boost_from_a_profile(tmp_path):
     """A config points to a calibrated profile (kitty_vllm.boost_profile); the config carries its ratios, so
     that workers need not read the file. Each layer's config has its ratio; a layer the profile does not
-    name (a drafter's) keeps boost_ratio; staging blocks are sized by the smallest page."""
+    name (a drafter's) keeps boost_ratio."""
     from kitty_vllm.boost_profile import LayerBoostProfile
 
     path = LayerBoostProfile("tiny", 0.25, (0.5, 0.0, 0.25, 0.25), {}).to_yaml(tmp_path / "profile.yaml")
@@ -85,8 +85,6 @@ def test_layer_boost_from_a_profile(tmp_path):
     assert config == KittyConfig.from_preset("kitty2").replace(layer_boost=(0.5, 0.0, 0.25, 0.25))
     assert load_config("kitty2", {"layer_boost": [0.5, 0.0, 0.25, 0.25]}) == config
     assert [config.for_layer(i).boost_ratio for i in range(5)] == [0.5, 0.0, 0.25, 0.25, 0.25]
-    assert config.staging_basis().boost_ratio == 0.0
-    assert KittyConfig().staging_basis() == KittyConfig()
     bad = tmp_path / "bad.yaml"
     bad.write_text(path.read_text().replace("boost_ratio: 0.25", "boost_ratio: 0.5"))
     with pytest.raises(KittyConfigError, match="the ratios average 0.25, not boost_ratio 0.5"):

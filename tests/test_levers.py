@@ -184,6 +184,35 @@ def test_the_value_lag_costs_capacity_and_hadamard_nothing():
         assert extra[0] == 0 and extra[1] == extra[2] == extra[3] and values <= extra[1] < values + shape.full * block
 
 
+def test_per_layer_pages_cost_their_sum_and_the_smaller_staging_blocks(tmp_path):
+    """Capacity with KittyConfig.layer_boost, as vLLM counts it (tests/test_block_manager.py): a block is each
+    layer's page side by side, and staging blocks hold the smallest page's tokens. The eval's config file names
+    its profile relative to itself."""
+    from kitty_vllm.layout import stage_layout
+    from kitty_vllm.tools.study import cache_figures
+
+    shape = next(s for s in EVAL_MODELS if s.model == "Qwen2.5-Coder-1.5B")
+    ratios = [0.0, 0.25, 0.5, 0.25] * (shape.full // 4)
+    write_profile(tmp_path / "profile.yaml", ratios, model="qwen-1.5b")
+    (tmp_path / "layer-boost.yaml").write_text("layer_boost: profile.yaml\n")
+    spec = CacheSpec.parse(f"kitty2:{tmp_path / 'layer-boost.yaml'}")
+    config = spec.kitty_config()
+    assert config.layer_boost == tuple(ratios)
+    pages = sum(page_layout(KITTY2.replace(boost_ratio=r), shape.head_dim).page_bytes for r in ratios)
+    assert pages == shape.full * page_layout(KITTY2, shape.head_dim).page_bytes     # head_dim 128: no padding
+    stage = stage_layout(config, shape.head_dim, shape.kv_heads, 2)
+    assert stage.block_bytes == shape.kv_heads * page_layout(KITTY2.replace(boost_ratio=0.0), shape.head_dim).page_bytes
+    for n in (PAGE, 4624, 32768):
+        blocks = -(-n // PAGE) + stage.blocks_needed(n)
+        assert kitty_bytes(shape, config, n) == blocks * shape.kv_heads * pages
+    # The smaller staging blocks: one more per request (11 blocks for 10 at 128 tokens, 47 for 46 at 4,624).
+    figures, plain = cache_figures(spec, shape, (4624, 32768)), cache_figures(CacheSpec.parse("kitty2"), shape,
+                                                                               (4624, 32768))
+    assert figures["bits_per_element"] == plain["bits_per_element"]
+    for n, ratio in plain["capacity_vs_auto"].items():
+        assert 0.97 * ratio < figures["capacity_vs_auto"][n] < ratio
+
+
 def test_docs_lever_screen_tables_are_the_study_json():
     """docs/accuracy.md shows the screen's tables as kitty_vllm.tools.study prints its JSON."""
     from kitty_vllm.tools.study import markdown_table

@@ -166,14 +166,16 @@ def kitty_specs(config: KittyConfig, num_kv_heads: int, head_dim: int, model_dty
         head_size=head_dim,
         dtype=torch.uint8,
         tokens_per_state=layout.block_tokens,
-        state_content_bytes=pages_per_block * layout.page.page_bytes,
+        state_content_bytes=layout.block_bytes // num_kv_heads,
         model_dtype=model_dtype,
         kitty_config=config,
         pages_per_block=pages_per_block,
         prefix_hits=not config.exact_prefill and (step_tokens is None or step_tokens >= config.page_size),
     )
     # Equal pages are what lets vLLM put both groups in one pool without padding. With per-layer boost ratios
-    # (KittyConfig.layer_boost) the staging blocks have the smallest page's bytes, padded to this layer's page.
+    # (KittyConfig.layer_boost) a staging block holds the smallest page's bytes, padded to this layer's page: in
+    # vLLM's block-outermost layout a block holds every layer's page side by side, or every layer's staging block,
+    # and both groups' layers have the same sizes, so that vLLM splits them into groups alike.
     assert stage.page_size_bytes == layout.block_bytes <= packed.page_size_bytes
     if packed.page_size_bytes > layout.block_bytes:
         stage = replace(stage, page_size_padded=packed.page_size_bytes)

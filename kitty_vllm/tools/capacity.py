@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 from kitty_vllm.block_manager.mixed import MAX_PAGE_GROWTH
 from kitty_vllm.config import KittyConfig
-from kitty_vllm.layout import page_layout, stage_layout
+from kitty_vllm.layout import model_page_layouts, page_layout, stage_layout
 
 BF16_BYTES = 2
 KERNEL_BLOCK = 16      # FlashAttention's (and Triton's) smallest kernel block, in tokens
@@ -181,6 +181,13 @@ def kitty_bytes(shape: ModelShape, config: KittyConfig, tokens: int, step_tokens
             blocks += sliding * _sliding_blocks(shape, block, tokens, step_tokens)
         return blocks * page
 
+    if config.layer_boost:
+        # Pages of each layer's size, packed side by side in a block (kitty_vllm.patches): a block costs their
+        # sum, and kitty refuses the ratios beside layers in the model's dtype or recurrent state.
+        if skipped or shape.sliding or shape.state_layers:
+            raise ValueError(f"{shape.model}: layer_boost is for models whose layers all store kitty pages")
+        pages = model_page_layouts(config, shape.head_dim, shape.full)
+        return at(shape.kv_heads * sum(layout.page_bytes for layout in pages), [1, 1, 0, 0, 0])
     # The page kitty chooses by the specs' own accounting, then what vLLM's groups of it hold.
     page = min(shared_pages(shape, config, skipped, kernel_block), key=lambda page: at(page, counts))
     return at(page, vllm_layer_counts(counts))

@@ -36,7 +36,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from kitty_vllm.layout import page_layout
+from kitty_vllm.layout import model_page_layouts, page_layout
 from kitty_vllm.tools.capacity import EVAL_MODELS, ModelShape, auto_bytes, kitty_bytes
 from kitty_vllm.tools.eval import CacheSpec
 from kitty_vllm.tools.levers import lagged_values
@@ -71,7 +71,8 @@ def cache_figures(spec: CacheSpec, shape: ModelShape, tokens: Sequence[int]) -> 
             raise ValueError(f"{spec.label}: capacity is computed for auto and the kitty dtypes only")
         return {"bits_per_element": float(BF16_BITS), "capacity_vs_auto": {str(n): 1.0 for n in tokens}}
     skipped, lagged = len(spec.skip_layers), lagged_values(spec.levers, config)
-    page_bits = page_layout(config, shape.head_dim).effective_bits
+    page_bits = (statistics.fmean(layout.effective_bits for layout in model_page_layouts(config, shape.head_dim, shape.full))
+                 if config.layer_boost else page_layout(config, shape.head_dim).effective_bits)
     bits = ((shape.full - skipped) * page_bits + skipped * BF16_BITS) / shape.full
     return {"bits_per_element": bits, "capacity_vs_auto": {
         str(n): auto_bytes(shape, n) / kitty_bytes(shape, config, n, skipped=skipped, lagged_values=lagged)
