@@ -57,6 +57,44 @@ def test_chunked_steps_equal_the_reference(chunks, kernels, config, kernel_devic
 
 
 @pytest.mark.parametrize("kernels", [False, True], ids=["reference", "kernels"])
+def test_layers_of_their_own_boost_side_by_side_in_each_block(kernels, kernel_device):
+    """Per-layer boost ratios (KittyConfig.layer_boost) as vLLM's block-outermost layout binds them: one buffer
+    whose blocks hold each layer's page side by side, its pages of its own size (none boosted in layer 1) and its
+    staging blocks of the smallest page's tokens in the same bytes, each layer's views strided by the whole
+    block. Steps of both layers on the same block rows attend as the reference of each layer's ratio."""
+    device = kernel_device if kernels else "cpu"
+    config = CONFIG.replace(layer_boost=(0.5, 0.0))
+    layouts = [stage_layout(config.for_layer(i), DIM, KV_HEADS, 4) for i in range(2)]
+    assert layouts[0].page.num_boost == 32 and layouts[1].page.num_boost == 0
+    assert layouts[0].block_bytes == layouts[1].block_bytes == KV_HEADS * layouts[1].page.page_bytes
+    block = sum(KV_HEADS * layout.page.page_bytes for layout in layouts)
+    buffer = torch.zeros(NUM_BLOCKS * block, dtype=torch.uint8, device=device)
+    caches, offset = [], 0
+    for i, layout in enumerate(layouts):
+        page, stage = layout.page.page_bytes, layout.block_bytes // KV_HEADS
+        packed = buffer.as_strided((NUM_BLOCKS, KV_HEADS, 1, page), (block, page, page, 1), offset)
+        staged = buffer.as_strided((NUM_BLOCKS, KV_HEADS, 1, stage), (block, stage, stage, 1), offset)
+        caches.append(PagedKittyCache.of_layer(config.for_layer(i), DIM, KV_HEADS, packed, staged, torch.float32,
+                                               kernels=kernels))
+        offset += KV_HEADS * page
+    assert [cache.stage_layout for cache in caches] == layouts
+    page_row, stage_row = (r.to(device) for r in rows(layouts[0], 0))
+    chunks = [3, 13, 16, 1, 1, 36]
+    inputs = [(torch.randn(sum(chunks), HEADS, DIM), torch.randn(sum(chunks), KV_HEADS, DIM),
+               torch.randn(sum(chunks), KV_HEADS, DIM)) for _ in layouts]
+    start = 0
+    for n in chunks:
+        span = slice(start, start + n)
+        for i, (cache, (q, k, v)) in enumerate(zip(caches, inputs)):
+            want = reference.reference_attention(q[span], k[:start + n], v[:start + n], config.for_layer(i),
+                                                 query_positions=torch.arange(start, start + n))
+            got = cache.step(q[span].to(device), k[span].to(device), v[span].to(device), start, page_row, stage_row,
+                             DIM ** -0.5)
+            torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-5)
+        start += n
+
+
+@pytest.mark.parametrize("kernels", [False, True], ids=["reference", "kernels"])
 def test_blocks_of_several_pages(kernels, kernel_device):
     """Blocks of 3 pages (hybrid models: kitty_vllm.block_manager.mixed.fit_blocks_to_state): the page table
     lists each block's pages (KittyMetadataBuilder.page_table); chunked steps attend as the reference does,
