@@ -340,7 +340,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     workloads = QUICK_WORKLOADS if args.quick else WORKLOADS
     model = args.model or model_dir()
-    path, environment = results_file(args.out, args.quick, model=model.name, quick=args.quick)
+    path, environment = results_file(args.out, args.quick, model=model.name)
     progress(f"{environment['gpu']}, vLLM {environment['vllm_version']}: {' '.join(args.benchmarks)} for "
              f"{' '.join(args.kv_cache_dtypes)} -> {path}")
 

@@ -144,7 +144,7 @@ def summary(record: dict) -> str:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     workload = QUICK_WORKLOAD if args.quick else WORKLOAD
-    path, environment = serving.results_file(args.out, args.quick, draft_model=EAGLE3_HEAD_NAME, quick=args.quick)
+    path, environment = serving.results_file(args.out, args.quick, draft_model=EAGLE3_HEAD_NAME)
     save = serving.record_saver(path, environment, summary)
     for dtype in args.kv_cache_dtypes:
         for method in args.methods:

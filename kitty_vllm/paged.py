@@ -282,17 +282,20 @@ class PagedKittyCache:
             return
         starts, ends = query_start[:-1].long(), query_start[1:].long()
         lengths = ends - starts
+        # A row whose seq_len is shorter than its step (vLLM's dummy batches, as CUDA graphs are captured) stores
+        # and attends nothing: its positions would be negative.
         for place in range(max_query_len):
-            present = (lengths > place) & (seq_lens > 0)
+            stored_len = seq_lens - lengths + place + 1
+            present = (lengths > place) & (stored_len > 0)
             token = torch.where(present, starts + place, 0)
-            self.store_decode(key[token], value[token],
-                              torch.where(present, seq_lens - lengths + place + 1, 0).to(torch.int32),
+            self.store_decode(key[token], value[token], torch.where(present, stored_len, 0).to(torch.int32),
                               page_table, stage_table)
         tokens = torch.arange(query.shape[0], device=query.device)
         request = torch.searchsorted(ends, tokens, right=True)
         real = request < seq_lens.shape[0]
         request = request.clamp(max=seq_lens.shape[0] - 1)
-        token_lens = torch.where(real & (seq_lens[request] > 0), seq_lens[request] - ends[request] + tokens + 1, 0)
+        token_lens = seq_lens[request] - ends[request] + tokens + 1
+        token_lens = torch.where(real & (token_lens > 0), token_lens, 0)
         self._decode_attention(query, token_lens.to(torch.int32), page_table[request], stage_table[request], scale,
                                out)
 

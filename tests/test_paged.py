@@ -306,6 +306,33 @@ def test_mixed_step_equals_the_reference(kernels, kernel_device):
     assert torch.equal(batched.packed, alone.packed)
 
 
+def test_a_row_shorter_than_its_step_stores_no_negative_position(kernel_device):
+    """vLLM's dummy batches, as CUDA graphs of verification steps are captured, give rows of 1 + k tokens a
+    seq_len shorter than that. The decode path stores and attends only their tokens at positions from 0 (the
+    step's last seq_len tokens): a negative position would write into the block before the row's table (on a
+    GPU, at an illegal address). The other rows attend and are stored as ever."""
+    config = CONFIG.replace(draft_tokens=3)
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(8, h, DIM, generator=g).to(kernel_device) for h in (HEADS, KV_HEADS, KV_HEADS))
+    query_start = torch.tensor([0, 4, 8], dtype=torch.int32, device=kernel_device)
+    stored = []
+    for seq_lens in ([4, 2], [4, 0]):     # the second row a dummy, or padding
+        cache, layout = make_cache(device=kernel_device, kernels=True, config=config)
+        ids = torch.randperm(NUM_BLOCKS, generator=torch.Generator().manual_seed(0)).int().to(kernel_device)
+        tables = ids[:2 * (2 + layout.blocks_per_request)].view(2, -1)
+        out = torch.zeros(8, HEADS, DIM, device=kernel_device)
+        cache.decode(q, k, v, query_start, torch.tensor(seq_lens, dtype=torch.int32, device=kernel_device), 4,
+                     tables[:, :2].contiguous(), tables[:, 2:].contiguous(), DIM ** -0.5, out)
+        want = reference.reference_attention(q[:4].cpu(), k[:4].cpu(), v[:4].cpu(), config,
+                                             query_positions=torch.arange(4))
+        torch.testing.assert_close(out[:4].cpu(), want, rtol=1e-4, atol=1e-5)
+        assert torch.equal(out[4:6].cpu(), torch.zeros(2, HEADS, DIM))   # the dummy row's tokens before position 0
+        row = tables[0].long()
+        stored.append((cache.packed[row[:2]].cpu(), cache.stage[row[2:]].cpu()))
+    for dummy, padding in zip(*stored, strict=True):
+        assert torch.equal(dummy, padding)
+
+
 def test_prefill_blocks_cover_every_token_once():
     """Query blocks: each span's tokens exactly once, in order, none crossing a page or longer than a
     block (64 query rows: 16 positions of a 4-head GQA group)."""
