@@ -211,6 +211,11 @@ def test_per_layer_pages_cost_their_sum_and_the_smaller_staging_blocks(tmp_path)
     assert figures["bits_per_element"] == plain["bits_per_element"]
     for n, ratio in plain["capacity_vs_auto"].items():
         assert 0.97 * ratio < figures["capacity_vs_auto"][n] < ratio
+    # The simulation's lever with the same profile counts as the runtime does; another model's shape has no figures.
+    lever = CacheSpec.parse(f"kitty2:lever=layer-boost={tmp_path / 'profile.yaml'}")
+    assert cache_figures(lever, shape, (4624, 32768)) == figures
+    smollm2 = next(s for s in EVAL_MODELS if s.model == "SmolLM2-135M")
+    assert cache_figures(spec, smollm2, (4624,)) is None and cache_figures(lever, smollm2, (4624,)) is None
 
 
 def test_docs_lever_screen_tables_are_the_study_json():

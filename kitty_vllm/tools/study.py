@@ -20,7 +20,10 @@ For each, against ``auto`` on the same windows:
   for bf16 on a GPU as kitty_vllm.tools.capacity does: how many times ``auto``'s maximum concurrency
   vLLM reports. Skipped layers are taken to be full-attention layers, as in these models. The levers of
   kitty_vllm.tools.levers leave the page, so its bits, as they are; the value lag's full-precision Values
-  beyond the ring count in the capacity (kitty_vllm.tools.capacity.kitty_bytes' ``lagged_values``).
+  beyond the ring count in the capacity (kitty_vllm.tools.capacity.kitty_bytes' ``lagged_values``). Per-layer
+  boost ratios (``layer_boost`` in a config file, or the ``layer-boost`` lever's profile) count as the
+  runtime stores them, each layer's page at its own size, for the model of as many layers as the ratios
+  (``n/a`` for the others).
 
 Writes ``--json`` and the markdown table beside it (``.md``).
 """
@@ -36,10 +39,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from kitty_vllm.layout import model_page_layouts, page_layout
+from kitty_vllm.layout import model_page_layouts
 from kitty_vllm.tools.capacity import EVAL_MODELS, ModelShape, auto_bytes, kitty_bytes
 from kitty_vllm.tools.eval import CacheSpec
-from kitty_vllm.tools.levers import lagged_values
+from kitty_vllm.tools.levers import lagged_values, layer_profile
 
 BF16_BITS = 16
 RESAMPLES = 10_000
@@ -63,16 +66,23 @@ def paired_difference(nlls: Sequence[float], base_nlls: Sequence[float], resampl
             "windows_worse": sum(d > 0 for d in diffs)}
 
 
-def cache_figures(spec: CacheSpec, shape: ModelShape, tokens: Sequence[int]) -> dict[str, Any]:
-    """Bits per element averaged over ``shape``'s layers and capacity against ``auto`` at ``tokens``."""
+def cache_figures(spec: CacheSpec, shape: ModelShape, tokens: Sequence[int]) -> dict[str, Any] | None:
+    """Bits per element averaged over ``shape``'s layers and capacity against ``auto`` at ``tokens``, as kitty's
+    runtime stores them; None for per-layer boost ratios (KittyConfig.layer_boost, or the layer-boost lever's
+    profile) of a model with another number of layers."""
     config = spec.kitty_config()
     if config is None:
         if spec.kv_cache_dtype != "auto":
             raise ValueError(f"{spec.label}: capacity is computed for auto and the kitty dtypes only")
         return {"bits_per_element": float(BF16_BITS), "capacity_vs_auto": {str(n): 1.0 for n in tokens}}
+    profile = layer_profile(spec.levers)
+    if profile is not None:
+        config = config.replace(layer_boost=profile[0].ratios)
+    if config.layer_boost and len(config.layer_boost) != shape.full:
+        return None
     skipped, lagged = len(spec.skip_layers), lagged_values(spec.levers, config)
-    page_bits = (statistics.fmean(layout.effective_bits for layout in model_page_layouts(config, shape.head_dim, shape.full))
-                 if config.layer_boost else page_layout(config, shape.head_dim).effective_bits)
+    pages = model_page_layouts(config, shape.head_dim, shape.full)
+    page_bits = statistics.fmean(layout.effective_bits for layout in pages)
     bits = ((shape.full - skipped) * page_bits + skipped * BF16_BITS) / shape.full
     return {"bits_per_element": bits, "capacity_vs_auto": {
         str(n): auto_bytes(shape, n) / kitty_bytes(shape, config, n, skipped=skipped, lagged_values=lagged)
@@ -123,6 +133,9 @@ def markdown_table(result: dict[str, Any]) -> str:
         cells = [row["kv_cache_dtype"]]
         for shape in EVAL_MODELS:
             figures = row["models"][shape.model]
+            if figures is None:   # another model's per-layer ratios
+                cells += ["n/a"] * (1 + len(tokens))
+                continue
             cells += [f"{figures['bits_per_element']:.2f}"]
             cells += [f"{figures['capacity_vs_auto'][str(n)]:.2f}x" for n in tokens]
         lines.append("| " + " | ".join(cells) + " |")
