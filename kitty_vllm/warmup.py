@@ -38,6 +38,10 @@ from kitty_vllm.paged import MixedBatch, PagedKittyCache, layer_stage_layout
 
 # Page-table widths of the decode sweep: up to twice the merge kernel's largest block of splits.
 DECODE_WIDTHS = (1, 2, 4, 8, 16, 32, 64)
+# Blocks of the scratch cache in each group: the tables' entries wrap around them, since only the launches
+# matter, and a block strided as vLLM binds it may span every layer's page (KittyConfig.layer_boost: vLLM's
+# block-outermost layout), megabytes a block.
+SCRATCH_BLOCKS = 8
 
 
 @dataclass(frozen=True)
@@ -104,10 +108,10 @@ def warm_up(key: WarmupKey, device: torch.device | str) -> None:
     on the CPU, Triton's interpreter runs them (tests)."""
     config, page = key.config, key.config.page_size
     rows, width = 4, max(DECODE_WIDTHS)
-    stage_blocks = key.stage_layout.blocks_per_request
-    cache = scratch_cache(key, device, rows * width, rows * stage_blocks)
-    page_table = torch.arange(rows * width, dtype=torch.int32, device=device).view(rows, width)
-    stage_table = torch.arange(rows * stage_blocks, dtype=torch.int32, device=device).view(rows, -1)
+    stage_blocks, num_pages = key.stage_layout.blocks_per_request, SCRATCH_BLOCKS * key.stage_layout.pages_per_block
+    cache = scratch_cache(key, device, num_pages, SCRATCH_BLOCKS)
+    page_table = (torch.arange(rows * width, dtype=torch.int32, device=device) % num_pages).view(rows, width)
+    stage_table = (torch.arange(rows * stage_blocks, dtype=torch.int32, device=device) % SCRATCH_BLOCKS).view(rows, -1)
     scale = key.head_dim ** -0.5
 
     def tokens(n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

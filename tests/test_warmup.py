@@ -13,7 +13,7 @@ from kitty_vllm import kernels
 from kitty_vllm.config import KittyConfig
 from kitty_vllm.layout import page_layout
 from kitty_vllm.paged import MixedBatch
-from kitty_vllm.warmup import DECODE_WIDTHS, CacheGeometry, WarmupKey, scratch_cache, warm_up
+from kitty_vllm.warmup import DECODE_WIDTHS, SCRATCH_BLOCKS, CacheGeometry, WarmupKey, scratch_cache, warm_up
 
 SMALL = KittyConfig(page_size=16, value_window=16, sink_tokens=4)
 KITTY2 = KittyConfig.from_preset("kitty2")
@@ -57,10 +57,20 @@ def test_warm_up_runs_every_path_of_a_step(key, paths, kernel_device):
             return real[name](*args, **kwargs)
         return call
 
-    with mock.patch.multiple(kernels, **{name: counting(name) for name in PATHS}):
+    zeros = CacheGeometry.zeros
+    blocks = []
+
+    def scratch(geometry, num_blocks, device):
+        blocks.append(num_blocks)
+        return zeros(geometry, num_blocks, device)
+
+    with mock.patch.multiple(kernels, **{name: counting(name) for name in PATHS}), \
+            mock.patch.object(CacheGeometry, "zeros", scratch):
         warm_up(key, kernel_device)
     assert {name for name in PATHS if calls.get(name)} == paths
     assert calls["widths"] >= set(DECODE_WIDTHS)
+    # A few blocks whatever the tables' widths: a block as vLLM binds it may hold every layer's page.
+    assert blocks == [SCRATCH_BLOCKS, SCRATCH_BLOCKS]
 
 
 @pytest.mark.cuda
