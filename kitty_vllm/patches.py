@@ -369,6 +369,9 @@ def _pages_of_each_layers_size(vllm_config, config: KittyConfig) -> None:
                                f"(pages of each layer's size packed in one block), not {requested}: unset "
                                "VLLM_KV_CACHE_LAYOUT, or leave layer_boost unset")
     cache_config.kv_cache_layout = PACKED_LAYOUT.name
+    logger.info("--kv-cache-dtype %s: layer_boost gives each of the %d layers its own boost ratio (%s of head_dim), "
+                "in pages of its own size, which vLLM packs side by side in each block (KV-cache layout %s)", dtype,
+                num_layers, "/".join(f"{r:g}" for r in sorted(set(config.layer_boost))), PACKED_LAYOUT.name)
 
 
 def _no_prefix_caching_on_hybrid_models() -> None:
