@@ -24,9 +24,9 @@ CALIBRATE_COMMAND = "python -m kitty_vllm.tools.calibrate --model MODEL --out {p
 @dataclass(frozen=True)
 class LayerBoostProfile:
     """Per-layer boost ratios for one model (KittyConfig.layer_boost, and the simulation's ``layer-boost`` lever,
-    kitty_vllm.tools.levers): ``ratios[i]`` for layer ``i``,
-    averaging to ``boost_ratio``, the preset's, so that the cache keeps the preset's bits. The file is YAML
-    with these keys, and ``calibration`` (free-form: how it was made)."""
+    kitty_vllm.tools.levers): ``ratios[i]`` for layer ``i``, averaging to ``boost_ratio``, the preset's, so that
+    the cache keeps the preset's bits. The file is YAML with these keys, and ``calibration`` (free-form: how it
+    was made)."""
 
     model: str
     boost_ratio: float
@@ -50,12 +50,12 @@ class LayerBoostProfile:
                                    f"(one per layer): {fix}")
         ratios, base = data["ratios"], data["boost_ratio"]
         if not (isinstance(ratios, list) and ratios and all(map(_fraction, [base, *ratios]))):
-            raise KittyConfigError(f"{path}: boost_ratio and ratios must be numbers in [0, 1], ratios a non-empty list: "
-                                   f"{fix}")
+            raise KittyConfigError(f"{path}: boost_ratio and ratios must be numbers in [0, 1], ratios a non-empty "
+                                   f"list: {fix}")
         mean = math.fsum(ratios) / len(ratios)
         if not math.isclose(mean, base, abs_tol=1e-9):
-            raise KittyConfigError(f"{path}: the ratios average {mean:g}, not boost_ratio {base}, so the cache would not "
-                                   f"keep the preset's bits: {fix}")
+            raise KittyConfigError(f"{path}: the ratios average {mean:g}, not boost_ratio {base}, so the cache would "
+                                   f"not keep the preset's bits: {fix}")
         return cls(model=str(data["model"]), boost_ratio=float(base), ratios=tuple(float(r) for r in ratios),
                    calibration=data.get("calibration") or {})
 

@@ -365,9 +365,9 @@ def _pages_of_each_layers_size(vllm_config, config: KittyConfig) -> None:
                                f"largest: leave layer_boost unset for {model_config.architecture}")
     requested = cache_config.kv_cache_layout or envs.VLLM_KV_CACHE_LAYOUT
     if requested not in (None, PACKED_LAYOUT.name):
-        raise KittyConfigError(f"--kv-cache-dtype {dtype}: layer_boost needs vLLM's KV-cache layout {PACKED_LAYOUT.name} "
-                               f"(pages of each layer's size packed in one block), not {requested}: unset "
-                               "VLLM_KV_CACHE_LAYOUT, or leave layer_boost unset")
+        raise KittyConfigError(f"--kv-cache-dtype {dtype}: layer_boost needs vLLM's KV-cache layout "
+                               f"{PACKED_LAYOUT.name} (pages of each layer's size packed in one block), not "
+                               f"{requested}: unset VLLM_KV_CACHE_LAYOUT, or leave layer_boost unset")
     cache_config.kv_cache_layout = PACKED_LAYOUT.name
     logger.info("--kv-cache-dtype %s: layer_boost gives each of the %d layers its own boost ratio (%s of head_dim), "
                 "in pages of its own size, which vLLM packs side by side in each block (KV-cache layout %s)", dtype,
