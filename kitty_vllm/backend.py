@@ -27,7 +27,6 @@ from vllm.v1.kv_cache_layout import KVCacheLayout
 from kitty_vllm import reference
 from kitty_vllm.block_manager.spec import KV_CACHE_LAYOUTS
 from kitty_vllm.kernels.common import SUPPORTED_HEAD_DIMS
-from kitty_vllm.layout import StageLayout
 from kitty_vllm.paged import MixedBatch, PagedKittyCache, StorePlan, page_table_of_blocks
 from kitty_vllm.config import PRESETS, KittyConfig, KittyConfigError, load_config_for
 
@@ -47,9 +46,9 @@ class KittyMetadata:
     seq_lens_host: torch.Tensor | None = None
     draft_tokens: int = 0            # KittyConfig.draft_tokens: verification steps read as decodes
     # Mixed batches, built by the first layer and reused by the rest: the split (per whether the cache
-    # runs the kernels) and the prefill StorePlan per cache format.
+    # runs the kernels) and the prefill StorePlan per PagedKittyCache.plan_key.
     mixed: dict[bool, MixedBatch] = field(default_factory=dict)
-    store_plans: dict[tuple[KittyConfig, StageLayout], StorePlan] = field(default_factory=dict)
+    store_plans: dict[tuple, StorePlan] = field(default_factory=dict)
 
     def split(self, kernels: bool, device: torch.device) -> MixedBatch:
         """The MixedBatch of this step: with the kernels, the requests read as decodes (one token, or a
@@ -249,7 +248,7 @@ class KittyAttentionImpl(AttentionImpl):
                          attn_metadata.max_query_len, attn_metadata.block_table, stage_table[:n], self.scale, output)
             return output
         batch = attn_metadata.split(cache.kernels, query.device)
-        plans, form = attn_metadata.store_plans, (cache.config, cache.stage_layout)
+        plans, form = attn_metadata.store_plans, cache.plan_key
         if batch.spans and form not in plans:
             plans[form] = cache.plan(batch.spans, query.device, self.num_heads)
         cache.mixed_step(query, key, value, batch, attn_metadata.seq_lens, attn_metadata.block_table, stage_table,

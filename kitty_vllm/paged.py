@@ -177,6 +177,14 @@ class PagedKittyCache:
         slot = positions % s.ring_slots
         return [torch.full_like(positions, row), s.sink_blocks + slot // s.tokens_per_block, slot % s.tokens_per_block]
 
+    @property
+    def plan_key(self) -> tuple:
+        """What :meth:`plan` reads besides its arguments, so that a step plans once for the layers that share it,
+        whatever their pages' boost (KittyConfig.layer_boost)."""
+        c, s = self.config, self.stage_layout
+        return (c.page_size, c.sink_tokens, c.exact_prefill, c.draft_tokens, self.kernels, s.block_tokens,
+                s.tokens_per_block, s.ring_slots, s.num_kv_heads)
+
     def plan(self, spans: list[Span], device: torch.device, num_heads: int) -> StorePlan:
         """The StorePlan of ``spans`` for ``num_heads`` query heads: host arithmetic on their lengths,
         then one copy to ``device``."""

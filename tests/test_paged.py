@@ -78,6 +78,7 @@ def test_layers_of_their_own_boost_side_by_side_in_each_block(kernels, kernel_de
                                                kernels=kernels))
         offset += KV_HEADS * page
     assert [cache.stage_layout for cache in caches] == layouts
+    assert caches[0].plan_key == caches[1].plan_key          # one store plan for both layers in a mixed step
     page_row, stage_row = (r.to(device) for r in rows(layouts[0], 0))
     chunks = [3, 13, 16, 1, 1, 36]
     inputs = [(torch.randn(sum(chunks), HEADS, DIM), torch.randn(sum(chunks), KV_HEADS, DIM),
