@@ -400,13 +400,15 @@ for d in "$OUT_DIR"/[0-9][0-9]; do
 done
 echo
 echo "Device calls, back to back (the machine is given back after 30 s idle), one chunk per call:"
+ENV=""
+[ "$OUT_DIR" = .gpu-bundle ] || ENV="KITTY_BUNDLE_DIR=$OUT_DIR "   # gpu_bundle.sh reads .gpu-bundle by default
 i=0
 for d in "$OUT_DIR"/[0-9][0-9]; do
   i=$((i + 1))
   if [ "$i" -lt "$n" ]; then
-    echo "  run(command=\"bash scripts/gpu_bundle.sh stash\", carry=[\"$d\"])"
+    echo "  run(command=\"${ENV}bash scripts/gpu_bundle.sh stash\", carry=[\"$d\"])"
   else
-    echo "  run(command=\"bash scripts/gpu_bundle.sh install && <your command>\", carry=[\"$d\"])"
+    echo "  run(command=\"${ENV}bash scripts/gpu_bundle.sh install && <your command>\", carry=[\"$d\"])"
   fi
 done
 echo "Then, in every later call while the machine stays warm: . /opt/vsite/env.sh"
