@@ -1,12 +1,15 @@
 """Time decode attention over a paged KV cache, kitty's kernel against vLLM's bf16 kernels, and compare
 each kernel's achieved bandwidth with a device-to-device copy.
 
-    python benchmarks/decode_kernel.py [--preset kitty2] [--kernels kitty flash triton]
+    python benchmarks/decode_kernel.py [--preset kitty2] [--kernels kitty store flash triton]
                                        [--batches 1 16 64 256] [--contexts 1024 8192 32768]
                                        [--out benchmarks/results]
 
 One Qwen3-8B layer (32 query heads, 8 KV heads of 128, bf16 queries), one new token per request:
 - kitty: ``kitty_vllm.kernels.decode_attention`` over random packed pages, sinks and ring;
+- store: kitty's decode store (``kitty_vllm.kernels.store_decode``), recorded as ``<preset>-store``, in a
+  step where one request in 128 (request 0 at least) completes its page, which the store then packs: as
+  every step of a large batch (W2's 512 requests complete 4 pages a step), no attention, no bandwidth;
 - flash: vLLM's FlashAttention (``vllm.vllm_flash_attn.flash_attn_varlen_func``, the version vLLM picks
   for the GPU) on a bf16 paged cache, called as vLLM's FLASH_ATTN backend calls it for decode;
 - triton: vLLM's TRITON_ATTN op (``vllm.v1.attention.ops.triton_unified_attention.unified_attention``)
@@ -40,13 +43,14 @@ import triton
 
 import report
 from kitty_vllm.config import KittyConfig
-from kitty_vllm.kernels import decode_attention
+from kitty_vllm.kernels import decode_attention, store_decode
 from kitty_vllm.layout import stage_layout
 from kitty_vllm.paged import PagedKittyCache
 
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM = 32, 8, 128   # a Qwen3-8B layer
 BF16_BLOCK_SIZE = 16   # vLLM's default block size for FLASH_ATTN and TRITON_ATTN on CUDA
 KERNEL_DTYPES = {"flash": "auto-flash", "triton": "auto-triton"}   # kitty's is its preset name
+KITTY_KERNELS = {"kitty": "", "store": "-store"}   # the suffix of each one's record after the preset name
 # Leave room for the queries, outputs and do_bench's cache-flush buffer next to the KV cache.
 FREE_MEMORY_FRACTION = 0.8
 
@@ -102,6 +106,16 @@ def kitty_decode(config: KittyConfig, batch: int, context: int) -> Callable[[], 
                                     cache.stage_layout, HEAD_DIM ** -0.5)
 
 
+def kitty_store(config: KittyConfig, batch: int, context: int) -> Callable[[], object]:
+    """Request i stores its token at position ``context - 1 - i % page_size``: request 0 and every
+    page_size-th one complete their last page."""
+    cache, page_table, stage_table = random_kitty_cache(config, batch, context // config.page_size)
+    seq_lens = (context - torch.arange(batch, device="cuda") % config.page_size).to(torch.int32)
+    key, value = torch.randn(2, batch, NUM_KV_HEADS, HEAD_DIM, dtype=torch.bfloat16, device="cuda")
+    return lambda: store_decode(key, value, seq_lens, page_table, stage_table, cache.packed, cache.stage, config,
+                                cache.stage_layout)
+
+
 def bf16_paged_inputs(batch: int, new_tokens: int, seq_len: int) -> dict:
     """The arguments vLLM's FLASH_ATTN and TRITON_ATTN backends pass for one step on a bf16 cache: each
     request holds ``seq_len`` tokens, of which the last ``new_tokens`` are the step's queries."""
@@ -149,8 +163,8 @@ def triton_decode(batch: int, context: int) -> Callable[[], object]:
 def time_kernel(kernel: str, config: KittyConfig, batch: int, context: int) -> float:
     """Milliseconds of one decode step, replayed from a CUDA graph as vLLM runs decode, so that the time
     is the GPU's and not the host's launch overhead (its inputs are freed on return)."""
-    if kernel == "kitty":
-        call = kitty_decode(config, batch, context)
+    if kernel in KITTY_KERNELS:
+        call = {"kitty": kitty_decode, "store": kitty_store}[kernel](config, batch, context)
     else:
         call = {"flash": flash_decode, "triton": triton_decode}[kernel](batch, context)
     call()   # compiles outside the capture
@@ -164,9 +178,9 @@ def time_kernel(kernel: str, config: KittyConfig, batch: int, context: int) -> f
 def bench(kernel: str, preset: str, batch: int, context: int, copy_gb_s: float) -> dict:
     """One record: the kernel's time and bandwidth for ``batch`` x ``context``, or why it has none."""
     config = KittyConfig.from_preset(preset)
-    record = {"benchmark": "decode_kernel", "kv_cache_dtype": KERNEL_DTYPES.get(kernel, preset), "batch": batch,
-              "context": context}
-    read = bytes_read(kernel, config, batch, context)
+    dtype = preset + KITTY_KERNELS[kernel] if kernel in KITTY_KERNELS else KERNEL_DTYPES[kernel]
+    record = {"benchmark": "decode_kernel", "kv_cache_dtype": dtype, "batch": batch, "context": context}
+    read = bytes_read("kitty" if kernel in KITTY_KERNELS else kernel, config, batch, context)
     torch.cuda.empty_cache()   # the previous cell's cache back to the device, so that it counts as free
     free = torch.cuda.mem_get_info()[0]
     if read > FREE_MEMORY_FRACTION * free:
@@ -178,6 +192,8 @@ def bench(kernel: str, preset: str, batch: int, context: int, copy_gb_s: float) 
     except Exception as error:   # recorded, so that one failing kernel does not lose the other cells
         traceback.print_exc()
         return {**record, "error": f"{type(error).__name__}: {error}"}
+    if kernel == "store":
+        return {**record, "ms": ms}
     gb_s = read / ms / 1e6
     return {**record, "ms": ms, "gb_s": gb_s, "copy_gb_s": copy_gb_s, "pct_of_copy": 100 * gb_s / copy_gb_s}
 
@@ -186,6 +202,8 @@ def describe(record: dict) -> str:
     cell = f"batch {record['batch']}, context {record['context']}, {record['kv_cache_dtype']}"
     if "ms" not in record:
         return f"{cell}: {record.get('skipped') or 'error: ' + record['error']}"
+    if "gb_s" not in record:
+        return f"{cell}: {record['ms']:.3f} ms"
     return f"{cell}: {record['ms']:.3f} ms, {record['gb_s']:.0f} GB/s ({record['pct_of_copy']:.1f}% of copy)"
 
 
@@ -196,14 +214,16 @@ def vllm_version() -> str | None:
         return None
 
 
-def kernel_parser(doc: str, kernel_dtypes: dict[str, str]) -> argparse.ArgumentParser:
+def kernel_parser(doc: str, kernel_dtypes: dict[str, str], kitty_kernels: tuple[str, ...] = ("kitty",)
+                  ) -> argparse.ArgumentParser:
     """The options every kernel benchmark takes (its module docstring as help): --preset, --kernels
-    (kitty's and those of ``kernel_dtypes``), --out."""
+    (``kitty_kernels`` and those of ``kernel_dtypes``), --out."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="\n".join(doc.splitlines()[1:]))
     parser.add_argument("--preset", default="kitty2")
-    parser.add_argument("--kernels", nargs="+", choices=("kitty", *kernel_dtypes), default=["kitty", *kernel_dtypes])
+    parser.add_argument("--kernels", nargs="+", choices=(*kitty_kernels, *kernel_dtypes),
+                        default=[*kitty_kernels, *kernel_dtypes])
     parser.add_argument("--out", type=Path, default=report.RESULTS_DIR, help="folder of the results JSON")
     return parser
 
@@ -218,14 +238,14 @@ def kernel_run(args: argparse.Namespace, kernel_dtypes: dict[str, str]) -> tuple
     kernels = args.kernels
     if version is None and set(kernels) & set(kernel_dtypes):
         print("vLLM is not installed: timing the kitty kernels only")
-        kernels = [k for k in kernels if k == "kitty"]
+        kernels = [k for k in kernels if k not in kernel_dtypes]
     environment = {"gpu": torch.cuda.get_device_name(), "vllm_version": version,
                    "date": datetime.date.today().isoformat()}
     return kernels, environment, report.result_path(args.out, environment["gpu"], environment["date"])
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = kernel_parser(__doc__, KERNEL_DTYPES)
+    parser = kernel_parser(__doc__, KERNEL_DTYPES, tuple(KITTY_KERNELS))
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64, 256])
     parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 8192, 32768])
     return parser.parse_args(argv)

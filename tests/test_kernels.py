@@ -66,8 +66,8 @@ def compare_page(got, want, keys, values, config, head_dim):
     return differ
 
 
-def run_and_compare(config, head_dim, dtype, device, seed=0):
-    keys, values = make_pages(head_dim, dtype, device, seed)
+def run_and_compare(config, head_dim, dtype, device, seed=0, pages=None):
+    keys, values = make_pages(head_dim, dtype, device, seed) if pages is None else pages
     layout = page_layout(config, head_dim)
     cache = torch.zeros(NUM_BLOCKS, NUM_KV_HEADS, layout.page_bytes, dtype=torch.uint8, device=device)
     first = torch.tensor(FIRST_POSITIONS, dtype=torch.int32, device=device)
@@ -103,6 +103,26 @@ def test_quantize_padded_head_sizes_match_reference(kernel_device, head_dim, pre
 def test_quantize_policies_match_reference(kernel_device, head_dim, policy):
     config = KittyConfig.from_preset("kitty2").replace(boost_policy=policy)
     run_and_compare(config, head_dim, torch.float16, kernel_device, seed=1)
+
+
+@pytest.mark.parametrize("policy", ["magnitude", "variance"])
+@pytest.mark.parametrize("head_dim", [96, 128])
+def test_boost_ties_go_to_the_lower_channel(kernel_device, head_dim, policy):
+    """Channels of equal score are boosted lowest first, as the reference's stable sort orders them: in
+    page 1 every channel is the same constant (all scores equal), in page 2 more channels than are boosted
+    copy or negate the largest channel (equal magnitude and variance)."""
+    config = KittyConfig.from_preset("kitty2").replace(boost_policy=policy)
+    keys, values = make_pages(head_dim, torch.float32, "cpu", seed=2)
+    keys[1] = 0.75
+    top = keys[2].abs().sum(dim=0).argmax(dim=-1)                               # [H]: each head's largest channel
+    largest = keys[2].gather(-1, top[None, :, None].expand(128, -1, 1))         # [P, H, 1]
+    copies = torch.arange(head_dim - 2 * page_layout(config, head_dim).num_boost, head_dim)
+    keys[2, :, :, copies] = largest * torch.where(copies % 3 == 0, -1.0, 1.0)
+    cache, blocks = run_and_compare(config, head_dim, torch.float16, kernel_device,
+                                    pages=(keys.half().to(kernel_device), values.half().to(kernel_device)))
+    boost = page_layout(config, head_dim).num_boost
+    index = page_layout(config, head_dim).views(cache[blocks[1]].cpu())["boost_index"]
+    assert torch.equal(index.long(), torch.arange(boost).expand(NUM_KV_HEADS, -1))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])

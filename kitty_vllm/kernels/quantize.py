@@ -45,6 +45,18 @@ def _boost_scores(x, valid, channel, BOOST_POLICY: tl.constexpr):
 
 
 @triton.jit
+def _top_columns(score, column, NUM_BOOST: tl.constexpr):
+    """bool [N]: the NUM_BOOST columns of highest score [N], ties to the lower column: the first NUM_BOOST of
+    a stable descending sort (reference.select_boost_channels; NaN first, as torch sorts it). Each column's
+    rank counts the columns ahead of it, all pairs compared at once: one reduction, where NUM_BOOST argmax
+    passes in a row made the page's packing wait on as many cross-warp reductions."""
+    score = tl.where(score != score, float("inf"), score)
+    other, own = score[None, :], score[:, None]
+    ahead = (other > own) | ((other == own) & (column[None, :] < column[:, None]))     # [N, N]: column j ahead of i
+    return tl.sum(ahead.to(tl.int32), axis=1) < NUM_BOOST
+
+
+@triton.jit
 def padded_channels(PADDED_DIM: tl.constexpr, HEAD_DIM: tl.constexpr):
     """The channel of each padded column ``j * PADDED_DIM / 4 + i`` (common.padded_sizes), [PADDED_DIM],
     and whether it is one (``i < HEAD_DIM / 4``)."""
@@ -81,11 +93,8 @@ def pack_page(
     boosted = c < 0
     if NUM_BOOST > 0:
         # Padded columns never win; the real ones keep channel order, so ties still go to the lower channel.
-        score = tl.where(real, _boost_scores(x, valid, c, BOOST_POLICY), float("-inf"))
-        for _ in tl.static_range(NUM_BOOST):
-            best = tl.argmax(score, axis=0, tie_break_left=True)
-            boosted = boosted | (column == best)
-            score = tl.where(column == best, float("-inf"), score)
+        boosted = _top_columns(tl.where(real, _boost_scores(x, valid, c, BOOST_POLICY), float("-inf")), column,
+                               NUM_BOOST)
     levels = tl.where(boosted, BOOST_LEVELS, KEY_LEVELS).to(tl.float32)
     scale = ((mx - mn) / levels).to(tl.float16)
     minimum = mn.to(tl.float16)
