@@ -387,6 +387,38 @@ def test_study_pairs_windows_with_auto_and_counts_skipped_layers_in_bf16():
         study(records[:2], [CacheSpec.parse("kitty2:skip=0,1")], (4624,))
 
 
+def test_study_pairs_gsm8k_and_needle_problems_with_auto():
+    """GSM8K and the needle as paired differences on the same problems: points against auto and the plain
+    dtype, problems gained and lost, a bootstrap interval around the difference; the eval records each
+    problem's hit for it."""
+    from kitty_vllm.tools.eval import CacheSpec, Record, proportion
+    from kitty_vllm.tools.study import markdown_table, study
+
+    assert proportion([True, False, True]).hits == "101"
+    ppl = [vars(Record("m", "perplexity-2k", label, 2, 10.0, None, (2.0, 2.5)))
+           for label in ("auto", "kitty2", "kitty2 (layer 0 unquantized)")]
+    auto_hits, kitty_hits, skip_hits = "1100110011" * 20, "1000110111" * 20, "1100110111" * 20
+    labelled = (("auto", auto_hits), ("kitty2", kitty_hits), ("kitty2 (layer 0 unquantized)", skip_hits))
+    gsm8k = [vars(Record("m", "gsm8k", label, 200, hits.count("1") / 200, None, None, hits)) for label, hits in labelled]
+    needle = [vars(Record("m", "needle-4k", "auto", 5, 1.0, None, None, "11111")),
+              vars(Record("m", "needle-4k", "kitty2", 5, 0.8, None, None, "11011"))]
+    specs = [CacheSpec.parse(text) for text in ("auto", "kitty2", "kitty2:skip=0")]
+    result = study(ppl + gsm8k + needle, specs, (4624,), resamples=2000)
+    auto, kitty2, skip = result["accuracy"]["gsm8k"]
+    assert auto["difference_points"] == 0 and auto["difference_ci95_points"] == [0, 0]
+    assert (kitty2["gained"], kitty2["lost"]) == (20, 20) and kitty2["difference_points"] == 0
+    low, high = kitty2["difference_ci95_points"]
+    assert -10 < low < 0 < high < 10
+    assert (skip["gained"], skip["lost"], skip["difference_points"]) == (20, 0, 10.0)
+    assert skip["against"]["kv_cache_dtype"] == "kitty2" and skip["against"]["difference_points"] == 10.0
+    assert 0 < skip["difference_ci95_points"][0] <= 10.0 <= skip["difference_ci95_points"][1]
+    assert [r["kv_cache_dtype"] for r in result["accuracy"]["needle-4k"]] == ["auto", "kitty2"]
+    assert result["accuracy"]["needle-4k"][1]["lost"] == 1
+    assert "| gsm8k | kitty2 (layer 0 unquantized) | 70.0% (200) | +10.0 [" in markdown_table(result)
+    with pytest.raises(ValueError, match="not the same problems"):
+        study(ppl + gsm8k[:1] + [{**gsm8k[1], "hits": "1"}], specs[:2], (4624,))
+
+
 def test_docs_lever_tables_are_the_study_json():
     """docs/accuracy.md shows the first-layers lever's tables as kitty_vllm.tools.study prints its JSON."""
     from pathlib import Path

@@ -48,9 +48,10 @@ it with a vLLM run in ``--dtype float32``.
 
 Results merge into ``--json`` (default ``<--results-dir>/accuracy-<gpu>-<yyyy-mm-dd>.json``, the directory
 ``benchmarks/results`` of the working directory unless given) as
-records ``{"model", "task", "kv_cache_dtype", "n", "score", "ci95", "window_nlls"}`` (``window_nlls``:
-perplexity's mean negative log-likelihood of each window, in order, for paired comparisons between
-dtypes; None for the other tasks; a new record replaces one with
+records ``{"model", "task", "kv_cache_dtype", "n", "score", "ci95", "window_nlls", "hits"}`` (``window_nlls``:
+perplexity's mean negative log-likelihood of each window, in order, and ``hits`` GSM8K's and the needle's
+correctness of each problem or trial, in order, "1" or "0" a character: for paired comparisons between
+dtypes (kitty_vllm.tools.study); None for the other tasks; a new record replaces one with
 the same model, task and dtype), written after every dtype with the file's markdown table beside it
 (``.md``, also printed at the end). ``ci95`` is the half-width of a 95% interval: 1.96 standard
 errors of the mean over problems, trials or windows (perplexity: over windows' mean log-likelihood,
@@ -98,6 +99,7 @@ class Score:
     score: float
     ci95: float | None
     window_nlls: tuple[float, ...] | None = None
+    hits: str | None = None   # proportion's items: "1" for each one correct, "0" otherwise
 
 
 @dataclass(frozen=True)
@@ -109,6 +111,7 @@ class Record:
     score: float
     ci95: float | None
     window_nlls: tuple[float, ...] | None = None
+    hits: str | None = None
 
 
 @dataclass(frozen=True)
@@ -188,10 +191,12 @@ def _skip_layers(text: str, dtype: str, layers: str) -> tuple[int, ...]:
 # ----------------------------------------------------------------------------------------- scores
 
 def proportion(hits: Sequence[bool]) -> Score:
-    """Accuracy and the half-width of its 95% interval (normal approximation, sample variance)."""
+    """Accuracy and the half-width of its 95% interval (normal approximation, sample variance), with the
+    items' hits."""
     n = len(hits)
     p = sum(hits) / n
-    return Score(n, p, Z95 * math.sqrt(p * (1 - p) / (n - 1)) if n > 1 else None)
+    ci = Z95 * math.sqrt(p * (1 - p) / (n - 1)) if n > 1 else None
+    return Score(n, p, ci, hits="".join("01"[bool(h)] for h in hits))
 
 
 def perplexity(window_nlls: Sequence[float]) -> Score:
@@ -484,7 +489,8 @@ def evaluate(args: argparse.Namespace) -> list[dict[str, Any]]:
                 results = run_tasks(llm, tasks, problems, windows, trials, ppl_task)
             start = time.perf_counter()
             for task, score in results:
-                new.append(Record(label, task, spec.label, score.n, score.score, score.ci95, score.window_nlls))
+                new.append(Record(label, task, spec.label, score.n, score.score, score.ci95, score.window_nlls,
+                                  score.hits))
                 logger.info("[%s] %s: %.4g ± %s (n=%d, %.0f s)", spec.label, task, score.score,
                             "-" if score.ci95 is None else f"{score.ci95:.2g}", score.n, time.perf_counter() - start)
                 start = time.perf_counter()

@@ -1,5 +1,6 @@
-"""One lever of the accuracy study (issue 30) against ``auto``: decode-time perplexity as a paired
-difference, bits per element and capacity, from the records of a ``kitty_vllm.tools.eval`` run.
+"""One lever of the accuracy study (issue 30) against ``auto``: decode-time perplexity, GSM8K and the
+needle as paired differences, bits per element and capacity, from the records of a ``kitty_vllm.tools.eval``
+run.
 
     python -m kitty_vllm.tools.study --eval-json RUN.json --kv-cache-dtypes auto kitty2 kitty2:skip=0 \\
         --json STUDY.json [--tokens 4624 32768]
@@ -14,6 +15,10 @@ For each, against ``auto`` on the same windows:
   (windows resampled with replacement, ``--resamples`` times, fixed seed); the same against the plain
   dtype (``kitty2`` for ``kitty2:skip=0`` or ``kitty2:lever=value-lag``) where that is in the run too, the
   lever's own effect;
+* where the run has GSM8K and needle records with their ``hits``: the accuracy difference in points on
+  the same problems (trials), with a 95% paired-bootstrap interval (problems resampled with replacement),
+  and how many problems each of the two gets right that the other does not, against ``auto`` and the
+  plain dtype;
 * for each model of ``kitty_vllm.tools.capacity.EVAL_MODELS``: bits per K or V element averaged over
   the layers (a skipped layer at bf16's 16 bits, the others at the kitty page's bits, metadata included)
   and the capacity against ``auto`` at each of ``--tokens`` tokens per request, computed from the layouts
@@ -38,6 +43,8 @@ import statistics
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+import numpy
 
 from kitty_vllm.layout import model_page_layouts
 from kitty_vllm.tools.capacity import EVAL_MODELS, ModelShape, auto_bytes, kitty_bytes
@@ -64,6 +71,45 @@ def paired_difference(nlls: Sequence[float], base_nlls: Sequence[float], resampl
     return {"window_nll_differences": diffs, "mean_nll_difference": mean,
             "perplexity_change": math.expm1(mean), "perplexity_change_ci95": [math.expm1(low), math.expm1(high)],
             "windows_worse": sum(d > 0 for d in diffs)}
+
+
+def paired_hits(hits: str, base_hits: str, resamples: int = RESAMPLES, seed: int = 0) -> dict[str, Any]:
+    """Accuracy against the base on the same items (``hits`` as kitty_vllm.tools.eval records them), the
+    difference in points with the 2.5th and 97.5th percentiles of the bootstrap means (items resampled with
+    replacement), and the items each gets right that the other does not (``gained``, ``lost``)."""
+    if len(hits) != len(base_hits):
+        raise ValueError(f"{len(hits)} items against {len(base_hits)}: not the same problems")
+    n = len(hits)
+    gained = sum(a > b for a, b in zip(hits, base_hits))
+    lost = sum(a < b for a, b in zip(hits, base_hits))
+    # An item's difference is +1, -1 or 0: a resample's counts of each are one multinomial draw.
+    counts = numpy.random.default_rng(seed).multinomial(n, [gained / n, lost / n, (n - gained - lost) / n],
+                                                         size=resamples)
+    means = sorted(100 * (counts[:, 0] - counts[:, 1]) / n)
+    low, high = means[int(0.025 * resamples)], means[math.ceil(0.975 * resamples) - 1]
+    return {"accuracy": hits.count("1") / n, "n": n, "difference_points": 100 * (gained - lost) / n,
+            "difference_ci95_points": [float(low), float(high)], "gained": gained, "lost": lost}
+
+
+def hit_rows(records: Sequence[dict[str, Any]], specs: Sequence[CacheSpec], task: str,
+             resamples: int = RESAMPLES) -> list[dict[str, Any]]:
+    """paired_hits of each spec with a ``task`` record against ``auto`` and its plain dtype (empty without
+    ``auto``'s record)."""
+    found = {r["kv_cache_dtype"]: r for r in records if r["task"] == task and r.get("hits")}
+    if "auto" not in found:
+        return []
+    rows = []
+    for spec in specs:
+        record = found.get(spec.label)
+        if record is None:
+            continue
+        row = {"kv_cache_dtype": spec.label, **paired_hits(record["hits"], found["auto"]["hits"], resamples)}
+        plain = found.get(spec.kv_cache_dtype)
+        if plain is not None and plain is not record:
+            row["against"] = {"kv_cache_dtype": spec.kv_cache_dtype,
+                              **paired_hits(record["hits"], plain["hits"], resamples)}
+        rows.append(row)
+    return rows
 
 
 def cache_figures(spec: CacheSpec, shape: ModelShape, tokens: Sequence[int]) -> dict[str, Any] | None:
@@ -108,9 +154,12 @@ def study(records: Sequence[dict[str, Any]], specs: Sequence[CacheSpec], tokens:
                               **paired_difference(record["window_nlls"], plain["window_nlls"], resamples)}
         row["models"] = {shape.model: cache_figures(spec, shape, tokens) for shape in EVAL_MODELS}
         rows.append(row)
+    hit_tasks = sorted({r["task"] for r in records if r["task"] == "gsm8k" or r["task"].startswith("needle-")},
+                       key=lambda task: (task != "gsm8k", len(task), task))
+    accuracy = {task: task_rows for task in hit_tasks if (task_rows := hit_rows(records, specs, task, resamples))}
     return {"model": auto["model"], "task": auto["task"], "tokens_per_request": list(tokens),
             "capacity": "computed from the layouts, bf16 on a GPU (kitty_vllm.tools.capacity)",
-            "bootstrap_resamples": resamples, "rows": rows}
+            "bootstrap_resamples": resamples, "rows": rows, **({"accuracy": accuracy} if accuracy else {})}
 
 
 def markdown_table(result: dict[str, Any]) -> str:
@@ -139,7 +188,21 @@ def markdown_table(result: dict[str, Any]) -> str:
             cells += [f"{figures['bits_per_element']:.2f}"]
             cells += [f"{figures['capacity_vs_auto'][str(n)]:.2f}x" for n in tokens]
         lines.append("| " + " | ".join(cells) + " |")
+    if result.get("accuracy"):
+        lines += ["", "| task | dtype | accuracy | change vs auto, points [95% paired bootstrap] "
+                  "| gained / lost vs auto | change vs the plain dtype |", "|---|---|---|---|---|---|"]
+        for task, task_rows in result["accuracy"].items():
+            for row in task_rows:
+                against = row.get("against")
+                lines.append(f"| {task} | {row['kv_cache_dtype']} | {row['accuracy']:.1%} ({row['n']}) | "
+                             f"{_points(row)} | {row['gained']} / {row['lost']} | "
+                             + (f"{_points(against)} ({against['kv_cache_dtype']})" if against else "") + " |")
     return "\n".join(lines)
+
+
+def _points(paired: dict[str, Any]) -> str:
+    low, high = paired["difference_ci95_points"]
+    return f"{paired['difference_points']:+.1f} [{low:+.1f}, {high:+.1f}]"
 
 
 def _change(paired: dict[str, Any]) -> str:
