@@ -3,7 +3,7 @@ each kernel's achieved bandwidth with a device-to-device copy.
 
     python benchmarks/decode_kernel.py [--preset kitty2] [--kernels kitty store flash triton]
                                        [--batches 1 16 64 256] [--contexts 1024 8192 32768]
-                                       [--out benchmarks/results]
+                                       [--programs-per-sm N] [--out benchmarks/results]
 
 One Qwen3-8B layer (32 query heads, 8 KV heads of 128, bf16 queries), one new token per request:
 - kitty: ``kitty_vllm.kernels.decode_attention`` over random packed pages, sinks and ring;
@@ -22,6 +22,10 @@ Every request holds ``context - 1`` tokens (for kitty: full packed pages, the si
 ring). Achieved bandwidth = bytes the kernel must read (kitty: packed pages, sinks and ring; bf16: K and
 V of every token; plus the queries) / kernel time, against the measured copy bandwidth (bytes read and
 written / time). A cell whose cache does not fit in free GPU memory is recorded as skipped.
+
+``--programs-per-sm`` sets the split-K target of the Gluon page kernel (``decode_gluon.PROGRAMS_PER_SM``:
+programs per streaming multiprocessor before a request's pages split further) for a sweep; its records
+carry the value (put each value's run in its own ``--out``).
 
 Prints a markdown table and merges records {"benchmark": "decode_kernel", "kv_cache_dtype": the preset,
 "auto-flash" or "auto-triton", "batch", "context", "ms", "gb_s", "copy_gb_s", "pct_of_copy", ...} into
@@ -43,7 +47,7 @@ import triton
 
 import report
 from kitty_vllm.config import KittyConfig
-from kitty_vllm.kernels import decode_attention, store_decode
+from kitty_vllm.kernels import decode_attention, decode_gluon, store_decode
 from kitty_vllm.layout import stage_layout
 from kitty_vllm.paged import PagedKittyCache
 
@@ -248,12 +252,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = kernel_parser(__doc__, KERNEL_DTYPES, tuple(KITTY_KERNELS))
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64, 256])
     parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 8192, 32768])
+    parser.add_argument("--programs-per-sm", type=int, default=None,
+                        help=f"split-K target of the Gluon page kernel (default {decode_gluon.PROGRAMS_PER_SM})")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     kernels, environment, path = kernel_run(args, KERNEL_DTYPES)
+    if args.programs_per_sm is not None:
+        decode_gluon.PROGRAMS_PER_SM = args.programs_per_sm
+        environment["programs_per_sm"] = args.programs_per_sm
     copy = copy_bandwidth()
     print(f"{environment['gpu']}: device-to-device copy {copy:.0f} GB/s\n", flush=True)
     records = report.record_each(path, (lambda b=batch, c=context, k=kernel: bench(k, args.preset, b, c, copy)
