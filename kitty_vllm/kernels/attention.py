@@ -544,31 +544,32 @@ def _merge_splits_kernel(
     SPLIT_ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, PADDED_DIM: tl.constexpr,
 ):
     """Merge the split-K partial softmaxes of one (request, query head): grid (B, Hq). Splits are read
-    SPLIT_ROWS at a time, twice (their maximum, then their weighted sums), so that any number of splits
-    compiles once and no program holds more than [SPLIT_ROWS, D] (a few hundred splits, as one request at
-    long context gets, held at once spilled registers)."""
+    SPLIT_ROWS at a time in one online pass (each chunk rescales what came before to the new maximum), so
+    that any number of splits compiles once, no program holds more than [SPLIT_ROWS, D] (a few hundred
+    splits, as one request at long context gets, held at once spilled registers), and each chunk costs one
+    round trip to memory (a pass for the maximum first would cost two)."""
     request = tl.program_id(0).to(tl.int64)
     q_head = tl.program_id(1)
     s = tl.arange(0, SPLIT_ROWS)
     c = tl.arange(0, PADDED_DIM)                 # a power of two: masked past HEAD_DIM
     first_row = (request * tl.num_programs(1) + q_head) * num_splits
-    top = tl.full((SPLIT_ROWS,), SCORE_FLOOR, tl.float32)
-    for first in range(0, num_splits, SPLIT_ROWS):
-        split_max = tl.load(partial_ptr + (first_row + first + s) * (HEAD_DIM + 2) + HEAD_DIM,
-                            mask=first + s < num_splits, other=SCORE_FLOOR)
-        top = tl.maximum(top, split_max)
-    top = tl.max(top, axis=0)
-    total = tl.zeros((SPLIT_ROWS,), tl.float32)
-    acc = tl.zeros((SPLIT_ROWS, PADDED_DIM), tl.float32)
+    top = tl.full((), SCORE_FLOOR, tl.float32)
+    total = tl.zeros((), tl.float32)
+    acc = tl.zeros((PADDED_DIM,), tl.float32)
     for first in range(0, num_splits, SPLIT_ROWS):
         valid = first + s < num_splits
         base = (first_row + first + s) * (HEAD_DIM + 2)
-        weight = tl.exp2(tl.load(partial_ptr + base + HEAD_DIM, mask=valid, other=SCORE_FLOOR) - top)
-        total += weight * tl.load(partial_ptr + base + HEAD_DIM + 1, mask=valid, other=0.0)
-        acc += weight[:, None] * tl.load(partial_ptr + base[:, None] + c[None, :],
-                                         mask=valid[:, None] & (c < HEAD_DIM)[None, :], other=0.0)
-    total = tl.sum(total, axis=0)
-    out = tl.sum(acc, axis=0) / tl.where(total > 0, total, 1.0)
+        split_max = tl.load(partial_ptr + base + HEAD_DIM, mask=valid, other=SCORE_FLOOR)
+        split_sum = tl.load(partial_ptr + base + HEAD_DIM + 1, mask=valid, other=0.0)
+        split_acc = tl.load(partial_ptr + base[:, None] + c[None, :], mask=valid[:, None] & (c < HEAD_DIM)[None, :],
+                            other=0.0)
+        new_top = tl.maximum(top, tl.max(split_max, axis=0))
+        weight = tl.exp2(split_max - new_top)
+        rescale = tl.exp2(top - new_top)
+        total = total * rescale + tl.sum(weight * split_sum, axis=0)
+        acc = acc * rescale + tl.sum(weight[:, None] * split_acc, axis=0)
+        top = new_top
+    out = acc / tl.where(total > 0, total, 1.0)
     tl.store(out_ptr + request * stride_ot + q_head * stride_oh + c, out.to(out_ptr.dtype.element_ty),
              mask=c < HEAD_DIM)
 
