@@ -554,8 +554,8 @@ def _merge_splits_kernel(
     c = tl.arange(0, PADDED_DIM)                 # a power of two: masked past HEAD_DIM
     first_row = (request * tl.num_programs(1) + q_head) * num_splits
     top = tl.full((), SCORE_FLOOR, tl.float32)
-    total = tl.zeros((), tl.float32)
-    acc = tl.zeros((PADDED_DIM,), tl.float32)
+    total = tl.zeros((SPLIT_ROWS,), tl.float32)
+    acc = tl.zeros((SPLIT_ROWS, PADDED_DIM), tl.float32)   # summed over the rows once, after the last chunk
     for first in range(0, num_splits, SPLIT_ROWS):
         valid = first + s < num_splits
         base = (first_row + first + s) * (HEAD_DIM + 2)
@@ -566,10 +566,11 @@ def _merge_splits_kernel(
         new_top = tl.maximum(top, tl.max(split_max, axis=0))
         weight = tl.exp2(split_max - new_top)
         rescale = tl.exp2(top - new_top)
-        total = total * rescale + tl.sum(weight * split_sum, axis=0)
-        acc = acc * rescale + tl.sum(weight[:, None] * split_acc, axis=0)
+        total = total * rescale + weight * split_sum
+        acc = acc * rescale + weight[:, None] * split_acc
         top = new_top
-    out = acc / tl.where(total > 0, total, 1.0)
+    total = tl.sum(total, axis=0)
+    out = tl.sum(acc, axis=0) / tl.where(total > 0, total, 1.0)
     tl.store(out_ptr + request * stride_ot + q_head * stride_oh + c, out.to(out_ptr.dtype.element_ty),
              mask=c < HEAD_DIM)
 
