@@ -258,14 +258,17 @@ class PagedKittyCache:
         return [_columns(pages, 2), rows, _columns(stage, 4), _columns(tokens, 2)], (tuple(bounds_q), tuple(bounds_k))
 
     def store_decode(self, key: torch.Tensor, value: torch.Tensor, seq_lens: torch.Tensor,
-                     page_table: torch.Tensor, stage_table: torch.Tensor) -> None:
-        """Store one new token per request, before decode attention reads the cache: key/value [B, H, D]
-        at positions ``seq_lens - 1`` (int32 [B]; 0 skips the row), page_table int32 [B, pages] and
-        stage_table int32 [B, stage blocks] (kitty_vllm.kernels.store: no host synchronization)."""
+                     page_table: torch.Tensor, stage_table: torch.Tensor,
+                     query_start: torch.Tensor | None = None) -> None:
+        """Store the step's tokens, before decode attention reads the cache: key/value [B, H, D], one new
+        token per request at positions ``seq_lens - 1`` (int32 [B]; 0 skips the row), or with
+        ``query_start`` (int32 [B + 1]) [N, H, D], each request's tokens up to that position;
+        page_table int32 [B, pages] and stage_table int32 [B, stage blocks] (kitty_vllm.kernels.store: no
+        host synchronization)."""
         from kitty_vllm.kernels import store_decode
 
         store_decode(key, value, seq_lens, page_table, stage_table, self.packed, self.stage, self.config,
-                     self.stage_layout)
+                     self.stage_layout, query_start)
 
     def decode(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, query_start: torch.Tensor,
                seq_lens: torch.Tensor, max_query_len: int, page_table: torch.Tensor, stage_table: torch.Tensor,
@@ -278,26 +281,18 @@ class PagedKittyCache:
         query_start int32 [B + 1] (request r's tokens are ``query_start[r]:query_start[r + 1]``); seq_lens
         int32 [B] (context plus the step's tokens; 0: padding); page_table / stage_table int32 [B, blocks].
 
-        The tokens are stored one place of the step at a time (the first token of every request, then the
-        second, ...), each with the decode store: a token that completes a page packs it from the ring,
-        where the request's earlier tokens of the step must already be. The ring keeps every slot the
-        step's queries read (KittyConfig.ring_slots), so all of them then attend at once, each as a decode
-        at its position."""
+        The decode store stores each request's tokens in order, in one launch: a token that completes a page
+        packs it from the ring, where the request's earlier tokens of the step already are. The ring keeps
+        every slot the step's queries read (KittyConfig.ring_slots), so all of them then attend at once, each
+        as a decode at its position. A row whose seq_len is shorter than its step (vLLM's dummy batches, as
+        CUDA graphs are captured) stores and attends nothing at negative positions."""
         if max_query_len == 1:
             rows = seq_lens.shape[0]
             self.store_decode(key[:rows], value[:rows], seq_lens, page_table, stage_table)
             self._decode_attention(query[:rows], seq_lens, page_table, stage_table, scale, out[:rows])
             return
-        starts, ends = query_start[:-1].long(), query_start[1:].long()
-        lengths = ends - starts
-        # A row whose seq_len is shorter than its step (vLLM's dummy batches, as CUDA graphs are captured) stores
-        # and attends nothing: its positions would be negative.
-        for place in range(max_query_len):
-            stored_len = seq_lens - lengths + place + 1
-            present = (lengths > place) & (stored_len > 0)
-            token = torch.where(present, starts + place, 0)
-            self.store_decode(key[token], value[token], torch.where(present, stored_len, 0).to(torch.int32),
-                              page_table, stage_table)
+        self.store_decode(key, value, seq_lens, page_table, stage_table, query_start)
+        ends = query_start[1:].long()
         tokens = torch.arange(query.shape[0], device=query.device)
         request = torch.searchsorted(ends, tokens, right=True)
         real = request < seq_lens.shape[0]
