@@ -27,7 +27,7 @@ from vllm.v1.kv_cache_layout import KVCacheLayout
 from kitty_vllm import reference
 from kitty_vllm.block_manager.spec import KV_CACHE_LAYOUTS
 from kitty_vllm.kernels.common import SUPPORTED_HEAD_DIMS
-from kitty_vllm.paged import MixedBatch, PagedKittyCache, StorePlan, page_table_of_blocks
+from kitty_vllm.paged import MixedBatch, PagedKittyCache, StorePlan, page_table_of_blocks, verification_rows
 from kitty_vllm.config import PRESETS, KittyConfig, KittyConfigError, load_config_for
 
 
@@ -49,6 +49,10 @@ class KittyMetadata:
     # runs the kernels) and the prefill StorePlan per PagedKittyCache.plan_key.
     mixed: dict[bool, MixedBatch] = field(default_factory=dict)
     store_plans: dict[tuple, StorePlan] = field(default_factory=dict)
+    # A decode-only batch of verification steps: each token's seq_len and table rows (paged.verification_rows),
+    # built by the first layer and reused by the rest (under CUDA graph capture, the first layer's ops
+    # recompute them at every replay), per (page table, staging table).
+    verification: dict[tuple[int, int, int], tuple[torch.Tensor, ...]] = field(default_factory=dict)
 
     def split(self, kernels: bool, device: torch.device) -> MixedBatch:
         """The MixedBatch of this step: with the kernels, the requests read as decodes (one token, or a
@@ -60,6 +64,17 @@ class KittyMetadata:
             self.mixed[kernels] = MixedBatch.split(self.query_start_host.tolist(), host,
                                                    1 + self.draft_tokens if kernels else 0, device)
         return self.mixed[kernels]
+
+    def verification_rows(self, num_tokens: int, page_table: torch.Tensor,
+                          stage_table: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
+        """paged.verification_rows of this decode-only batch, once per pair of tables (None: one token each)."""
+        if self.max_query_len <= 1:
+            return None
+        key = (num_tokens, page_table.data_ptr(), stage_table.data_ptr())
+        if key not in self.verification:
+            self.verification[key] = verification_rows(self.query_start, self.seq_lens, num_tokens, page_table,
+                                                       stage_table)
+        return self.verification[key]
 
 
 class KittyMetadataBuilder(AttentionMetadataBuilder[KittyMetadata]):
@@ -244,8 +259,10 @@ class KittyAttentionImpl(AttentionImpl):
         stage_table = stage_metadata[stage.prefix].block_table
         if attn_metadata.decode_only and cache.kernels:
             n = attn_metadata.num_reqs
+            rows = attn_metadata.verification_rows(query.shape[0], attn_metadata.block_table, stage_table[:n])
             cache.decode(query, key, value, attn_metadata.query_start, attn_metadata.seq_lens,
-                         attn_metadata.max_query_len, attn_metadata.block_table, stage_table[:n], self.scale, output)
+                         attn_metadata.max_query_len, attn_metadata.block_table, stage_table[:n], self.scale, output,
+                         rows)
             return output
         batch = attn_metadata.split(cache.kernels, query.device)
         plans, form = attn_metadata.store_plans, cache.plan_key

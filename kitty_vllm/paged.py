@@ -63,6 +63,22 @@ class Span:
     context: int
 
 
+def verification_rows(query_start: torch.Tensor, seq_lens: torch.Tensor, num_tokens: int, page_table: torch.Tensor,
+                      stage_table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each of ``num_tokens`` tokens of a batch read as decodes (PagedKittyCache.decode; query_start int32
+    [B + 1], seq_lens int32 [B], tables int32 [B, blocks]) as a decode of its own: its seq_len (int32
+    [num_tokens]; 0 for padding past the last request and for positions below 0), and its request's rows of
+    page_table and stage_table. On the device, no host synchronization."""
+    ends = query_start[1:].long()
+    tokens = torch.arange(num_tokens, device=seq_lens.device)
+    request = torch.searchsorted(ends, tokens, right=True)
+    real = request < seq_lens.shape[0]
+    request = request.clamp(max=seq_lens.shape[0] - 1)
+    token_lens = seq_lens[request] - ends[request] + tokens + 1
+    token_lens = torch.where(real & (token_lens > 0), token_lens, 0)
+    return token_lens.to(torch.int32), page_table[request], stage_table[request]
+
+
 @dataclass(frozen=True)
 class MixedBatch:
     """A step's requests as :meth:`PagedKittyCache.mixed_step` runs them: those of at most ``decode_tokens``
@@ -272,7 +288,8 @@ class PagedKittyCache:
 
     def decode(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, query_start: torch.Tensor,
                seq_lens: torch.Tensor, max_query_len: int, page_table: torch.Tensor, stage_table: torch.Tensor,
-               scale: float, out: torch.Tensor) -> None:
+               scale: float, out: torch.Tensor,
+               rows: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> None:
         """Store and attend a batch whose every request reads the cache as decodes do: one token, or a
         verification step of speculative decoding (up to ``max_query_len`` tokens; KittyConfig.reads_as_decode),
         through the decode kernels, without host work (CUDA graphs can capture it).
@@ -285,22 +302,17 @@ class PagedKittyCache:
         packs it from the ring, where the request's earlier tokens of the step already are. The ring keeps
         every slot the step's queries read (KittyConfig.ring_slots), so all of them then attend at once, each
         as a decode at its position. A row whose seq_len is shorter than its step (vLLM's dummy batches, as
-        CUDA graphs are captured) stores and attends nothing at negative positions."""
+        CUDA graphs are captured) stores and attends nothing at negative positions. ``rows``: the step's
+        :func:`verification_rows`, where the caller keeps them for the layers that share the tables."""
         if max_query_len == 1:
             rows = seq_lens.shape[0]
             self.store_decode(key[:rows], value[:rows], seq_lens, page_table, stage_table)
             self._decode_attention(query[:rows], seq_lens, page_table, stage_table, scale, out[:rows])
             return
         self.store_decode(key, value, seq_lens, page_table, stage_table, query_start)
-        ends = query_start[1:].long()
-        tokens = torch.arange(query.shape[0], device=query.device)
-        request = torch.searchsorted(ends, tokens, right=True)
-        real = request < seq_lens.shape[0]
-        request = request.clamp(max=seq_lens.shape[0] - 1)
-        token_lens = seq_lens[request] - ends[request] + tokens + 1
-        token_lens = torch.where(real & (token_lens > 0), token_lens, 0)
-        self._decode_attention(query, token_lens.to(torch.int32), page_table[request], stage_table[request], scale,
-                               out)
+        if rows is None:
+            rows = verification_rows(query_start, seq_lens, query.shape[0], page_table, stage_table)
+        self._decode_attention(query, *rows, scale, out)
 
     def mixed_step(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, batch: MixedBatch,
                    seq_lens: torch.Tensor, page_table: torch.Tensor, stage_table: torch.Tensor, scale: float,
