@@ -1,6 +1,6 @@
 """The soak of kitty_vllm.tools.soak at CI size: 200 requests against ``vllm serve --kv-cache-dtype kitty2`` on
 the tiny model (float32), 16 clients, outputs of 1..32 tokens, prompts up to 480 tokens, a KV pool of
-eight 512-token requests and a burst that preempts.
+eight 512-token requests and a burst of 256-token outputs that preempts.
 
 Every check of the runner must pass: no 5xx and no failed request, the server still up, preemptions
 from the burst on, prefix-cache lookups that miss (exact_prefill turns hits off), streams cut midway,

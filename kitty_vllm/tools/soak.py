@@ -17,8 +17,10 @@ lengths from 1..max_model_len - max_tokens:
 * ``stream`` (10%): streams to the end;
 * ``plain``: one JSON response;
 * ``burst``: when half of the rest have started, requests with prompts of 1..32 tokens and
-  ``--max-output`` tokens each arrive at once, on top of the running clients, enough to need twice
-  the pool once they have grown (their staging rings and pages grow with every token): running
+  ``--max-output`` tokens each, but at least two pages' worth (burst_output), arrive at once, on top of
+  the running clients, enough to need twice the pool once they have grown (their staging rings and
+  pages grow with every token, over hundreds of steps, so they are running together when the pool runs
+  out however the server's threads are scheduled): running
   requests are preempted, and vLLM's ``vllm:num_preemptions`` must rise from the burst's start (vLLM
   counts a preemption when the request resumes, so it is read once every request has finished).
 
@@ -75,6 +77,7 @@ from kitty_vllm.metrics import last_logged
 KIND_SHARES = {"abort": 0.2, "prefix": 0.1, "stream": 0.1}   # of the requests before the burst; the rest: plain
 NUM_PREFIXES = 4
 BURST_PROMPT_TOKENS = 32     # burst prompts are 1..this long: their staging rings and pages grow a lot
+BURST_OUTPUT_PAGES = 2       # burst outputs are at least this many pages long
 TOP_LOGPROBS = 2
 ELEMENT_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 DEFAULT_TIE_GAP = {"float32": 1e-3, "float16": 0.05, "bfloat16": 0.25}
@@ -231,13 +234,21 @@ class SoakRequest:
     max_tokens: int
 
 
+def burst_output(max_output: int, page_size: int) -> int:
+    """The output length of every burst request."""
+    return max(max_output, BURST_OUTPUT_PAGES * page_size)
+
+
 def build_workload(corpus: list[int], num_requests: int, max_model_len: int, max_output: int,
                    burst: int, page_size: int, rng: random.Random) -> list[SoakRequest]:
     """``num_requests`` requests in arrival order, the last ``burst`` of them the burst: short prompts
-    and ``max_output`` tokens each."""
+    and burst_output tokens each."""
     if max_model_len < 2 * page_size + max_output + 1:
         raise ValueError(f"--max-model-len {max_model_len} leaves no room for a shared prefix of two "
                          f"{page_size}-token pages and {max_output} output tokens")
+    if max_model_len < BURST_PROMPT_TOKENS + burst_output(max_output, page_size):
+        raise ValueError(f"--max-model-len {max_model_len} leaves no room for a burst request of "
+                         f"{BURST_PROMPT_TOKENS} + {burst_output(max_output, page_size)} tokens")
     if burst >= num_requests:
         raise ValueError(f"{num_requests} requests leave none beside a burst of {burst}")
     if len(corpus) < 2 * max_model_len:
@@ -266,7 +277,7 @@ def build_workload(corpus: list[int], num_requests: int, max_model_len: int, max
         requests.append(SoakRequest(index, kind, prompt, max_tokens))
     for index in range(regular, num_requests):
         prompt = window(rng.randint(1, BURST_PROMPT_TOKENS))
-        requests.append(SoakRequest(index, "burst", prompt, max_output))
+        requests.append(SoakRequest(index, "burst", prompt, burst_output(max_output, page_size)))
     return requests
 
 
@@ -551,7 +562,8 @@ def run(options: SoakOptions, log_path: Path) -> dict:
     kv_requests = options.kv_requests or max(1, options.concurrency // 2)
     blocks = kv_requests * pool.blocks_held(options.max_model_len) + 1   # + vLLM's null block
     # Twice the pool, counted at full length: more than fits once the admitted ones have grown.
-    burst = -(-2 * blocks // pool.blocks_held(BURST_PROMPT_TOKENS + options.max_output))
+    burst_tokens = BURST_PROMPT_TOKENS + burst_output(options.max_output, page_size)
+    burst = -(-2 * blocks // pool.blocks_held(burst_tokens))
     # Both: the block count is exact, and the byte budget keeps vLLM from reserving a fraction of
     # the machine (on the CPU, of its RAM) for a pool this small.
     args = ["--kv-cache-dtype", options.preset, "--dtype", options.dtype,
@@ -560,7 +572,9 @@ def run(options: SoakOptions, log_path: Path) -> dict:
             "--num-gpu-blocks-override", str(blocks), "--kv-cache-memory-bytes", str(pool.num_bytes(blocks)),
             "--served-model-name", "soak", *options.serve_args]
     report: dict = {"options": dataclasses.asdict(options), "kv_requests": kv_requests,
-                    "kv_blocks": blocks, "burst": burst, "log": str(log_path), "kitty_config": str(config_file)}
+                    "kv_blocks": blocks, "burst": burst,
+                    "burst_output": burst_output(options.max_output, page_size), "log": str(log_path),
+                    "kitty_config": str(config_file)}
     tie_gap = options.tie_gap if options.tie_gap is not None else DEFAULT_TIE_GAP[options.dtype]
     server = VllmServer(options.model, args, log_path, env={
         "VLLM_LOG_STATS_INTERVAL": str(options.log_interval_s), CONFIG_FILE_ENV: str(config_file)})
@@ -701,7 +715,8 @@ def format_report(report: dict) -> str:
                           f"Server log ({report['log']}), last lines:", "```", report["log_tail"], "```"])
     lines += [f"Model `{o['model']}` ({o['dtype']}), max_model_len {o['max_model_len']}, outputs "
               f"1..{o['max_output']}, KV pool {report['kv_blocks']} blocks ({report['kv_requests']} "
-              f"requests of max_model_len), burst {report['burst']}. Startup {report['startup_s']:.0f} s, "
+              f"requests of max_model_len), burst {report['burst']} of {report['burst_output']} output tokens. "
+              f"Startup {report['startup_s']:.0f} s, "
               f"soak {report['soak_s']:.0f} s, verification {report['verify_s']:.0f} s. "
               f"Server log: {report['log']}; kitty config (exact_prefill on): {report['kitty_config']}",
               *(f"vLLM: {line}" for line in report["startup_lines"]),
