@@ -460,7 +460,11 @@ STAGES = 3
 HEAD_DIMS = (64, 128)
 # Programs (one warp each) per streaming multiprocessor that decode aims for before it splits pages.
 PROGRAMS_PER_SM = 16
-MAX_SPLITS = 256
+# At most 128 splits: a split of one page costs about as much as one of two. On an H200 (Qwen3-8B's shape,
+# batch 1, 32k context: 256 pages) 256 splits took 0.0503 and 0.0496 ms, 132 took 0.0439 and 66 took 0.0451
+# (benchmarks/results/gpu-h200-2026-12-07). With 132 SMs it binds only where fewer than 17 (request, KV head)
+# pairs read more than 128 pages (16k tokens).
+MAX_SPLITS = 128
 
 
 def supported(layout: PageLayout, group: int, device: torch.device, soft_cap: float = 0.0) -> bool:
