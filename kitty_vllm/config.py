@@ -27,7 +27,7 @@ from typing import Any
 import yaml
 
 PRESETS = ("kitty2", "kitty2-lite", "kivi2")
-BOOST_POLICIES = ("magnitude", "variance", "random")
+BOOST_POLICIES = ("magnitude", "variance", "range", "random")
 VALUE_ROTATIONS = ("none", "hadamard")
 CONFIG_FILE_ENV = "KITTY_CONFIG"
 # The key of kitty's fields in vLLM's ``--additional-config`` mapping.
@@ -59,7 +59,8 @@ class KittyConfig:
         ``page_size``.
     key_bits, boost_bits, value_bits: code widths (2, 4 and 2).
     boost_policy: how a page picks its boosted channels: ``magnitude`` (largest mean |K| over the
-        page's tokens), ``variance`` (largest variance) or ``random`` (a fixed pseudo-random set).
+        page's tokens), ``variance`` (largest variance), ``range`` (largest max - min: the channels whose
+        2-bit step is largest) or ``random`` (a fixed pseudo-random set).
     exact_prefill: how a prefill step's tokens see each other. ``false`` (the presets): in full
         precision, as with vLLM's other quantized formats, and so the unfinished page before the step;
         the pages complete before it quantized (vLLM's FlashAttention runs over all of it, those pages

@@ -75,13 +75,16 @@ def boost_scores(keys: torch.Tensor, valid: torch.Tensor, policy: str) -> torch.
     """Per-channel boost scores of a page: float64 [H, D] from keys [H, P, D] and valid rows [P].
 
     magnitude: sum of |K| over valid tokens (the same order as their mean); variance: sum of squared
-    deviations from the channel mean (the same order as the variance); random: a fixed hash of the
-    channel id. Sums run in float64 so that the kernels, which add in another order, rank alike.
+    deviations from the channel mean (the same order as the variance); range: max - min over valid
+    tokens, the channel's quantization step, so its squared error, up to a constant factor; random: a fixed
+    hash of the channel id. Sums run in float64 so that the kernels, which add in another order, rank alike.
     """
     x = keys.float().double()
     rows = valid.view(1, -1, 1)
     if policy == "magnitude":
         return torch.where(rows, x.abs(), 0.0).sum(dim=1)
+    if policy == "range":
+        return torch.where(rows, x, -torch.inf).amax(dim=1) - torch.where(rows, x, torch.inf).amin(dim=1)
     if policy == "variance":
         mean = torch.where(rows, x, 0.0).sum(dim=1, keepdim=True) / valid.sum()
         return torch.where(rows, (x - mean) ** 2, 0.0).sum(dim=1)

@@ -219,8 +219,8 @@ def test_cache_specs_and_ablation_files():
         assert spec.label == text and spec.kv_cache_dtype == "kitty2"
         config = KittyConfig.from_yaml(spec.config_file)
         changed[spec.config_file.stem] = {k: v for k, v in vars(config).items() if vars(kitty2)[k] != v}
-    assert changed == {"boost-variance": {"boost_policy": "variance"}, "boost-random": {"boost_policy": "random"},
-                       "boost-ratio-50": {"boost_ratio": 0.5}}
+    assert changed == {"boost-variance": {"boost_policy": "variance"}, "boost-range": {"boost_policy": "range"},
+                       "boost-random": {"boost_policy": "random"}, "boost-ratio-50": {"boost_ratio": 0.5}}
     rotation = CacheSpec.parse("kitty2:value-rotation")   # issue 30's finalist, for the GPU study
     assert rotation.label == "kitty2:value-rotation"
     assert rotation.kitty_config() == kitty2.replace(value_rotation="hadamard")

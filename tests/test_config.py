@@ -38,7 +38,7 @@ def test_unknown_preset_lists_the_valid_ones():
     ("page_size: 100\nvalue_window: 100\n", "page_size=100: must be a positive multiple of 16"),
     ("value_window: 64\n", "value_window=64: must equal page_size=128"),
     ("key_bits: 3\n", "key_bits=3: only 2 is supported"),
-    ("boost_policy: largest\n", "boost_policy='largest': must be one of magnitude, variance, random"),
+    ("boost_policy: largest\n", "boost_policy='largest': must be one of magnitude, variance, range, random"),
     ("value_rotation: random\n", "value_rotation='random': must be one of none, hadamard"),
     ("layer_boost: [0.5, fast]\n", "layer_boost=.*must be a list of numbers, one per layer, or the path"),
     ("layer_boost: [0.5, 1.5]\n", r"layer_boost=\[0.5, 1.5\]: every ratio must be in \[0, 1\]"),

@@ -18,7 +18,7 @@ HEAD_DIMS = [64, 128, 256]
 PADDED_CASES = [(80, "kitty2"), (80, "kivi2"), (96, "kitty2"), (96, "kitty2-lite"), (112, "kitty2"),
                 (160, "kitty2-lite"), (192, "kitty2")]
 PRESETS = ["kitty2", "kitty2-lite", "kivi2"]
-POLICIES = ["magnitude", "variance", "random"]
+POLICIES = ["magnitude", "variance", "range", "random"]
 DTYPES = [torch.float16, torch.bfloat16]
 NUM_KV_HEADS = 2
 # Page 0 holds the sinks; block ids are scattered and out of order.
@@ -105,12 +105,12 @@ def test_quantize_policies_match_reference(kernel_device, head_dim, policy):
     run_and_compare(config, head_dim, torch.float16, kernel_device, seed=1)
 
 
-@pytest.mark.parametrize("policy", ["magnitude", "variance"])
+@pytest.mark.parametrize("policy", ["magnitude", "variance", "range"])
 @pytest.mark.parametrize("head_dim", [96, 128])
 def test_boost_ties_go_to_the_lower_channel(kernel_device, head_dim, policy):
     """Channels of equal score are boosted lowest first, as the reference's stable sort orders them: in
     page 1 every channel is the same constant (all scores equal), in page 2 more channels than are boosted
-    copy or negate the largest channel (equal magnitude and variance)."""
+    copy or negate the largest channel (equal magnitude, variance and range)."""
     config = KittyConfig.from_preset("kitty2").replace(boost_policy=policy)
     keys, values = make_pages(head_dim, torch.float32, "cpu", seed=2)
     keys[1] = 0.75

@@ -15,7 +15,7 @@ SUPPORTED_HEAD_DIMS = (64, 80, 96, 112, 128, 160, 192, 256)
 LOG2E = 1.4426950408889634
 # Scores start here instead of -inf, so a tile whose tokens are all masked yields exp2(-inf) = 0, not NaN.
 SCORE_FLOOR = tl.constexpr(-1.0e30)
-BOOST_POLICY_IDS = {"magnitude": 0, "variance": 1, "random": 2}
+BOOST_POLICY_IDS = {"magnitude": 0, "variance": 1, "random": 2, "range": 3}
 # Integer arguments whose value changes from launch to launch (block-table widths differ between vLLM's
 # tables and the gathered rows of a mixed batch; split counts follow the batch): never specialized, so that
 # Triton compiles a kernel once, not once for 1, once for multiples of 16 and once for the rest. Every other

@@ -28,10 +28,13 @@ def _codes(x, minimum, scale, levels):
 
 
 @triton.jit
-def _boost_scores(x, valid, channel, BOOST_POLICY: tl.constexpr):
-    """float64 [D] scores of reference.boost_scores (float64 so that both agree on the order)."""
+def _boost_scores(x, valid, channel, mx, mn, BOOST_POLICY: tl.constexpr):
+    """float64 [D] scores of reference.boost_scores (float64 so that both agree on the order); mx and mn
+    [D]: each channel's max and min over the valid rows."""
     if BOOST_POLICY == 0:
         score = tl.sum(tl.where(valid[:, None], tl.abs(x), 0.0).to(tl.float64), axis=0)
+    elif BOOST_POLICY == 3:
+        score = mx.to(tl.float64) - mn.to(tl.float64)
     elif BOOST_POLICY == 1:
         xd = x.to(tl.float64)
         count = tl.sum(valid.to(tl.float64), axis=0)
@@ -93,7 +96,7 @@ def pack_page(
     boosted = c < 0
     if NUM_BOOST > 0:
         # Padded columns never win; the real ones keep channel order, so ties still go to the lower channel.
-        boosted = _top_columns(tl.where(real, _boost_scores(x, valid, c, BOOST_POLICY), float("-inf")), column,
+        boosted = _top_columns(tl.where(real, _boost_scores(x, valid, c, mx, mn, BOOST_POLICY), float("-inf")), column,
                                NUM_BOOST)
     levels = tl.where(boosted, BOOST_LEVELS, KEY_LEVELS).to(tl.float32)
     scale = ((mx - mn) / levels).to(tl.float16)

@@ -86,7 +86,7 @@ ABLATION_DIR = Path(__file__).resolve().parent / "ablations"
 TASKS = ("gsm8k", "perplexity", "needle")
 KV_CACHE_DTYPES = ("auto", "fp8", "int4_per_token_head", "kitty2", "kitty2-lite", "kivi2")
 # GSM8K ablations beyond the presets: boost policy at kitty2's 25% ratio, and a 50% ratio.
-ABLATIONS = ("kitty2:boost-variance", "kitty2:boost-random", "kitty2:boost-ratio-50")
+ABLATIONS = ("kitty2:boost-variance", "kitty2:boost-range", "kitty2:boost-random", "kitty2:boost-ratio-50")
 Z95 = 1.96
 CPU_KV_CACHE_GIB = 2.0
 SKIP_PREFIX = "skip="
