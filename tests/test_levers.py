@@ -272,6 +272,12 @@ def test_calibrate_writes_a_profile_that_averages_to_the_preset_ratio_and_the_ev
     assert set(profile.ratios) <= set(calibrate.RATIOS) and len(set(profile.ratios)) > 1
     errors = profile.calibration["errors"]
     assert len(errors) == TINY_LAYERS and all(row[0] > row[-1] > 0 for row in errors)
+    assert profile.calibration["boost_policy"] == KITTY2.boost_policy
+    # Calibrated for another policy, the same layers' errors are those of pages that boost other channels.
+    ranged = tmp_path / "tiny-profile-range.yaml"
+    calibrate.main(["--model", "smollm2", "--out", str(ranged), "--tokens", "300", "--boost-policy", "range"])
+    by_range = LayerBoostProfile.load(ranged).calibration
+    assert by_range["boost_policy"] == "range" and by_range["errors"] != errors
     spec = CacheSpec.parse(f"kitty2:lever=hadamard-v,layer-boost={out}")
     assert spec.levers == ("hadamard-v", f"layer-boost={out}")
     assert spec.label == "kitty2 (hadamard-v + layer-boost=tiny-profile)"

@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 
 from kitty_vllm.boost_profile import LayerBoostProfile
-from kitty_vllm.config import PRESETS, KittyConfig, KittyConfigError
+from kitty_vllm.config import BOOST_POLICIES, PRESETS, KittyConfig, KittyConfigError
 from kitty_vllm.reference import quantized_sequence, reference_attention, schedule_attention
 from kitty_vllm.tools import assets, levers, oracle
 
@@ -125,11 +125,13 @@ def assign(errors: Sequence[Sequence[float]], counts: Sequence[int], base: int) 
 
 
 def calibrate(model_dir: str | Path, model: str, token_ids: Sequence[int], preset: str = "kitty2",
-              ratios: Sequence[float] = RATIOS) -> LayerBoostProfile:
-    """The profile of ``model`` (its eval key; ``model_dir`` holds it) for ``preset`` from ``token_ids``."""
+              ratios: Sequence[float] = RATIOS, boost_policy: str | None = None) -> LayerBoostProfile:
+    """The profile of ``model`` (its eval key; ``model_dir`` holds it) for ``preset`` from ``token_ids``, its
+    pages' channels chosen by ``boost_policy`` (None: the preset's)."""
     from transformers import AutoConfig
 
     config = KittyConfig.from_preset(preset)
+    config = config.replace(boost_policy=boost_policy or config.boost_policy)
     model_config = AutoConfig.from_pretrained(model_dir)
     head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads
     ratios = sorted(set(ratios))
@@ -144,7 +146,7 @@ def calibrate(model_dir: str | Path, model: str, token_ids: Sequence[int], prese
         model=model, boost_ratio=config.boost_ratio, ratios=tuple(c / head_dim for c in chosen),
         calibration={
             "command": "python -m kitty_vllm.tools.calibrate",
-            "preset": preset, "head_dim": head_dim, "tokens": len(token_ids),
+            "preset": preset, "boost_policy": config.boost_policy, "head_dim": head_dim, "tokens": len(token_ids),
             "text": "the last tokens of Paul Graham's essays (the eval's windows come from their start)",
             "measure": "mean over tokens of |W_o (A_r - A)|^2 / |h|^2: the attention output's error with the "
                        "layer's Keys quantized at ratio r (Values in full precision), through the output "
@@ -163,6 +165,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help=f"one of the eval's models ({', '.join(sorted(assets.MODELS))}) or a model directory")
     parser.add_argument("--out", type=Path, required=True, help="the profile file to write (YAML)")
     parser.add_argument("--preset", default="kitty2", choices=PRESETS, help="whose boost_ratio the layers average")
+    parser.add_argument("--boost-policy", choices=BOOST_POLICIES,
+                        help="how pages pick their boosted channels (default: the preset's)")
     parser.add_argument("--tokens", type=int, default=TOKENS, help="calibration tokens, from the end of the essays")
     parser.add_argument("--ratios", type=float, nargs="+", default=list(RATIOS),
                         help="the ratios a layer may get (fractions of head_dim, multiples of 4 channels)")
@@ -176,7 +180,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     model = args.model if args.model in assets.MODELS else model_dir.resolve().name
     try:
         tokens = calibration_tokens(AutoTokenizer.from_pretrained(model_dir), args.tokens)
-        profile = calibrate(model_dir, model, tokens, args.preset, args.ratios)
+        profile = calibrate(model_dir, model, tokens, args.preset, args.ratios, args.boost_policy)
     except ValueError as e:
         parser.error(str(e))
     profile.to_yaml(args.out)
