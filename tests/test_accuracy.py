@@ -228,6 +228,8 @@ def test_cache_specs_and_ablation_files():
         CacheSpec.parse("fp8:boost-random")
     with pytest.raises(KittyConfigError, match="cannot read"):
         CacheSpec.parse("kitty2:no-such-ablation")
+    with pytest.raises(ValueError, match="whole kitty2 configs.*kitty2-lite:FILE.yaml"):
+        CacheSpec.parse("kitty2-lite:boost-range")   # would silently run kitty2's 25% boost
 
 
 def test_kitty_perplexity_runs_with_exact_prefill(tmp_path, monkeypatch):

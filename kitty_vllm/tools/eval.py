@@ -83,6 +83,7 @@ from kitty_vllm.config import CONFIG_FILE_ENV, PRESETS, KittyConfig
 logger = logging.getLogger("kitty_vllm.tools.eval")
 
 ABLATION_DIR = Path(__file__).resolve().parent / "ablations"
+ABLATION_PRESET = "kitty2"   # every ablation file is kitty2 with one field changed
 TASKS = ("gsm8k", "perplexity", "needle")
 KV_CACHE_DTYPES = ("auto", "fp8", "int4_per_token_head", "kitty2", "kitty2-lite", "kivi2")
 # GSM8K ablations beyond the presets: boost policy at kitty2's 25% ratio, and a 50% ratio.
@@ -143,6 +144,10 @@ class CacheSpec:
             return cls(dtype, levers=levers.parse(file.removeprefix(LEVER_PREFIX)))
         path = Path(file)
         if path.suffix != ".yaml":   # "kitty2:boost-random" names ablations/boost-random.yaml here
+            if dtype != ABLATION_PRESET:
+                raise ValueError(f"{text}: the ablations are whole {ABLATION_PRESET} configs, so on {dtype} it "
+                                 f"would run {ABLATION_PRESET}'s; write a config file of the fields to change "
+                                 f"and run {dtype}:FILE.yaml")
             path = ABLATION_DIR / f"{file}.yaml"
         KittyConfig.from_yaml(path)   # refuse a bad file now, not in the middle of a run
         return cls(dtype, path)
