@@ -1,11 +1,11 @@
 """Where a decode step's time goes, through vLLM: the profile behind the W1/W2 figures.
 
     . /opt/vsite/env.sh
-    python benchmarks/step_profile.py [--runs kitty2:512 auto:160] [--context 2304] [--steps 20]
+    python benchmarks/step_profile.py [--runs kitty2:512 auto:160 auto:512x256] [--context 2304] [--steps 20]
                                       [--out benchmarks/results]
 
-Each run ``DTYPE:REQUESTS`` starts serving.py's engine (Qwen3-8B shape, dummy weights, CUDA graphs) in a
-process of its own, submits REQUESTS random prompts of ``--context`` tokens (2,304: W2's mean context)
+Each run ``DTYPE:REQUESTS[xCONTEXT]`` starts serving.py's engine (Qwen3-8B shape, dummy weights, CUDA graphs) in a
+process of its own, submits REQUESTS random prompts of CONTEXT tokens (default ``--context``, 2,304: W2's mean context)
 with ignore_eos, steps the engine until every request has its first token (prefill done, so every
 later step is a decode-only batch, as in most of W2), then times ``--steps`` decode steps and profiles
 as many more with torch.profiler (GPU activity only). Recorded per step: wall time (unprofiled), GPU
@@ -13,7 +13,10 @@ kernel time, and kernel time by category (PATTERNS, by kernel name); ``idle_ms``
 no kernel ran (the host's share of the step: scheduling, input preparation, sampling, output
 processing), and ``scheduler_ms`` the part of the step in vLLM's scheduler (``schedule`` and
 ``update_from_output``, which kitty's two KV-cache groups make longer: vLLM's coordinator walks each group for
-each request). ``tok_s`` is REQUESTS output tokens per step.
+each request). ``tok_s`` is REQUESTS output tokens per step. The default runs are W2's kitty2 batch, the
+most requests ``auto`` holds at W2's context on an H100, and ``auto`` at kitty2's batch with a context
+short enough to fit: the host's share of a step grows with the requests, not the context, so that run
+is the host time kitty2's batch would have without kitty.
 
 The roofline of a step is the time to read what it must read at the GPU's copy bandwidth
 (decode_kernel.copy_bandwidth): the weights but the token embedding (a step reads only its batch's rows
@@ -51,21 +54,25 @@ PATTERNS = {
 TOP_KERNELS = 12
 
 
-def run_spec(text: str) -> tuple[str, int]:
-    """``DTYPE:REQUESTS`` as (dtype, requests)."""
-    dtype, _, requests = text.rpartition(":")
-    if not dtype or not requests.isdigit() or int(requests) < 1:
-        raise argparse.ArgumentTypeError(f"expected DTYPE:REQUESTS, got {text!r}")
-    return dtype, int(requests)
+def run_spec(text: str) -> tuple[str, int, int | None]:
+    """``DTYPE:REQUESTS[xCONTEXT]`` as (dtype, requests, context; None: ``--context``)."""
+    dtype, _, count = text.rpartition(":")
+    requests, _, context = count.partition("x")
+    numbers = [requests] + ([context] if context else [])
+    if not dtype or not all(n.isdigit() and int(n) > 0 for n in numbers) or count.endswith("x"):
+        raise argparse.ArgumentTypeError(f"expected DTYPE:REQUESTS or DTYPE:REQUESTSxCONTEXT, got {text!r}")
+    return dtype, int(requests), int(context) if context else None
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="\n".join(__doc__.splitlines()[1:]))
-    parser.add_argument("--runs", nargs="+", type=run_spec, default=[("kitty2", 512), ("auto", 160)],
-                        metavar="DTYPE:REQUESTS", help="KV-cache dtype and the number of requests decoding together")
-    parser.add_argument("--context", type=int, default=2304, help="prompt tokens per request")
+    parser.add_argument("--runs", nargs="+", type=run_spec,
+                        default=[("kitty2", 512, None), ("auto", 160, None), ("auto", 512, 256)],
+                        metavar="DTYPE:REQUESTS[xCONTEXT]",
+                        help="KV-cache dtype, the number of requests decoding together and their prompt tokens")
+    parser.add_argument("--context", type=int, default=2304, help="prompt tokens per request of a run that names none")
     parser.add_argument("--steps", type=int, default=20, help="decode steps timed, and as many profiled")
     parser.add_argument("--out", type=Path, default=report.RESULTS_DIR, help="folder of the results JSON")
     return parser.parse_args(argv)
@@ -204,11 +211,12 @@ def main(argv: list[str] | None = None) -> None:
         records.append({**record, **environment})
         report.write_records(path, records[-1:])
 
-    for dtype, requests in args.runs:
-        print(f"[step_profile] {dtype}: {requests} requests of {args.context:,} tokens", flush=True)
-        measured, error = serving.run_in_process(engine_process, (dtype, requests, args.context, args.steps), save)
+    for dtype, requests, context in args.runs:
+        context = context or args.context
+        print(f"[step_profile] {dtype}: {requests} requests of {context:,} tokens", flush=True)
+        measured, error = serving.run_in_process(engine_process, (dtype, requests, context, args.steps), save)
         if not measured:
-            save({"benchmark": "step_profile", "kv_cache_dtype": dtype, "requests": requests, "context": args.context,
+            save({"benchmark": "step_profile", "kv_cache_dtype": dtype, "requests": requests, "context": context,
                   "error": error})
     print(f"\n{report.markdown_tables(records)}\n\nmerged into {path}", flush=True)
 

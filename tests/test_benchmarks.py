@@ -125,8 +125,9 @@ def test_step_profile_arguments_and_categories():
              "reshape_and_cache_flash_kernel": "cache_write", "nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_TNT": "gemm",
              "_gumbel_sample_kernel": "other"}
     assert {name: step_profile.category(name) for name in names} == names
-    assert step_profile.parse_args(["--runs", "kitty2:64", "fp8:8"]).runs == [("kitty2", 64), ("fp8", 8)]
-    for bad in ("kitty2", "kitty2:0", ":8"):
+    assert step_profile.parse_args(["--runs", "kitty2:64", "fp8:8x256"]).runs == [("kitty2", 64, None),
+                                                                                  ("fp8", 8, 256)]
+    for bad in ("kitty2", "kitty2:0", ":8", "auto:8x", "auto:8x0", "auto:x256"):
         with pytest.raises(SystemExit):
             step_profile.parse_args(["--runs", bad])
 
