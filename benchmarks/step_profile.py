@@ -57,11 +57,10 @@ TOP_KERNELS = 12
 def run_spec(text: str) -> tuple[str, int, int | None]:
     """``DTYPE:REQUESTS[xCONTEXT]`` as (dtype, requests, context; None: ``--context``)."""
     dtype, _, count = text.rpartition(":")
-    requests, _, context = count.partition("x")
-    numbers = [requests] + ([context] if context else [])
-    if not dtype or not all(n.isdigit() and int(n) > 0 for n in numbers) or count.endswith("x"):
+    numbers = count.split("x")
+    if not dtype or len(numbers) > 2 or not all(n.isdigit() and int(n) > 0 for n in numbers):
         raise argparse.ArgumentTypeError(f"expected DTYPE:REQUESTS or DTYPE:REQUESTSxCONTEXT, got {text!r}")
-    return dtype, int(requests), int(context) if context else None
+    return dtype, int(numbers[0]), int(numbers[1]) if len(numbers) == 2 else None
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -127,7 +127,7 @@ def test_step_profile_arguments_and_categories():
     assert {name: step_profile.category(name) for name in names} == names
     assert step_profile.parse_args(["--runs", "kitty2:64", "fp8:8x256"]).runs == [("kitty2", 64, None),
                                                                                   ("fp8", 8, 256)]
-    for bad in ("kitty2", "kitty2:0", ":8", "auto:8x", "auto:8x0", "auto:x256"):
+    for bad in ("kitty2", "kitty2:0", ":8", "auto:8x", "auto:8x0", "auto:x256", "auto:8x2x2"):
         with pytest.raises(SystemExit):
             step_profile.parse_args(["--runs", bad])
 
