@@ -345,8 +345,9 @@ def test_kernel_sass_decode_page_loop_on_an_h100(preset, head_dim, gluon):
 
 
 def test_kernel_sass_caps_the_gluon_kernels_registers():
-    """``--maxnreg`` compiles the Gluon page kernel under Triton's register cap (the occupancy sweep of
-    docs/gpu-machine.md): at most that many registers, and the spills the cap costs show in the page loop."""
+    """decode_gluon.MAX_REGISTERS reaches the page kernel's launch as Triton's ``maxnreg`` (kernel_sass
+    ``--maxnreg``; the occupancy sweep of docs/gpu-machine.md): compiled for an H100, the kernel holds at most
+    that many registers, and the spills the cap costs show in the page loop."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     code = ("import kernel_sass as K; r = K.analyze('kitty2', 128, 32, 8, gluon=True, maxnreg=128); "
             "page, tiles = K.page_loops(r['loops']); "
