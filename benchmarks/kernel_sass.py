@@ -185,7 +185,8 @@ def analyze(preset: str = "kitty2", head_dim: int = 128, num_heads: int = 32, nu
     """Registers, loops and the page loop's cost of the launch; ``maxnreg`` sets the Gluon page kernel's register
     cap (decode_gluon.MAX_REGISTERS) for this launch."""
     config = KittyConfig.from_preset(preset)
-    default_cap, decode_gluon.MAX_REGISTERS = decode_gluon.MAX_REGISTERS, maxnreg or decode_gluon.MAX_REGISTERS
+    default_cap = decode_gluon.MAX_REGISTERS
+    decode_gluon.MAX_REGISTERS = maxnreg or default_cap
     try:
         args, kwargs = intercepted_launch(config, head_dim, num_heads, num_kv_heads, batch, pages, new_tokens, gluon)
     finally:

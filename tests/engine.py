@@ -6,8 +6,9 @@ tests/test_smollm2_perplexity.py).
 and a failure shows its traceback here), eager (no torch.compile), with a fixed KV-cache budget instead
 of a fraction of the machine's memory, and ``seed=0``. On a GPU the engine also claims only a tenth of
 the GPU's memory at start-up (vLLM refuses to start while less than ``gpu_memory_utilization`` of it is
-free), so that parallel test processes (``pytest -n``) share one GPU; the CPU platform ignores it. On exit the engine is shut down and vLLM's
-process-wide state (distributed groups, environment cache) is reset, so the next engine starts clean.
+free), so that parallel test processes (``pytest -n``) share one GPU; the CPU platform ignores it. On
+exit the engine is shut down and vLLM's process-wide state (distributed groups, environment cache) is
+reset, so the next engine starts clean.
 ``exact_prefill=True`` runs a kitty dtype's preset with ``exact_prefill`` on (kitty_vllm.config): what
 the tests need that compare prefill with decode, a prefix-cache hit with a miss, or vLLM's prefill
 chunks with an oracle that splits the prompt otherwise.
