@@ -3,7 +3,7 @@ each kernel's achieved bandwidth with a device-to-device copy.
 
     python benchmarks/decode_kernel.py [--preset kitty2] [--kernels kitty store flash triton]
                                        [--batches 1 16 64 256] [--contexts 1024 8192 32768]
-                                       [--programs-per-sm N] [--gluon-maxnreg N] [--out benchmarks/results]
+                                       [--programs-per-sm N] [--out benchmarks/results]
 
 One Qwen3-8B layer (32 query heads, 8 KV heads of 128, bf16 queries), one new token per request:
 - kitty: ``kitty_vllm.kernels.decode_attention`` over random packed pages, sinks and ring;
@@ -25,8 +25,7 @@ written / time). A cell whose cache does not fit in free GPU memory is recorded 
 
 ``--programs-per-sm`` sets the split-K target of the Gluon page kernel (``decode_gluon.PROGRAMS_PER_SM``:
 programs per streaming multiprocessor before a request's pages split further) for a sweep; its records
-carry the value (put each value's run in its own ``--out``). ``--gluon-maxnreg`` caps the registers of a thread
-of that kernel (``decode_gluon.MAX_REGISTERS``), likewise.
+carry the value (put each value's run in its own ``--out``).
 
 Prints a markdown table and merges records {"benchmark": "decode_kernel", "kv_cache_dtype": the preset,
 "auto-flash" or "auto-triton", "batch", "context", "ms", "gb_s", "copy_gb_s", "pct_of_copy", ...} into
@@ -255,8 +254,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 8192, 32768])
     parser.add_argument("--programs-per-sm", type=int, default=None,
                         help=f"split-K target of the Gluon page kernel (default {decode_gluon.PROGRAMS_PER_SM})")
-    parser.add_argument("--gluon-maxnreg", type=int, default=None,
-                        help="registers per thread of the Gluon page kernel (default: the compiler's choice)")
     return parser.parse_args(argv)
 
 
@@ -266,9 +263,6 @@ def main(argv: list[str] | None = None) -> None:
     if args.programs_per_sm is not None:
         decode_gluon.PROGRAMS_PER_SM = args.programs_per_sm
         environment["programs_per_sm"] = args.programs_per_sm
-    if args.gluon_maxnreg is not None:
-        decode_gluon.MAX_REGISTERS = args.gluon_maxnreg
-        environment["gluon_maxnreg"] = args.gluon_maxnreg
     copy = copy_bandwidth()
     print(f"{environment['gpu']}: device-to-device copy {copy:.0f} GB/s\n", flush=True)
     records = report.record_each(path, (lambda b=batch, c=context, k=kernel: bench(k, args.preset, b, c, copy)

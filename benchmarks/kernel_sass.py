@@ -180,17 +180,9 @@ def page_loop_cost(found: list[Loop], constants: dict, num_warps: int) -> float 
 
 
 def analyze(preset: str = "kitty2", head_dim: int = 128, num_heads: int = 32, num_kv_heads: int = 8,
-            batch: int = 64, pages: int = 64, arch: int = 90, new_tokens: int = 0, gluon: bool = False,
-            maxnreg: int | None = None) -> dict:
-    """Registers, loops and the page loop's cost of the launch; ``maxnreg`` sets the Gluon page kernel's register
-    cap (decode_gluon.MAX_REGISTERS) for this launch."""
+            batch: int = 64, pages: int = 64, arch: int = 90, new_tokens: int = 0, gluon: bool = False) -> dict:
     config = KittyConfig.from_preset(preset)
-    default_cap = decode_gluon.MAX_REGISTERS
-    decode_gluon.MAX_REGISTERS = maxnreg or default_cap
-    try:
-        args, kwargs = intercepted_launch(config, head_dim, num_heads, num_kv_heads, batch, pages, new_tokens, gluon)
-    finally:
-        decode_gluon.MAX_REGISTERS = default_cap
+    args, kwargs = intercepted_launch(config, head_dim, num_heads, num_kv_heads, batch, pages, new_tokens, gluon)
     with tempfile.TemporaryDirectory() as tmp:
         cubin = Path(tmp) / "attention.cubin"
         binary, shared = compile_launch(args, kwargs, arch, gluon)
@@ -215,15 +207,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 for H100/H200")
     parser.add_argument("--gluon", action="store_true",
                         help="compile the Gluon page kernel that decode runs on GPUs (kitty_vllm.kernels.decode_gluon)")
-    parser.add_argument("--maxnreg", type=int, help="with --gluon: cap its registers per thread (decode_gluon."
-                        "MAX_REGISTERS, Triton's maxnreg): more programs share an SM, at the cost of spills")
     args = parser.parse_args(argv)
     if args.gluon and args.prefill:
         parser.error("--gluon compiles the decode page kernel; it has no prefill")
-    if args.maxnreg and not args.gluon:
-        parser.error("--maxnreg caps the Gluon page kernel's registers: add --gluon")
     result = analyze(args.preset, args.head_dim, *args.heads, args.batch, args.pages, args.arch, args.prefill,
-                     args.gluon, args.maxnreg)
+                     args.gluon)
     c = result["constants"]
     if args.gluon:
         launch = f"Gluon decode page kernel ({c['STAGES']} copy stages)"

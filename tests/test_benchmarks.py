@@ -342,18 +342,3 @@ def test_kernel_sass_decode_page_loop_on_an_h100(preset, head_dim, gluon):
     assert result.returncode == 0, result.stderr
     tensor_ops, spills, per_token = result.stdout.split()
     assert int(tensor_ops) > 0 and int(spills) == 0 and float(per_token) > 0
-
-
-def test_kernel_sass_caps_the_gluon_kernels_registers():
-    """decode_gluon.MAX_REGISTERS reaches the page kernel's launch as Triton's ``maxnreg`` (kernel_sass
-    ``--maxnreg``; the occupancy sweep of docs/gpu-machine.md): compiled for an H100, the kernel holds at most
-    that many registers, and the spills the cap costs show in the page loop."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    code = ("import kernel_sass as K; r = K.analyze('kitty2', 128, 32, 8, gluon=True, maxnreg=128); "
-            "page, tiles = K.page_loops(r['loops']); "
-            "print(r['resources']['REG'], sum(loop.mix()['spill'] for loop in [page, *tiles]))")
-    result = subprocess.run([sys.executable, "-c", code], cwd=BENCHMARKS, env=env, capture_output=True, text=True,
-                            timeout=600)
-    assert result.returncode == 0, result.stderr
-    registers, spills = map(int, result.stdout.split())
-    assert registers <= 128 and spills > 0

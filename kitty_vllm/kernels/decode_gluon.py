@@ -465,10 +465,6 @@ PROGRAMS_PER_SM = 16
 # (benchmarks/results/gpu-h200-2026-12-07). With 132 SMs it binds only where fewer than 17 (request, KV head)
 # pairs read more than 128 pages (16k tokens).
 MAX_SPLITS = 128
-# Registers a thread of the page kernel may hold (Triton's ``maxnreg``); None: the compiler's choice, 221
-# at head_dim 128 (benchmarks/kernel_sass.py --gluon), which fits 9 programs in an SM where its shared
-# memory would fit 14. A cap trades spills for programs; benchmarks/decode_kernel.py --gluon-maxnreg sweeps it.
-MAX_REGISTERS: int | None = None
 
 
 def supported(layout: PageLayout, group: int, device: torch.device, soft_cap: float = 0.0) -> bool:
@@ -495,5 +491,4 @@ def decode_pages(query: torch.Tensor, packed: torch.Tensor, page_table: torch.Te
         query, packed, page_table, seq_lens, partial, query.stride(0), query.stride(1), packed.stride(0),
         packed.stride(1), page_table.stride(0), scale * LOG2E, config.sink_tokens,
         GROUP=num_heads // num_kv_heads, PAGE_SIZE=layout.page_size, HEAD_DIM=head_dim, NUM_BOOST=layout.num_boost,
-        TILE=TILE, STAGES=STAGES, **section_offsets(layout), num_warps=1,
-        **({"maxnreg": MAX_REGISTERS} if MAX_REGISTERS else {}))
+        TILE=TILE, STAGES=STAGES, **section_offsets(layout), num_warps=1)
